@@ -1,0 +1,204 @@
+"""``s2_attention``: the public entry point of the S2 kernel (validation, autograd, dispatch).
+
+Arguments mirror FlashAttention's (``[batch, seq, heads, dim]``, ``softmax_scale``, ``cu_seqlens_*``,
+``max_seqlen_*``). Layouts come from ``layout.get_layout`` and the kernel's tile lists from
+``kernel.kernel_layout``, both cached, so a call with a known shape does no host work beyond
+argument checks and never waits for the GPU (pass ``max_seqlen_*`` with packed input for that).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from .layout import Pattern, get_layout
+from .reference import s2_attention_reference
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_inputs(q, k, v, pattern, packed, head_start, num_q_heads, num_kv_heads, q_start, k_start):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; s2_attention supports float16, bfloat16 and float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    rank = 3 if packed else 4
+    form = "[tokens, heads, dim] (packed, with cu_seqlens)" if packed else "[batch, seq, heads, dim]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {form}, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if not packed and q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k have different batch sizes: {q.shape[0]} and {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k have different head dims: {q.shape[-1]} and {k.shape[-1]}")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if heads % kv_heads:
+        raise ValueError(
+            f"{heads} query heads are not a multiple of {kv_heads} KV heads: GQA needs whole groups"
+        )
+    if q.shape[-3] == 0 or k.shape[-3] == 0:
+        raise ValueError("empty sequence: q and k need at least one token")
+    num_q_heads = heads if num_q_heads is None else num_q_heads
+    num_kv_heads = kv_heads if num_kv_heads is None else num_kv_heads
+    if num_q_heads * kv_heads != num_kv_heads * heads:
+        raise ValueError(
+            f"global heads {num_q_heads}/{num_kv_heads} and local heads {heads}/{kv_heads} have different "
+            f"GQA ratios: pass the whole model's num_q_heads and num_kv_heads"
+        )
+    block = pattern.block_size
+    for name, start in (("q_start", q_start), ("k_start", k_start)):
+        if not isinstance(start, int) or start < 0 or start % block:
+            raise ValueError(
+                f"{name}={start!r} must be a non-negative multiple of block_size={block} "
+                f"(context-parallel chunks start on block boundaries)"
+            )
+    return num_q_heads, num_kv_heads
+
+
+def _check_kernel_limits(q, q_len, kv_len, q_start, k_start, packed):
+    from .kernel import SUPPORTED_HEAD_DIMS
+
+    dim = q.shape[-1]
+    if dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {dim} is not supported by the S2 kernel; use one of {SUPPORTED_HEAD_DIMS}")
+    if q.stride(-1) != 1:
+        raise ValueError("the last dim of q, k, v must be contiguous")
+    if not packed and (k_start > q_start or q_start + q_len > k_start + kv_len):
+        raise ValueError(
+            f"the keys [{k_start}, {k_start + kv_len}) must cover the query positions "
+            f"[{q_start}, {q_start + q_len}) so that every query sees itself: check q_start/k_start "
+            f"and the key length (context parallelism all-gathers keys up to the last query)"
+        )
+
+
+def _check_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start):
+    if cu_seqlens_q is None:
+        raise ValueError("packed input needs cu_seqlens_q (cu_seqlens_k alone is not enough)")
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of sequence boundaries [0, ..., tokens]")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k hold different numbers of sequences")
+    if cu_seqlens_k is not cu_seqlens_q and not torch.equal(cu_seqlens_q, cu_seqlens_k):
+        raise ValueError(
+            "packed S2 attention is self-attention: every sequence needs as many keys as queries "
+            "(cu_seqlens_k must equal cu_seqlens_q; pass it as None or the same tensor)"
+        )
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"packed q has {q.shape[0]} tokens but k has {k.shape[0]}")
+    if q_start or k_start:
+        raise ValueError("q_start/k_start are not supported with packed sequences (positions restart at 0)")
+    if max_seqlen_q is None:  # costs one device sync; callers in a training loop pass it
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    if max_seqlen_k is not None and max_seqlen_k != max_seqlen_q:
+        raise ValueError(f"max_seqlen_k={max_seqlen_k} differs from max_seqlen_q={max_seqlen_q}")
+    if not isinstance(max_seqlen_q, int) or max_seqlen_q < 1:
+        raise ValueError(f"max_seqlen_q must be a positive int, got {max_seqlen_q!r}")
+    return cu_seqlens_q, cu_seqlens_k, max_seqlen_q
+
+
+class _S2AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, prob):
+        from . import kernel
+
+        out, lse = kernel.forward(q, k, v, prob)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.prob = prob
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from . import kernel
+
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, dlse, ctx.prob)
+        return dq, dk, dv, None
+
+
+def s2_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    *,
+    softmax_scale: Optional[float] = None,
+    head_start: int = 0,
+    num_q_heads: Optional[int] = None,
+    num_kv_heads: Optional[int] = None,
+    q_start: int = 0,
+    k_start: int = 0,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    return_lse: bool = False,
+):
+    """S2 attention: causal attention restricted to the blocks of ``pattern``.
+
+    ``q [batch, seq, heads, dim]`` (or ``[tokens, heads, dim]`` with ``cu_seqlens_*``), ``k, v
+    [batch, seq_k, kv_heads, dim]``; local query head ``h`` reads KV head ``h // (heads // kv_heads)``.
+    ``num_q_heads``/``num_kv_heads`` are the model's global head counts and ``head_start`` the global
+    index of the first local head (tensor parallelism); ``q_start``/``k_start`` are the absolute
+    positions of the first query/key (context parallelism). Returns ``out`` like ``q`` and, with
+    ``return_lse``, the natural-log ``lse`` float32 ``[batch, heads, seq]`` (packed:
+    ``[heads, tokens]``), whose gradient flows.
+    """
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    num_q_heads, num_kv_heads = _check_inputs(
+        q, k, v, pattern, packed, head_start, num_q_heads, num_kv_heads, q_start, k_start
+    )
+    if q.device.type == "cpu" and not _interpreting():
+        return s2_attention_reference(
+            q, k, v, pattern, softmax_scale=softmax_scale, head_start=head_start,
+            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, return_lse=return_lse,
+        )
+    from . import kernel
+
+    if packed:
+        cu_q, cu_k, max_len = _check_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            q_start, k_start)
+        q_len = kv_len = max_len
+        num_seqs = cu_q.numel() - 1
+        q4, k4, v4 = q[None], k[None], v[None]
+    else:
+        cu_q = cu_k = None
+        q_len, kv_len = q.shape[1], k.shape[1]
+        num_seqs = q.shape[0]
+        q4, k4, v4 = q, k, v
+    _check_kernel_limits(q, q_len, kv_len, q_start, k_start, packed)
+    q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
+
+    layout = get_layout(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start=head_start,
+                        num_local_heads=q.shape[-2], q_start=q_start, k_start=k_start, device=q.device)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    prob = kernel.Problem(
+        layout=kernel.kernel_layout(layout, q.shape[-1]), num_seqs=num_seqs, len_q=q_len, len_k=kv_len,
+        q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_q, cu_k=cu_k,
+    )
+    out, lse = _S2AttentionFunction.apply(q4, k4, v4, prob)
+    if packed:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out

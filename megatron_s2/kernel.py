@@ -1,0 +1,608 @@
+"""Triton forward and backward kernels of S2 attention over an ``S2Layout``.
+
+The layout lists active (query block, key block) pairs. The kernels work on *tiles*: a query tile
+(forward, dQ) or key tile (dK/dV) is ``MERGE`` consecutive *units* of ``UNIT`` tokens, with
+``UNIT = min(block_size, 64)`` and tiles of 128 rows (64 for head dim 256), because Hopper's tensor
+cores are underused at 64 rows. ``tile_lists`` derives from the layout, once per layout (cached), for
+every tile the union of its units' lists, each entry tagged with a bit per unit saying which units of
+the tile really use it. Entries that need no token mask (every unit uses them and no pair crosses the
+causal diagonal) come first in each list so the hot loop runs without masks; the few diagonal and
+partial entries follow and are masked token by token.
+
+Backward is deterministic (no atomics): one program per (KV head, key tile) loops over the query heads
+of its GQA group and their transposed lists, accumulating dK/dV in registers; one program per
+(query head, query tile) computes dQ. The gradient of the returned log-sum-exp enters through
+``delta = rowsum(dO * O) - dlse`` (dS = P * (dP - delta)).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import S2Layout
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+_MAX_UNIT = 64
+_FLAG_BITS = 8  # an entry stores (unit index << 8) | unit bitmask: up to 8 units per tile
+_LOG2E = 1.4426950408889634
+_DERIVED_CACHE_SIZE = 128
+
+
+# --------------------------------------------------------------------------------------------
+# Tile lists derived from the layout
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLists:
+    """CSR lists per (local query head, tile): ``entries[ptr[r]:ptr[r] + nfull[r]]`` need no mask,
+    ``entries[ptr[r] + nfull[r]:ptr[r + 1]]`` do. Entry = ``(unit << 8) | bits``."""
+
+    ptr: torch.Tensor
+    nfull: torch.Tensor
+    entries: torch.Tensor
+    num_tiles: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    unit: int
+    merge: int  # units per tile (query tiles and key tiles alike)
+    num_heads: int
+    q_unit_start: int
+    k_unit_start: int
+    q_tiles: TileLists  # for the forward and dQ: key units per query tile
+    k_tiles: TileLists  # for dK/dV: query units per key tile
+
+
+def _tile_lists(ptr, idx, heads, n_rows, n_cols, row_start, col_start, refine, merge, rows_are_queries):
+    """Refine a block CSR to units of ``block/refine`` tokens, merge ``merge`` unit rows per tile."""
+    device = idx.device
+    nnz = idx.numel()
+    counts = (ptr[1:] - ptr[:-1]).long()
+    row_ids = torch.repeat_interleave(torch.arange(heads * n_rows, device=device), counts, output_size=nnz)
+    head, row, col = row_ids // n_rows, row_ids % n_rows, idx.long()
+    if refine > 1:
+        sub = torch.arange(refine, device=device)
+        shape = (nnz, refine, refine)
+        row = (row[:, None, None] * refine + sub[None, :, None]).expand(shape).reshape(-1)
+        col = (col[:, None, None] * refine + sub[None, None, :]).expand(shape).reshape(-1)
+        head = head[:, None, None].expand(shape).reshape(-1)
+        q_abs, k_abs = (row + row_start, col + col_start) if rows_are_queries else (col + col_start, row + row_start)
+        keep = k_abs <= q_abs  # sub-blocks wholly above the diagonal hold no causal pair
+        head, row, col = head[keep], row[keep], col[keep]
+    n_rows, n_cols = n_rows * refine, n_cols * refine
+    n_tiles = -(-n_rows // merge)
+    tile_row = head * n_tiles + row // merge
+    uniq, inverse = torch.unique(tile_row * n_cols + col, return_inverse=True)
+    bits = torch.zeros_like(uniq).scatter_add_(0, inverse, 1 << (row % merge))
+    tile_row, col = uniq // n_cols, uniq % n_cols
+    tile = tile_row % n_tiles
+    # Units past the last one do not exist: count them as using every entry.
+    missing = torch.clamp((tile + 1) * merge - n_rows, min=0)
+    all_bits = (1 << merge) - 1
+    phantom = all_bits ^ ((1 << (merge - missing)) - 1)
+    first_abs = tile * merge + row_start
+    if rows_are_queries:
+        crosses = col + col_start >= first_abs  # some key of the unit lies after some query of the tile
+    else:
+        crosses = col + col_start <= first_abs + merge - 1
+    masked = ((bits | phantom) != all_bits) | crosses
+    order = torch.argsort((tile_row * 2 + masked.long()) * n_cols + col)
+    entries = ((col << _FLAG_BITS) | bits)[order].to(torch.int32)
+    rows_total = heads * n_tiles
+    per_row = torch.zeros(rows_total, dtype=torch.int64, device=device).scatter_add_(
+        0, tile_row, torch.ones_like(tile_row)
+    )
+    nfull = torch.zeros(rows_total, dtype=torch.int64, device=device).scatter_add_(
+        0, tile_row, (~masked).long()
+    )
+    new_ptr = torch.zeros(rows_total + 1, dtype=torch.int64, device=device)
+    torch.cumsum(per_row, 0, out=new_ptr[1:])
+    return TileLists(new_ptr.to(torch.int32), nfull.to(torch.int32), entries, n_tiles)
+
+
+def tile_sizes(block_size: int, head_dim: int):
+    """(unit, units per tile) the kernels use for this block size and head dim."""
+    unit = min(block_size, _MAX_UNIT)
+    tile_rows = 128 if head_dim <= 128 else 64
+    return unit, max(1, tile_rows // unit)
+
+
+_derived: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def kernel_layout(layout: S2Layout, head_dim: int) -> KernelLayout:
+    """Tile lists for ``layout``, cached by layout identity (get_layout caches layouts themselves)."""
+    unit, merge = tile_sizes(layout.block_size, head_dim)
+    key = (id(layout), unit, merge)
+    hit = _derived.get(key)
+    if hit is not None and hit[0] is layout:
+        _derived.move_to_end(key)
+        return hit[1]
+    refine = layout.block_size // unit
+    common = dict(heads=layout.num_heads, refine=refine, merge=merge)
+    q_unit_start, k_unit_start = layout.q_block_start * refine, layout.k_block_start * refine
+    derived = KernelLayout(
+        unit=unit,
+        merge=merge,
+        num_heads=layout.num_heads,
+        q_unit_start=q_unit_start,
+        k_unit_start=k_unit_start,
+        q_tiles=_tile_lists(layout.q2k_ptr, layout.q2k_idx, n_rows=layout.num_q_blocks,
+                            n_cols=layout.num_k_blocks, row_start=q_unit_start,
+                            col_start=k_unit_start, rows_are_queries=True, **common),
+        k_tiles=_tile_lists(layout.k2q_ptr, layout.k2q_idx, n_rows=layout.num_k_blocks,
+                            n_cols=layout.num_q_blocks, row_start=k_unit_start,
+                            col_start=q_unit_start, rows_are_queries=False, **common),
+    )
+    _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
+    if len(_derived) > _DERIVED_CACHE_SIZE:
+        _derived.popitem(last=False)
+    return derived
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _seq_bounds(CU, b, len_all, VARLEN: tl.constexpr):
+    """First token and length of sequence ``b`` (packed input) or of the batch row."""
+    if VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = b * 0
+        length = len_all + b * 0
+    return start, length
+
+
+@triton.jit
+def _lower_bound(ENTRIES, lo, hi, unit_limit):
+    """First position in the ascending ``ENTRIES[lo:hi]`` whose unit is >= ``unit_limit``."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = (tl.load(ENTRIES + mid) >> 8) < unit_limit
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
+               qk_scale, q_pos, len_k, k_pos0, unit_of_row,
+               offs_n, offs_d, UNIT: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    for e in range(e_lo, e_hi):
+        entry = tl.load(ENTRIES + e)
+        k_row0 = (entry >> 8) * UNIT
+        k_ptrs = k_base + k_row0.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + k_row0.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
+        if MASKED:
+            k_ok = (k_row0 + offs_n) < len_k
+            kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(k_ptrs)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            row_on = ((entry >> unit_of_row) & 1) != 0
+            keep = row_on[:, None] & ((k_pos0 + k_row0 + offs_n)[None, :] <= q_pos[:, None]) & k_ok[None, :]
+            s = tl.where(keep, s, -1.0e6)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0,
+    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TILE: tl.constexpr = UNIT * MERGE
+    pid_bh = tl.program_id(0)
+    tile = num_tiles - 1 - tl.program_id(1)  # heavy (late) tiles first: better load balance
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
+    k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
+    row0 = tile * TILE
+    if row0 < len_q:
+        offs_m = tl.arange(0, TILE)
+        offs_n = tl.arange(0, UNIT)
+        offs_d = tl.arange(0, HEAD_DIM)
+        b64 = b.to(tl.int64)
+        q_base = Q + b64 * stride_qb + (q_tok0 + row0).to(tl.int64) * stride_qs + h * stride_qh
+        row_ok = (row0 + offs_m) < len_q
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        kh = h // group
+        k_base = K + b64 * stride_kb + k_tok0.to(tl.int64) * stride_ks + kh * stride_kh
+        v_base = V + b64 * stride_vb + k_tok0.to(tl.int64) * stride_vs + kh * stride_vh
+        row = h * num_tiles + tile
+        e_lo = tl.load(T_PTR + row)
+        e_mid = e_lo + tl.load(T_NFULL + row)
+        e_hi = tl.load(T_PTR + row + 1)
+        q_pos = q_pos0 + row0 + offs_m
+        unit_of_row = offs_m // UNIT
+        m_i = tl.full([TILE], float("-inf"), tl.float32)
+        l_i = tl.zeros([TILE], tl.float32)
+        acc = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
+                                   e_lo, e_mid, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
+                                   offs_n, offs_d, UNIT, False, DOT_PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
+                                   e_mid, e_hi, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
+                                   offs_n, offs_d, UNIT, True, DOT_PREC)
+        out = acc / l_i[:, None]
+        o_base = O + b64 * stride_ob + (q_tok0 + row0).to(tl.int64) * stride_os + h * stride_oh
+        tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+        l_base = LSE + b64 * stride_lb + h * stride_lh + q_tok0 + row0
+        tl.store(l_base + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+    stride_lb, stride_lh, num_heads, len_q_all,
+    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse, laid out like the lse."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
+    row0 = tl.program_id(1) * ROWS
+    if row0 < len_q:
+        offs_m = tl.arange(0, ROWS)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = (row0 + offs_m) < len_q
+        tok = (q_tok0 + row0 + offs_m).to(tl.int64)
+        b64 = b.to(tl.int64)
+        o = tl.load(O + b64 * stride_ob + h * stride_oh + tok[:, None] * stride_os + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0).to(tl.float32)
+        do = tl.load(DO + b64 * stride_db + h * stride_dh + tok[:, None] * stride_ds + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0).to(tl.float32)
+        delta = tl.sum(o * do, 1)
+        l_off = b64 * stride_lb + h * stride_lh + tok
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + l_off, mask=row_ok, other=0.0)
+        tl.store(DELTA + l_off, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds, ENTRIES, e_lo, e_hi,
+                qk_scale, k_pos, len_q, q_pos0, unit_of_row, offs_u, offs_d,
+                UNIT: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    for e in range(e_lo, e_hi):
+        entry = tl.load(ENTRIES + e)
+        q_row0 = (entry >> 8) * UNIT
+        q_ok = (q_row0 + offs_u) < len_q
+        q_off = q_row0.to(tl.int64)
+        qt = tl.load(q_base + q_off * stride_qs + offs_u[None, :] * stride_qs + offs_d[:, None],
+                     mask=q_ok[None, :], other=0.0)
+        do = tl.load(do_base + q_off * stride_ds + offs_u[:, None] * stride_ds + offs_d[None, :],
+                     mask=q_ok[:, None], other=0.0)
+        lse2 = tl.load(l_base + q_row0 + offs_u, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(d_base + q_row0 + offs_u, mask=q_ok, other=0.0)
+        pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+        if MASKED:
+            row_on = ((entry >> unit_of_row) & 1) != 0
+            keep = row_on[:, None] & (k_pos[:, None] <= (q_pos0 + q_row0 + offs_u)[None, :])
+            pt = tl.where(keep, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale, sm_scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+    num_kv_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0,
+    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TILE: tl.constexpr = UNIT * MERGE
+    pid_bh = tl.program_id(0)
+    tile = tl.program_id(1)  # early key tiles are read by the most queries: schedule them first
+    b = pid_bh // num_kv_heads
+    kh = pid_bh % num_kv_heads
+    q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
+    k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
+    row0 = tile * TILE
+    if row0 < len_k:
+        offs_m = tl.arange(0, TILE)
+        offs_u = tl.arange(0, UNIT)
+        offs_d = tl.arange(0, HEAD_DIM)
+        b64 = b.to(tl.int64)
+        row_ok = (row0 + offs_m) < len_k
+        k_tok = (k_tok0 + row0).to(tl.int64)
+        k = tl.load(K + b64 * stride_kb + kh * stride_kh + k_tok * stride_ks
+                    + offs_m[:, None] * stride_ks + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        v = tl.load(V + b64 * stride_vb + kh * stride_vh + (k_tok0 + row0).to(tl.int64) * stride_vs
+                    + offs_m[:, None] * stride_vs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        k_pos = k_pos0 + row0 + offs_m
+        unit_of_row = offs_m // UNIT
+        q_units = (len_q + UNIT - 1) // UNIT
+        dk = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        dv = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        q_tok = q_tok0.to(tl.int64)
+        for j in range(0, group):
+            h = kh * group + j
+            q_base = Q + b64 * stride_qb + h * stride_qh + q_tok * stride_qs
+            do_base = DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
+            l_base = LSE + b64 * stride_lb + h * stride_lh + q_tok
+            d_base = DELTA + b64 * stride_lb + h * stride_lh + q_tok
+            row = h * num_tiles + tile
+            e_lo = tl.load(T_PTR + row)
+            e_mid = e_lo + tl.load(T_NFULL + row)
+            e_hi = tl.load(T_PTR + row + 1)
+            if VARLEN:  # the lists serve the longest sequence: stop at this sequence's last unit
+                e_stop = _lower_bound(ENTRIES, e_lo, e_mid, q_units)
+                e_hi = _lower_bound(ENTRIES, e_mid, e_hi, q_units)
+            else:
+                e_stop = e_mid
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds,
+                                 ENTRIES, e_lo, e_stop, qk_scale, k_pos, len_q, q_pos0, unit_of_row,
+                                 offs_u, offs_d, UNIT, False, DOT_PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds,
+                                 ENTRIES, e_mid, e_hi, qk_scale, k_pos, len_q, q_pos0, unit_of_row,
+                                 offs_u, offs_d, UNIT, True, DOT_PREC)
+        dk *= sm_scale
+        tl.store(DK + b64 * stride_dkb + kh * stride_dkh + k_tok * stride_dks
+                 + offs_m[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(DV + b64 * stride_dvb + kh * stride_dvh + k_tok * stride_dvs
+                 + offs_m[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
+              qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_n, offs_d,
+              UNIT: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    for e in range(e_lo, e_hi):
+        entry = tl.load(ENTRIES + e)
+        k_row0 = (entry >> 8) * UNIT
+        k_ptrs = k_base + k_row0.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + k_row0.to(tl.int64) * stride_vs + offs_n[None, :] * stride_vs + offs_d[:, None]
+        if MASKED:
+            k_ok = (k_row0 + offs_n) < len_k
+            kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
+            vt = tl.load(v_ptrs, mask=k_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(k_ptrs)
+            vt = tl.load(v_ptrs)
+        p = tl.math.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+        if MASKED:
+            row_on = ((entry >> unit_of_row) & 1) != 0
+            keep = row_on[:, None] & ((k_pos0 + k_row0 + offs_n)[None, :] <= q_pos[:, None]) & k_ok[None, :]
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale, sm_scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+    num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0,
+    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TILE: tl.constexpr = UNIT * MERGE
+    pid_bh = tl.program_id(0)
+    tile = num_tiles - 1 - tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
+    k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
+    row0 = tile * TILE
+    if row0 < len_q:
+        offs_m = tl.arange(0, TILE)
+        offs_n = tl.arange(0, UNIT)
+        offs_d = tl.arange(0, HEAD_DIM)
+        b64 = b.to(tl.int64)
+        row_ok = (row0 + offs_m) < len_q
+        q_tok = (q_tok0 + row0).to(tl.int64)
+        q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_tok * stride_qs
+                    + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
+                     + offs_m[:, None] * stride_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        l_off = b64 * stride_lb + h * stride_lh + q_tok + offs_m
+        lse2 = tl.load(LSE + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+        kh = h // group
+        k_base = K + b64 * stride_kb + k_tok0.to(tl.int64) * stride_ks + kh * stride_kh
+        v_base = V + b64 * stride_vb + k_tok0.to(tl.int64) * stride_vs + kh * stride_vh
+        row = h * num_tiles + tile
+        e_lo = tl.load(T_PTR + row)
+        e_mid = e_lo + tl.load(T_NFULL + row)
+        e_hi = tl.load(T_PTR + row + 1)
+        q_pos = q_pos0 + row0 + offs_m
+        unit_of_row = offs_m // UNIT
+        dq = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_mid,
+                       qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_n, offs_d, UNIT, False, DOT_PREC)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_mid, e_hi,
+                       qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_n, offs_d, UNIT, True, DOT_PREC)
+        dq *= sm_scale
+        tl.store(DQ + b64 * stride_dqb + h * stride_dqh + q_tok * stride_dqs
+                 + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configurations: short autotune lists keyed on the shapes that matter
+# --------------------------------------------------------------------------------------------
+
+_TUNE_KEY = ["HEAD_DIM", "UNIT", "MERGE", "VARLEN"]
+
+
+def _configs(pairs):
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
+
+
+_FWD_CONFIGS = _configs([(8, 3), (8, 2), (4, 3), (8, 4)])
+_DKDV_CONFIGS = _configs([(8, 2), (8, 3), (4, 2)])
+_DQ_CONFIGS = _configs([(8, 2), (8, 3), (4, 2)])
+
+
+def _tuned(kernel, configs):
+    return kernel if INTERPRET else triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+
+
+_fwd = _tuned(_fwd_kernel, _FWD_CONFIGS)
+_dkdv = _tuned(_bwd_dkdv_kernel, _DKDV_CONFIGS)
+_dq = _tuned(_bwd_dq_kernel, _DQ_CONFIGS)
+
+
+def _launch_options():
+    # Under the interpreter there is nothing to tune; on GPUs the autotuner picks warps and stages.
+    return {"num_warps": 4, "num_stages": 1} if INTERPRET else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side entry points (tensors already validated and normalized by attention.py)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Shapes of one call. Tensors are 4-D ``[batch, seq, heads, dim]``; packed input is viewed as
+    ``[1, tokens, heads, dim]`` with ``num_seqs`` sequences given by ``cu_seqlens``."""
+
+    layout: KernelLayout
+    num_seqs: int
+    len_q: int  # per batch row, or the longest packed sequence
+    len_k: int
+    q_pos0: int
+    k_pos0: int
+    sm_scale: float
+    cu_q: torch.Tensor | None
+    cu_k: torch.Tensor | None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_q is not None
+
+
+def _bsh(t: torch.Tensor, varlen: bool):
+    """(batch, seq, head) strides; packed tensors address sequences through cu_seqlens instead."""
+    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool):
+    # lse is [batch, heads, seq] or, packed, [heads, tokens] (viewed as [1, heads, tokens]).
+    return (0 if varlen else lse.stride(0)), lse.stride(1)
+
+
+def _dot_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward(q, k, v, prob: Problem):
+    batch, _, heads, dim = q.shape
+    kl = prob.layout
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, q.shape[1], dtype=torch.float32, device=q.device)
+    tiles = kl.q_tiles
+    cu_q = prob.cu_q if prob.varlen else lse  # unused pointer when not packed
+    cu_k = prob.cu_k if prob.varlen else lse
+    grid = (prob.num_seqs * heads, tiles.num_tiles)
+    _fwd[grid](
+        q, k, v, out, lse, tiles.ptr, tiles.nfull, tiles.entries, cu_q, cu_k, prob.sm_scale * _LOG2E,
+        *_bsh(q, prob.varlen), *_bsh(k, prob.varlen), *_bsh(v, prob.varlen), *_bsh(out, prob.varlen),
+        *_lse_strides(lse, prob.varlen),
+        heads, heads // k.shape[2], prob.len_q, prob.len_k, tiles.num_tiles, prob.q_pos0, prob.k_pos0,
+        HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.merge, VARLEN=prob.varlen,
+        DOT_PREC=_dot_precision(q.dtype), **_launch_options(),
+    )
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, dlse, prob: Problem):
+    batch, _, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    kl = prob.layout
+    varlen = prob.varlen
+    cu_q = prob.cu_q if varlen else lse
+    cu_k = prob.cu_k if varlen else lse
+    delta = torch.empty_like(lse)
+    rows = 64
+    _bwd_delta_kernel[(prob.num_seqs * heads, triton.cdiv(prob.len_q, rows))](
+        out, do, dlse if dlse is not None else lse, delta, cu_q, *_bsh(out, varlen), *_bsh(do, varlen),
+        *_lse_strides(lse, varlen), heads, prob.len_q,
+        HEAD_DIM=dim, ROWS=rows, HAS_DLSE=dlse is not None, VARLEN=varlen,
+    )
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    qk_scale = prob.sm_scale * _LOG2E
+    prec = _dot_precision(q.dtype)
+    common = dict(HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.merge, VARLEN=varlen, DOT_PREC=prec,
+                  **_launch_options())
+    kt = kl.k_tiles
+    _dkdv[(prob.num_seqs * kv_heads, kt.num_tiles)](
+        q, k, v, do, dk, dv, lse, delta, kt.ptr, kt.nfull, kt.entries, cu_q, cu_k, qk_scale,
+        prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
+        *_bsh(dk, varlen), *_bsh(dv, varlen), *_lse_strides(lse, varlen),
+        kv_heads, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0, **common,
+    )
+    qt = kl.q_tiles
+    _dq[(prob.num_seqs * heads, qt.num_tiles)](
+        q, k, v, do, dq, lse, delta, qt.ptr, qt.nfull, qt.entries, cu_q, cu_k, qk_scale,
+        prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
+        *_bsh(dq, varlen), *_lse_strides(lse, varlen),
+        heads, group, prob.len_q, prob.len_k, qt.num_tiles, prob.q_pos0, prob.k_pos0, **common,
+    )
+    return dq, dk, dv
+
+
+def useful_flops(layout: S2Layout, batch: int, q_len: int, kv_len: int, head_dim: int,
+                 q_start: int = 0, k_start: int = 0) -> float:
+    """Forward useful FLOPs, 4 * D * attended (query, key) token pairs (S2_SEMANTICS.md)."""
+    mask = layout.to_block_mask()  # [heads, qb, kb]
+    bs = layout.block_size
+    q_abs = torch.arange(layout.num_q_blocks, device=mask.device) + layout.q_block_start
+    k_abs = torch.arange(layout.num_k_blocks, device=mask.device) + layout.k_block_start
+    # Tokens per block (last blocks may be partial) and, on the diagonal, the causal pair count.
+    q_tok = torch.clamp(q_len - (q_abs - layout.q_block_start) * bs, max=bs)
+    k_tok = torch.clamp(kv_len - (k_abs - layout.k_block_start) * bs, max=bs)
+    pairs = q_tok[:, None] * k_tok[None, :]
+    diag = q_abs[:, None] == k_abs[None, :]
+    diag_pairs = torch.minimum(q_tok, k_tok) * (torch.minimum(q_tok, k_tok) + 1) // 2
+    pairs = torch.where(diag, diag_pairs[:, None].expand_as(pairs), pairs)
+    total = (mask.long() * pairs[None]).sum().item()
+    return 4.0 * head_dim * batch * total
