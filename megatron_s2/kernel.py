@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
 
 import torch
@@ -29,6 +28,8 @@ import triton.language as tl
 from .layout import S2Layout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# S2_AUTOTUNE=0 launches the first config of each list (quick compiles for tests).
+AUTOTUNE = not INTERPRET and os.environ.get("S2_AUTOTUNE", "1") == "1"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _MAX_UNIT = 64
 _FLAG_BITS = 8  # an entry stores (unit index << 8) | unit bitmask: up to 8 units per tile
@@ -478,18 +479,24 @@ _DKDV_CONFIGS = _configs([(8, 2), (8, 3), (4, 2)])
 _DQ_CONFIGS = _configs([(8, 2), (8, 3), (4, 2)])
 
 
-def _tuned(kernel, configs):
-    return kernel if INTERPRET else triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+class _Launcher:
+    """The autotuned kernel, or the kernel with a fixed config (interpreter, S2_AUTOTUNE=0)."""
+
+    def __init__(self, kernel, configs):
+        self.kernel = kernel
+        self.tuned = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel) if AUTOTUNE else None
+        first = configs[0]
+        self.fixed = dict(num_warps=first.num_warps, num_stages=first.num_stages)
+
+    def __getitem__(self, grid):
+        if self.tuned is not None:
+            return self.tuned[grid]
+        return lambda *args, **kw: self.kernel[grid](*args, **kw, **self.fixed)
 
 
-_fwd = _tuned(_fwd_kernel, _FWD_CONFIGS)
-_dkdv = _tuned(_bwd_dkdv_kernel, _DKDV_CONFIGS)
-_dq = _tuned(_bwd_dq_kernel, _DQ_CONFIGS)
-
-
-def _launch_options():
-    # Under the interpreter there is nothing to tune; on GPUs the autotuner picks warps and stages.
-    return {"num_warps": 4, "num_stages": 1} if INTERPRET else {}
+_fwd = _Launcher(_fwd_kernel, _FWD_CONFIGS)
+_dkdv = _Launcher(_bwd_dkdv_kernel, _DKDV_CONFIGS)
+_dq = _Launcher(_bwd_dq_kernel, _DQ_CONFIGS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +553,7 @@ def forward(q, k, v, prob: Problem):
         *_lse_strides(lse, prob.varlen),
         heads, heads // k.shape[2], prob.len_q, prob.len_k, tiles.num_tiles, prob.q_pos0, prob.k_pos0,
         HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.merge, VARLEN=prob.varlen,
-        DOT_PREC=_dot_precision(q.dtype), **_launch_options(),
+        DOT_PREC=_dot_precision(q.dtype),
     )
     return out, lse
 
@@ -571,8 +578,7 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
     dv = torch.empty_like(v)
     qk_scale = prob.sm_scale * _LOG2E
     prec = _dot_precision(q.dtype)
-    common = dict(HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.merge, VARLEN=varlen, DOT_PREC=prec,
-                  **_launch_options())
+    common = dict(HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.merge, VARLEN=varlen, DOT_PREC=prec)
     kt = kl.k_tiles
     _dkdv[(prob.num_seqs * kv_heads, kt.num_tiles)](
         q, k, v, do, dk, dv, lse, delta, kt.ptr, kt.nfull, kt.entries, cu_q, cu_k, qk_scale,
@@ -588,21 +594,3 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
         heads, group, prob.len_q, prob.len_k, qt.num_tiles, prob.q_pos0, prob.k_pos0, **common,
     )
     return dq, dk, dv
-
-
-def useful_flops(layout: S2Layout, batch: int, q_len: int, kv_len: int, head_dim: int,
-                 q_start: int = 0, k_start: int = 0) -> float:
-    """Forward useful FLOPs, 4 * D * attended (query, key) token pairs (S2_SEMANTICS.md)."""
-    mask = layout.to_block_mask()  # [heads, qb, kb]
-    bs = layout.block_size
-    q_abs = torch.arange(layout.num_q_blocks, device=mask.device) + layout.q_block_start
-    k_abs = torch.arange(layout.num_k_blocks, device=mask.device) + layout.k_block_start
-    # Tokens per block (last blocks may be partial) and, on the diagonal, the causal pair count.
-    q_tok = torch.clamp(q_len - (q_abs - layout.q_block_start) * bs, max=bs)
-    k_tok = torch.clamp(kv_len - (k_abs - layout.k_block_start) * bs, max=bs)
-    pairs = q_tok[:, None] * k_tok[None, :]
-    diag = q_abs[:, None] == k_abs[None, :]
-    diag_pairs = torch.minimum(q_tok, k_tok) * (torch.minimum(q_tok, k_tok) + 1) // 2
-    pairs = torch.where(diag, diag_pairs[:, None].expand_as(pairs), pairs)
-    total = (mask.long() * pairs[None]).sum().item()
-    return 4.0 * head_dim * batch * total

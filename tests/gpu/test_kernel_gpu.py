@@ -1,0 +1,127 @@
+"""S2 kernel on a CUDA GPU: bf16/fp16 error against the float64 reference, determinism, long sequences,
+GQA, packed sequences. Run: ``python -m pytest -q tests/gpu/test_kernel_gpu.py``."""
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
+from megatron_s2.reference import s2_attention_reference  # noqa: E402
+
+DEVICE = "cuda"
+# ||kernel - ref|| / ||ref|| with bf16/fp16 inputs and fp32 accumulation; gradients see one more
+# rounding of P and dS to the input dtype.
+TOL = {torch.bfloat16: (1.2e-2, 2.5e-2), torch.float16: (2e-3, 5e-3)}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def inputs(shape_q, shape_kv, dtype, seed):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    make = lambda shape: torch.randn(shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
+    return make(shape_q), make(shape_kv), make(shape_kv)
+
+
+def run_kernel(q, k, v, pattern, grad_out, grad_lse, **kw):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = s2_attention(q, k, v, pattern, return_lse=True, **kw)
+    torch.autograd.backward((out, lse), (grad_out, grad_lse))
+    return out, lse, q.grad, k.grad, v.grad
+
+
+def run_reference(q, k, v, pattern, grad_out, grad_lse, **kw):
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    out, lse = s2_attention_reference(q, k, v, pattern, return_lse=True, **kw)
+    torch.autograd.backward((out, lse), (grad_out.double(), grad_lse.double()))
+    return out, lse, q.grad, k.grad, v.grad
+
+
+def check_close(got, want, dtype):
+    tol_out, tol_grad = TOL[dtype]
+    names = ("out", "lse", "dq", "dk", "dv")
+    errs = {n: rel_err(g, w) for n, g, w in zip(names, got, want)}
+    for n, g in zip(names, got):
+        assert torch.isfinite(g).all(), f"{n} has non-finite values"
+    assert errs["out"] < tol_out and errs["lse"] < 1e-3, errs
+    assert max(errs["dq"], errs["dk"], errs["dv"]) < tol_grad, errs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim,heads,kv_heads,seq", [(128, 4, 4, 2048), (64, 8, 2, 1500), (32, 4, 1, 777)])
+def test_matches_float64_reference(dtype, dim, heads, kv_heads, seq):
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
+    q, k, v = inputs((2, seq, heads, dim), (2, seq, kv_heads, dim), dtype, seed=dim + seq)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    grad_out = torch.randn(q.shape, generator=g, device=DEVICE).to(dtype)
+    grad_lse = torch.randn((2, heads, seq), generator=g, device=DEVICE)
+    got = run_kernel(q, k, v, pattern, grad_out, grad_lse)
+    want = run_reference(q, k, v, pattern, grad_out, grad_lse)
+    check_close(got, want, dtype)
+
+
+def test_head_dim_256_and_block_128():
+    pattern = S2Pattern(block_size=128, local_blocks=2, vert_stride=3, num_dense_heads=1)
+    q, k, v = inputs((1, 1100, 4, 256), (1, 1100, 2, 256), torch.bfloat16, seed=3)
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn((1, 4, 1100), device=DEVICE)
+    check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse),
+                run_reference(q, k, v, pattern, grad_out, grad_lse), torch.bfloat16)
+
+
+def test_packed_sequences_gqa():
+    pattern = S2Pattern(block_size=64, local_blocks=3, vert_stride=4)
+    lengths = [700, 64, 1, 2000, 333]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    tokens = sum(lengths)
+    q, k, v = inputs((tokens, 8, 128), (tokens, 2, 128), torch.bfloat16, seed=5)
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn((8, tokens), device=DEVICE)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse, **kw),
+                run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)
+
+
+def test_backward_is_bit_identical():
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
+    q, k, v = inputs((1, 4096, 16, 128), (1, 4096, 4, 128), torch.bfloat16, seed=7)
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.zeros((1, 16, 4096), device=DEVICE)
+    first = run_kernel(q, k, v, pattern, grad_out, grad_lse)
+    second = run_kernel(q, k, v, pattern, grad_out, grad_lse)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_32k_tokens_last_chunk_against_reference():
+    """At 32k the dense reference is too big; the last 512 queries and keys are checked exactly:
+    their dq and the last keys' dk/dv only depend on the last queries' loss."""
+    seq, tail, heads, dim = 32768, 512, 8, 128
+    pattern = S2Pattern(block_size=64, local_blocks=16, vert_stride=16)
+    q, k, v = inputs((1, seq, heads, dim), (1, seq, heads // 2, dim), torch.bfloat16, seed=11)
+    grad_out = torch.zeros_like(q)
+    grad_out[:, -tail:] = torch.randn_like(q[:, -tail:])
+    grad_lse = torch.zeros((1, heads, seq), device=DEVICE)
+    out, lse, dq, dk, dv = run_kernel(q, k, v, pattern, grad_out, grad_lse)
+    for t in (out, lse, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    want = run_reference(q[:, -tail:], k, v, pattern, grad_out[:, -tail:], grad_lse[..., -tail:],
+                         q_start=seq - tail)
+    got = (out[:, -tail:], lse[..., -tail:], dq[:, -tail:], dk[:, -tail:], dv[:, -tail:])
+    check_close(got, (want[0], want[1], want[2], want[3][:, -tail:], want[4][:, -tail:]), torch.bfloat16)
+    # Every other query has zero incoming gradient, so dq must be exactly zero there.
+    assert dq[:, :-tail].abs().max().item() == 0.0
+
+
+def test_context_parallel_chunk_offsets():
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
+    seq, q_start = 3072, 1024
+    q, k, v = inputs((1, 1024, 8, 64), (1, seq, 8, 64), torch.bfloat16, seed=13)
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn((1, 8, 1024), device=DEVICE)
+    kw = dict(q_start=q_start, head_start=8, num_q_heads=16, num_kv_heads=16)
+    check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse, **kw),
+                run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)

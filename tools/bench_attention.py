@@ -1,0 +1,270 @@
+"""Benchmark S2 attention against dense SDPA (default, flash, cuDNN) and FlexAttention on the same layout.
+
+    python tools/bench_attention.py --out runs/bench            # the ANCHORS.md cases
+    python tools/bench_attention.py --seqs 32768 --impls s2,flex --head-dims 128 --out runs/quick
+
+Times are medians of ``triton.testing.do_bench``; "useful TFLOP/s" counts only attended (query, key)
+pairs, 4*D per pair forward and 2.5x that backward (S2_SEMANTICS.md), so sparse and dense kernels
+compare fairly. Writes ``bench_attention.json`` and ``bench_attention.png`` under ``--out`` and prints
+a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_s2 import S2Pattern, get_layout, s2_attention  # noqa: E402
+from megatron_s2 import kernel as s2_kernel  # noqa: E402
+from megatron_s2.layout import clear_layout_cache  # noqa: E402
+
+IMPLS = ("s2", "flex", "sdpa", "flash", "cudnn")
+
+
+@dataclasses.dataclass
+class Case:
+    seq: int
+    batch: int = 1
+    heads: int = 32
+    kv_heads: int = 32
+    dim: int = 128
+
+    @property
+    def name(self):
+        gqa = f" gqa{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else ""
+        return f"b{self.batch} s{self.seq // 1024}k d{self.dim}{gqa}"
+
+
+def default_cases(seqs, dims):
+    cases = [Case(seq=s, dim=d) for d in dims for s in seqs]
+    if 32768 in seqs:
+        cases.append(Case(seq=32768, kv_heads=8))
+    if 8192 in seqs:
+        cases.append(Case(seq=8192, batch=4))
+    return cases
+
+
+def attended_pairs(pattern, case) -> int:
+    """Attended (query, key) token pairs of one batch row, summed over heads."""
+    layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device="cuda")
+    mask = layout.to_block_mask()
+    bs = pattern.block_size
+    blocks = torch.arange(layout.num_q_blocks, device="cuda")
+    tokens = torch.clamp(case.seq - blocks * bs, max=bs)
+    pairs = tokens[:, None] * tokens[None, :]
+    diag = tokens * (tokens + 1) // 2
+    pairs = torch.where(blocks[:, None] == blocks[None, :], diag[:, None].expand_as(pairs), pairs)
+    return int((mask.long() * pairs[None]).sum())
+
+
+def flex_block_mask(pattern, case):
+    """FlexAttention BlockMask at its 128-token granularity from the same S2 block mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device="cuda")
+    blocks = layout.to_block_mask()  # [h, nb, nb] at block_size
+    flex = 128
+    r = flex // pattern.block_size
+    nb = blocks.shape[1]
+    nf = -(-nb // r)
+    padded = torch.zeros(case.heads, nf * r, nf * r, dtype=torch.bool, device="cuda")
+    padded[:, :nb, :nb] = blocks
+    sub = padded.view(case.heads, nf, r, nf, r).permute(0, 1, 3, 2, 4).reshape(case.heads, nf, nf, r * r)
+    any_on = sub.any(-1)
+    diagonal = torch.eye(nf, dtype=torch.bool, device="cuda")[None]
+    full = sub.all(-1) & ~diagonal
+    if case.seq % flex:  # the last flex block holds padding tokens: mask them
+        full[:, -1, :] = False
+        full[:, :, -1] = False
+    partial = any_on & ~full
+
+    def to_lists(m):
+        counts = m.sum(-1).to(torch.int32)
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[None], order[None]
+
+    bsz = pattern.block_size
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return blocks[h, q_idx // bsz, kv_idx // bsz] & (kv_idx <= q_idx)
+
+    kv_num, kv_idx = to_lists(partial)
+    full_num, full_idx = to_lists(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=flex, mask_mod=mask_mod,
+                                    seq_lengths=(case.seq, case.seq))
+
+
+def make_runner(impl, pattern, case, q, k, v):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if impl == "s2":
+        return lambda: s2_attention(q, k, v, pattern)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = case.kv_heads != case.heads
+    if impl == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        block_mask = flex_block_mask(pattern, case)
+        compiled = torch.compile(flex_attention, dynamic=False)
+        return lambda: compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=gqa).transpose(1, 2)
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}.get(impl)
+
+    def dense():
+        if backend is None:
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+
+    return dense
+
+
+def time_impl(impl, pattern, case, useful_fwd_flops, dense_flops):
+    from triton.testing import do_bench
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape_q = (case.batch, case.seq, case.heads, case.dim)
+    shape_kv = (case.batch, case.seq, case.kv_heads, case.dim)
+    q, k, v = (torch.randn(s, generator=gen, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for s in (shape_q, shape_kv, shape_kv))
+    run = make_runner(impl, pattern, case, q, k, v)
+    grad = torch.randn(shape_q, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+    def fwd_bwd():
+        run().backward(grad)
+
+    rep = 200 if case.seq * case.batch <= 32768 else 400
+    with torch.no_grad():
+        run()
+    fwd_ms = do_bench(lambda: run(), warmup=50, rep=rep, return_mode="median")
+    fwd_bwd()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+    total_ms = do_bench(fwd_bwd, warmup=50, rep=rep, grad_to_none=[q, k, v], return_mode="median")
+    # Dense kernels do causal work, but their useful work is the S2 pairs only.
+    return dict(impl=impl, case=case.name, fwd_ms=fwd_ms, fwd_bwd_ms=total_ms,
+                fwd_tflops=useful_fwd_flops / fwd_ms * 1e-9,
+                fwd_bwd_tflops=3.5 * useful_fwd_flops / total_ms * 1e-9,
+                fwd_own_tflops=dense_flops / fwd_ms * 1e-9,
+                peak_gib=peak_gib)
+
+
+def layout_build_ms(pattern, case):
+    torch.cuda.synchronize()
+    clear_layout_cache()
+    s2_kernel._derived.clear()
+    start = time.perf_counter()
+    layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device="cuda")
+    s2_kernel.kernel_layout(layout, case.dim)
+    torch.cuda.synchronize()
+    cold = (time.perf_counter() - start) * 1e3
+    start = time.perf_counter()
+    for _ in range(100):
+        layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device="cuda")
+        s2_kernel.kernel_layout(layout, case.dim)
+    cached = (time.perf_counter() - start) * 1e3 / 100
+    return cold, cached
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    impls = list(dict.fromkeys(r["impl"] for r in results))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        vals = [next((r["fwd_bwd_tflops"] for r in results if r["case"] == c and r["impl"] == impl), 0)
+                for c in cases]
+        ax.bar([x + i * width for x in range(len(cases))], vals, width, label=impl)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases, rotation=20)
+    ax.set_ylabel("fwd+bwd useful TFLOP/s (S2 pairs)")
+    ax.set_title("S2 attention vs dense SDPA and FlexAttention (bf16)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--local-blocks", type=int, default=16)
+    parser.add_argument("--vert-stride", type=int, default=16)
+    parser.add_argument("--dkernel", action="store_true",
+                        help="DKernel-style layout: step derived from the query-head count")
+    parser.add_argument("--dense-max-seq", type=int, default=131072,
+                        help="skip dense SDPA above this length (it is slow)")
+    parser.add_argument("--out", default="runs/bench_attention")
+    args = parser.parse_args(argv)
+
+    impls = args.impls.split(",")
+    dims = args.head_dims
+    cases = default_cases(args.seqs, [dims[0]]) + [Case(seq=32768, dim=d) for d in dims[1:] if 32768 in args.seqs]
+    os.makedirs(args.out, exist_ok=True)
+    results, layouts = [], []
+    for case in cases:
+        kw = dict(block_size=args.block_size, local_blocks=args.local_blocks, vert_stride=args.vert_stride)
+        pattern = S2Pattern.dkernel(case.heads, **kw) if args.dkernel else S2Pattern(**kw)
+        pairs = attended_pairs(pattern, case)
+        density = pairs / (case.heads * case.seq * case.seq)
+        useful = 4.0 * case.dim * pairs * case.batch
+        cold, cached = layout_build_ms(pattern, case)
+        layouts.append(dict(case=case.name, density=density, layout_cold_ms=cold, layout_cached_ms=cached))
+        for impl in impls:
+            if impl in ("sdpa", "flash", "cudnn") and case.seq > args.dense_max_seq:
+                continue
+            dense_flops = 4.0 * case.dim * case.heads * case.batch * case.seq * (case.seq + 1) / 2
+            own = pairs * 4.0 * case.dim * case.batch if impl in ("s2", "flex") else dense_flops
+            try:
+                row = time_impl(impl, pattern, case, useful, own)
+            except Exception as exc:  # a backend missing on this card must not stop the others
+                row = dict(impl=impl, case=case.name, error=f"{type(exc).__name__}: {exc}"[:300])
+            row["density"] = density
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+
+    import triton
+
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+                card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                command="python tools/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
+        json.dump(dict(meta=meta, results=results, layouts=layouts), f, indent=1)
+    ok = [r for r in results if "error" not in r]
+    if ok:
+        plot(ok, os.path.join(args.out, "bench_attention.png"))
+    print(f"\n{meta['card']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
+    for lay in layouts:
+        print(f"layout {lay['case']:<20} density {lay['density']:.3f}  build cold {lay['layout_cold_ms']:.1f} ms"
+              f"  cached {lay['layout_cached_ms'] * 1e3:.1f} us")
+    print(f"{'case':<20} {'impl':<6} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} {'peak GiB':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['case']:<20} {r['impl']:<6} {r['error'][:80]}")
+            continue
+        print(f"{r['case']:<20} {r['impl']:<6} {r['fwd_ms']:9.2f} {r['fwd_bwd_ms']:9.2f} "
+              f"{r['fwd_tflops']:9.0f} {r['fwd_bwd_tflops']:9.0f} {r['peak_gib']:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
