@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .attention import s2_attention
 from .layout import Pattern, s2_block_mask
 from .pattern import S2ConfigError, check_head_counts
 
@@ -39,13 +40,6 @@ _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _attention():
-    # The Triton module is imported lazily, as in megatron_s2/__init__.py.
-    try:
-        from .attention import s2_attention
-    except ImportError:  # until the kernel module lands
-        from .reference import s2_attention_reference as s2_attention
-    return s2_attention
 
 
 def validate_context_parallel(seq_len: int, cp_size: int, block_size: int) -> None:
@@ -111,13 +105,14 @@ def _kv_block_needs(pattern, num_q_heads, num_kv_heads, head_start, num_local_he
     chunk_len = seq_len // (2 * cp_size)
     needs = torch.zeros(num_local_kv_heads, seq_len // pattern.block_size, dtype=torch.bool)
     group = num_local_heads // num_local_kv_heads
-    for chunk in chunks_of_rank(cp_rank, cp_size):
-        mask = s2_block_mask(
-            pattern, num_q_heads, num_kv_heads, chunk_len, (chunk + 1) * chunk_len,
-            head_start=head_start, num_local_heads=num_local_heads, q_start=chunk * chunk_len,
-        )
-        per_kv_head = mask.view(num_local_kv_heads, group, *mask.shape[1:]).any(1).any(1)
-        needs[:, : per_kv_head.shape[1]] |= per_kv_head
+    # One query head at a time keeps memory at one chunk's [q blocks, k blocks] mask at 1M tokens.
+    for head in range(num_local_heads):
+        for chunk in chunks_of_rank(cp_rank, cp_size):
+            mask = s2_block_mask(
+                pattern, num_q_heads, num_kv_heads, chunk_len, (chunk + 1) * chunk_len,
+                head_start=head_start + head, num_local_heads=1, q_start=chunk * chunk_len,
+            )
+            needs[head // group, : mask.shape[2]] |= mask[0].any(0)
     return needs
 
 
@@ -333,9 +328,8 @@ def context_parallel_attention(
     num_q_heads = local_heads if num_q_heads is None else num_q_heads
     num_kv_heads = local_kv_heads if num_kv_heads is None else num_kv_heads
     cp_size, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
-    attention = _attention()
     if cp_size == 1:
-        return attention(q, k, v, pattern, softmax_scale=softmax_scale, head_start=head_start,
+        return s2_attention(q, k, v, pattern, softmax_scale=softmax_scale, head_start=head_start,
                          num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
     block_size = pattern.block_size
     validate_context_parallel(s_local * cp_size, cp_size, block_size)
@@ -353,7 +347,7 @@ def context_parallel_attention(
     outs = []
     for half, chunk in enumerate(chunks_of_rank(cp_rank, cp_size)):
         key_end = (chunk + 1) * chunk_len  # causal: a chunk reads no key past its own end
-        outs.append(attention(
+        outs.append(s2_attention(
             q[:, half * chunk_len : (half + 1) * chunk_len], k_full[:, :key_end],
             v_full[:, :key_end], pattern, softmax_scale=softmax_scale, head_start=head_start,
             num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, q_start=chunk * chunk_len,
