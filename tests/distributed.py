@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import tempfile
 import time
 import traceback
@@ -56,9 +57,15 @@ def _rank_main(rank, world_size, store_path, parallel_sizes, fn, args, kwargs, c
         # The CUDA RNG tracker needs a driver; the null tracker keeps dropout-free models exact.
         tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
         result = fn(rank, world_size, *args, **kwargs)
-        conn.send(("ok", result))
+        outcome = ("ok", result)
     except BaseException:  # report everything, including KeyboardInterrupt in a rank
-        conn.send(("error", traceback.format_exc()))
+        outcome = ("error", traceback.format_exc())
+    try:
+        # Plain pickle copies tensor data; multiprocessing's pickler would share it through file
+        # descriptors that vanish when this rank exits.
+        conn.send_bytes(pickle.dumps(outcome))
+    except Exception:
+        conn.send_bytes(pickle.dumps(("error", "result not picklable:\n" + traceback.format_exc())))
     finally:
         try:
             parallel_state.destroy_model_parallel()
@@ -135,7 +142,7 @@ def _collect(connections, timeout_s: float) -> list:
         for rank, conn in list(pending.items()):
             if conn in ready:
                 try:
-                    outcomes[rank] = conn.recv()
+                    outcomes[rank] = pickle.loads(conn.recv_bytes())
                 except EOFError:
                     outcomes[rank] = ("error", f"rank {rank} exited without a result (crashed?)")
                 del pending[rank]

@@ -1,0 +1,179 @@
+"""A tiny Megatron GPTModel built from the S2 block spec: the same function at TP=2 as at TP=1,
+identical checkpoint keys dense vs S2, and pipeline stages that pick layers by global number.
+
+With ``use_cpu_initialization`` and a fixed seed Megatron builds the full weights and slices them, so
+every TP size starts from the same model; dropout is 0, so losses and gradients must agree.
+"""
+
+import pytest
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_s2.config import S2AttentionConfig
+from megatron_s2.core_attention import S2CoreAttention, SDPACoreAttention
+from megatron_s2.pattern import S2ConfigError
+from megatron_s2.specs import get_s2_gpt_block_spec, stage_layer_indices
+from tests.distributed import run_distributed
+
+SEQ, BATCH, VOCAB = 128, 2, 96
+# Block 16, one local block, stride 4: at 128 tokens (8 blocks) every head's stripes matter.
+S2_DEFAULTS = {"block_size": 16, "local_blocks": 1, "vert_stride": 4}
+
+
+def tiny_config(tp=1, heads=4, groups=None, num_layers=4, dtype=torch.float32, **kw):
+    kw.setdefault("use_cpu_initialization", True)
+    kw.setdefault("attention_dropout", 0.0)
+    return TransformerConfig(
+        num_layers=num_layers, hidden_size=16 * heads, num_attention_heads=heads,
+        num_query_groups=groups or heads, ffn_hidden_size=32 * heads,
+        hidden_dropout=0.0, tensor_model_parallel_size=tp,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, **kw,
+    )
+
+
+def build_gpt(config, s2_dict, seed=1234, **spec_kw):
+    s2 = S2AttentionConfig.from_dict(s2_dict, num_layers=config.num_layers,
+                                     num_attention_heads=config.num_attention_heads)
+    torch.manual_seed(seed)
+    spec = get_s2_gpt_block_spec(config, s2, seq_length=SEQ, **spec_kw)
+    return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                    position_embedding_type="learned_absolute")
+
+
+def batch(device="cpu"):
+    g = torch.Generator().manual_seed(99)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+    positions = torch.arange(SEQ)[None].expand(BATCH, -1)
+    return tokens[:, :-1].to(device), positions.to(device), tokens[:, 1:].to(device)
+
+
+def gathered_grads(model):
+    """Every parameter's full gradient, TP shards concatenated along their partition dim."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad.detach().float()
+        if tp > 1 and getattr(param, "tensor_model_parallel", False):
+            parts = [torch.empty_like(grad) for _ in range(tp)]
+            torch.distributed.all_gather(parts, grad.contiguous(), group=group)
+            grad = torch.cat(parts, dim=param.partition_dim)
+        grads[name] = grad.cpu()
+    return grads
+
+
+def loss_and_grads(config, s2_dict, device="cpu"):
+    model = build_gpt(config, s2_dict).to(device)
+    tokens, positions, labels = batch(device)
+    loss = model(tokens, positions, None, labels=labels).float().mean()
+    loss.backward()
+    kinds = [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers]
+    return loss.item(), gathered_grads(model), kinds
+
+
+def _tp_run(rank, world_size, heads, groups, s2_dict):
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return loss_and_grads(tiny_config(tp, heads, groups), s2_dict)
+
+
+@pytest.mark.parametrize(
+    "heads,groups,layers",
+    [
+        (4, 4, "SSSS"),
+        (4, 2, "DSSD"),  # GQA, one KV group per TP rank, mixed dense and S2 layers
+        # Fewer KV groups than TP ranks (replicated groups) is covered at core-attention level in
+        # test_core_attention.py: Megatron's own path for it allocates on 'cuda' (no CPU run).
+    ],
+    ids=["mha_all_s2", "gqa_groups_split_mixed"],
+)
+def test_tp2_equals_tp1(heads, groups, layers):
+    s2_dict = {"layers": layers, "defaults": S2_DEFAULTS}
+    loss1, grads1, kinds = run_distributed(1, _tp_run, heads, groups, s2_dict)[0]
+    expected_kinds = ["S2CoreAttention" if c == "S" else "SDPACoreAttention" for c in layers]
+    assert kinds == expected_kinds
+    for loss2, grads2, _ in run_distributed(2, _tp_run, heads, groups, s2_dict, tp=2):
+        assert abs(loss2 - loss1) < 1e-5 * abs(loss1), (loss1, loss2)
+        assert grads2.keys() == grads1.keys()
+        for name, g1 in grads1.items():
+            assert grads2[name].shape == g1.shape, name
+            scale = g1.abs().max().item() + 1e-12
+            assert (grads2[name] - g1).abs().max().item() < 1e-4 * scale, name
+
+
+def _state_keys(rank, world_size):
+    config = tiny_config(heads=4, groups=2)
+    keys = {}
+    for name, layers in [("dense", "DDDD"), ("s2", "SSSS"), ("mixed", "DSSD")]:
+        model = build_gpt(config, {"layers": layers, "defaults": S2_DEFAULTS})
+        sharded = model.sharded_state_dict(prefix="", metadata={"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)})
+        keys[name] = (sorted(model.state_dict().keys()), sorted(sharded.keys()),
+                      sorted(n for n, _ in model.named_parameters()))
+    return keys
+
+
+def test_dense_and_s2_models_have_identical_state_dict_keys():
+    keys = run_distributed(1, _state_keys)[0]
+    assert keys["dense"][0]  # non-empty
+    assert keys["s2"] == keys["dense"]
+    assert keys["mixed"] == keys["dense"]
+
+
+def test_pipeline_and_virtual_stages_pick_global_layers():
+    # 8 layers, PP=2, VP=2: Megatron's interleaving gives rank r, virtual stage v the layers
+    # v*4 + r*2 + {0, 1}.
+    config = tiny_config(num_layers=8, pipeline_model_parallel_size=2,
+                         virtual_pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    for pp_rank in range(2):
+        for vp_stage in range(2):
+            expected = [vp_stage * 4 + pp_rank * 2 + i for i in range(2)]
+            assert stage_layer_indices(config, vp_stage=vp_stage, pp_rank=pp_rank) == expected
+
+    s2 = S2AttentionConfig.from_dict({"layers": "DSSSSDSS", "defaults": S2_DEFAULTS,
+                                      "overrides": [{"layers": 6, "vert_stride": 2}]})
+    for pp_rank in range(2):
+        for vp_stage in range(2):
+            spec = get_s2_gpt_block_spec(config, s2, vp_stage=vp_stage, pp_rank=pp_rank,
+                                         use_transformer_engine=False)
+            for index, layer_spec in zip(stage_layer_indices(config, vp_stage=vp_stage, pp_rank=pp_rank),
+                                         spec.layer_specs):
+                core = layer_spec.submodules.self_attention.submodules.core_attention
+                if s2.layers[index].is_dense:
+                    assert core.func is SDPACoreAttention
+                else:
+                    assert core.func is S2CoreAttention
+                    assert core.keywords["layer_index"] == index
+                    assert core.keywords["pattern"] == s2.layers[index].pattern
+
+
+def _pp_build(rank, world_size):
+    """Build each pipeline stage's block for real: core attention cross-checks its layer number."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    config = tiny_config(num_layers=4, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    s2 = S2AttentionConfig.from_dict({"layers": "DSSS", "defaults": S2_DEFAULTS,
+                                      "overrides": [{"layers": 3, "vert_stride": 2}]})
+    block = TransformerBlock(config, get_s2_gpt_block_spec(config, s2))
+    return [(layer.layer_number, type(layer.self_attention.core_attention).__name__,
+             getattr(layer.self_attention.core_attention, "pattern", None)) for layer in block.layers]
+
+
+def test_pipeline_stages_build_their_layers():
+    ranks = run_distributed(2, _pp_build, pp=2)
+    s2 = S2AttentionConfig.from_dict({"layers": "DSSS", "defaults": S2_DEFAULTS,
+                                      "overrides": [{"layers": 3, "vert_stride": 2}]})
+    built = [entry for rank in ranks for entry in rank]
+    assert [b[0] for b in built] == [1, 2, 3, 4]  # Megatron's numbers, from 1
+    for layer_number, kind, pattern in built:
+        expected = s2.layers[layer_number - 1]
+        assert kind == ("SDPACoreAttention" if expected.is_dense else "S2CoreAttention")
+        assert pattern == expected.pattern
+
+
+def test_spec_rejects_dropout_and_mismatched_layers():
+    s2 = S2AttentionConfig.from_dict({"layers": "DSSS", "defaults": S2_DEFAULTS})
+    with pytest.raises(S2ConfigError, match="--attention-dropout 0"):
+        get_s2_gpt_block_spec(tiny_config(attention_dropout=0.1), s2)
+    with pytest.raises(S2ConfigError, match="layers"):
+        get_s2_gpt_block_spec(tiny_config(num_layers=6), s2)
