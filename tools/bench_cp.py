@@ -1,0 +1,230 @@
+"""Time one S2 attention layer under context parallelism: all-gather vs S2-aware K/V exchange.
+
+    torchrun --nproc-per-node 2 tools/bench_cp.py --seqs 32768 131072 --cp1 --out runs/bench_cp
+    torchrun --nproc-per-node 2 tools/bench_cp.py --seqs 4096 --heads 4 --iters 2 --out /tmp/cp  # smoke
+
+Each CP rank holds Megatron's load-balanced chunks (r and 2*cp-1-r) of a bf16 sequence. For every
+exchange it times the layer's forward and forward+backward (attention plus exchange), and the
+exchange alone (forward+backward of the K/V movement); a step waits for the slowest rank, so every
+time is the maximum over ranks, then the median over iterations. ``--cp1`` also times the CP=1 layer
+on one GPU for the whole sequence. Bytes are K/V bytes received per rank in the forward pass
+(backward returns the same amount of gradient). "Useful TFLOP/s per GPU" counts attended pairs only
+(S2_SEMANTICS.md). Writes ``bench_cp.json`` under ``--out`` and prints a table last.
+Without CUDA it runs on CPU over gloo (the reference attention: tiny shapes only, for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
+from megatron_s2.context_parallel import (  # noqa: E402
+    EXCHANGES,
+    _AllGatherKV,
+    _S2ExchangeKV,
+    context_parallel_attention,
+    exchange_plan,
+    kv_exchange_bytes,
+)
+from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--local-blocks", type=int, default=16)
+    parser.add_argument("--vert-stride", type=int, default=16)
+    parser.add_argument("--head-pattern", default="heterogeneous")
+    parser.add_argument("--exchanges", nargs="+", default=list(EXCHANGES), choices=EXCHANGES)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--cp1", action="store_true", help="also time CP=1 on one GPU")
+    parser.add_argument("--out", default="runs/bench_cp")
+    return parser.parse_args(argv)
+
+
+class Timer:
+    """Wall time of a callable on this rank (CUDA events on GPUs)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def slowest_rank_median(times_ms, device) -> float:
+    """Median over iterations of the slowest rank's time."""
+    t = torch.tensor(times_ms, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return statistics.median(t.tolist())
+
+
+def measure(fn, timer, args, device) -> float:
+    for _ in range(args.warmup):
+        fn()
+    times = []
+    for _ in range(args.iters):
+        dist.barrier()
+        times.append(timer(fn))
+    return slowest_rank_median(times, device)
+
+
+def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
+    cp_size, cp_rank = dist.get_world_size(), dist.get_rank()
+    gen = torch.Generator(device=device).manual_seed(1234 + cp_rank)
+    s_local, heads, kv_heads, dim = seq // cp_size, args.heads, args.kv_heads, args.head_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+    q = randn(args.batch, s_local, heads, dim).requires_grad_()
+    k = randn(args.batch, s_local, kv_heads, dim).requires_grad_()
+    v = randn(args.batch, s_local, kv_heads, dim).requires_grad_()
+    grad_out = randn(args.batch, s_local, heads, dim)
+
+    def forward():
+        with torch.no_grad():
+            context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, **common)
+
+    def forward_backward():
+        out = context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, **common)
+        out.backward(grad_out)
+
+    if exchange == "allgather":
+        def move():
+            return _AllGatherKV.apply(k, v, None)
+    else:
+        plan = exchange_plan(pattern, seq_len=seq, cp_size=cp_size, cp_rank=cp_rank,
+                             num_q_heads=heads, num_kv_heads=kv_heads, device=device)
+
+        def move():
+            return _S2ExchangeKV.apply(k, v, plan, None, pattern.block_size)
+
+    def exchange_only():
+        k_full, v_full = move()
+        torch.autograd.backward([k_full, v_full], [torch.ones_like(k_full), torch.ones_like(v_full)])
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    row = dict(
+        seq=seq, exchange=exchange,
+        fwd_ms=measure(forward, timer, args, device),
+        fwd_bwd_ms=measure(forward_backward, timer, args, device),
+        exchange_fwd_bwd_ms=measure(exchange_only, timer, args, device),
+        recv_bytes_per_rank=kv_exchange_bytes(
+            pattern, exchange=exchange, seq_len=seq, cp_size=cp_size, num_q_heads=heads,
+            num_kv_heads=kv_heads, head_dim=dim, batch_size=args.batch,
+            element_size=torch.finfo(dtype).bits // 8),
+    )
+    if device.type == "cuda":
+        peak = torch.tensor(float(torch.cuda.max_memory_allocated()), device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        row["peak_mem_gib"] = peak.item() / 2**30
+    return row
+
+
+def bench_cp1(pattern, seq, args, device, dtype, timer, common):
+    """CP=1 on rank 0 (the other ranks wait): the same layer without any exchange."""
+    row = None
+    if dist.get_rank() == 0:
+        gen = torch.Generator(device=device).manual_seed(99)
+        shapes = [(args.batch, seq, h, args.head_dim) for h in (args.heads, args.kv_heads, args.kv_heads)]
+        q, k, v = (torch.randn(*s, generator=gen, device=device, dtype=dtype).requires_grad_() for s in shapes)
+        grad_out = torch.randn_like(q)
+
+        def forward_backward():
+            s2_attention(q, k, v, pattern, **common).backward(grad_out)
+
+        for _ in range(args.warmup):
+            forward_backward()
+        times = [timer(forward_backward) for _ in range(args.iters)]
+        row = dict(seq=seq, exchange="none (CP=1, one GPU)", fwd_bwd_ms=statistics.median(times))
+        del q, k, v, grad_out
+    dist.barrier()
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.kv_heads = args.kv_heads or args.heads
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    timer = Timer(device)
+    cp_size = dist.get_world_size()
+    pattern = S2Pattern(block_size=args.block_size, local_blocks=args.local_blocks,
+                        vert_stride=args.vert_stride, head_pattern=args.head_pattern)
+    common = dict(num_q_heads=args.heads, num_kv_heads=args.kv_heads)
+
+    rows = []
+    for seq in args.seqs:
+        useful = (FORWARD_AND_BACKWARD_FACTOR * 4.0 * args.head_dim * args.batch
+                  * attended_pairs(pattern, args.heads, args.kv_heads, seq))
+        for exchange in args.exchanges:
+            row = bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common)
+            row["fwd_bwd_useful_tflops_per_gpu"] = useful / cp_size / row["fwd_bwd_ms"] * 1e-9
+            rows.append(row)
+        if args.cp1:
+            row = bench_cp1(pattern, seq, args, device, dtype, timer, common)
+            if row is not None:
+                row["fwd_bwd_useful_tflops_per_gpu"] = useful / row["fwd_bwd_ms"] * 1e-9
+                rows.append(row)
+
+    if dist.get_rank() == 0:
+        report = dict(
+            tool="tools/bench_cp.py",
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            device=torch.cuda.get_device_name() if cuda else "cpu",
+            torch=torch.__version__,
+            cp_size=cp_size,
+            config=dict(vars(args), pattern=pattern.describe(), dtype=str(dtype)),
+            results=rows,
+        )
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "bench_cp.json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\n{report['device']}, CP={cp_size}, {pattern.describe()}, heads {args.heads}/"
+              f"{args.kv_heads}, dim {args.head_dim}, batch {args.batch}  -> {path}")
+        print(f"{'seq':>7} {'exchange':<22} {'fwd ms':>8} {'fwd+bwd ms':>10} {'xchg ms':>8} "
+              f"{'MiB/rank (max)':>14} {'TF/s/GPU':>9} {'peak GiB':>8}")
+        for r in rows:
+            recv = r.get("recv_bytes_per_rank")
+            print(f"{r['seq']:>7} {r['exchange']:<22} {r.get('fwd_ms', float('nan')):>8.2f} "
+                  f"{r['fwd_bwd_ms']:>10.2f} {r.get('exchange_fwd_bwd_ms', float('nan')):>8.2f} "
+                  f"{(max(recv) / 2**20 if recv else 0):>14.1f} "
+                  f"{r['fwd_bwd_useful_tflops_per_gpu']:>9.1f} {r.get('peak_mem_gib', float('nan')):>8.2f}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
