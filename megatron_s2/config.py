@@ -363,8 +363,8 @@ def _layer_entries(data: Mapping, num_layers: Optional[int]) -> list:
             raise _fail("layers", data["layers"], f"has {len(entries)} entries but the model has "
                         f"{num_layers} layers (--num-layers)", "give exactly one entry per layer")
         return entries
-    count = _check_num_layers(num_layers, "'dense_every_n' or a config without 'layers'")
     if not has_every_n:
+        count = _check_num_layers(num_layers, "a config without 'layers' (all layers S2)")
         return [{"type": "s2"} for _ in range(count)]
     n = data.get("dense_every_n")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -375,6 +375,7 @@ def _layer_entries(data: Mapping, num_layers: Optional[int]) -> list:
         raise _fail("dense_phase", phase, f"must be an integer in [0, {n - 1}]",
                     f"layer i is dense when i % {n} == dense_phase (layers numbered from 0); "
                     f"Phi-3-small's layout is dense_every_n: 2, dense_phase: 1")
+    count = _check_num_layers(num_layers, "'dense_every_n'")
     return [{"type": "dense" if i % n == phase else "s2"} for i in range(count)]
 
 

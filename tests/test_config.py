@@ -1,0 +1,205 @@
+"""S2 YAML config: every accepted form resolves to the intended layers, and every mistake is an
+early error naming the key, the value and the fix."""
+
+import dataclasses
+import json
+
+import pytest
+
+from megatron_s2.config import S2AttentionConfig, apply_overrides, load_s2_config, parse_override
+from megatron_s2.pattern import S2ConfigError, S2CoverageError, S2Pattern
+
+SMALL = {"block_size": 16, "local_blocks": 2, "vert_stride": 4}
+
+
+def kinds(cfg):
+    return "".join("D" if layer.is_dense else "S" for layer in cfg.layers)
+
+
+def resolve(data, **kw):
+    return S2AttentionConfig.from_dict(data, **kw)
+
+
+# -- forms ----------------------------------------------------------------------------------------
+
+
+def test_pattern_string_list_and_dense_every_n_agree():
+    by_string = resolve({"layers": "DSSD", "defaults": SMALL})
+    by_list = resolve({"layers": ["dense", "s2", "S", {"type": "dense"}], "defaults": SMALL})
+    by_every_n = resolve({"dense_every_n": 3, "dense_phase": 0, "defaults": SMALL}, num_layers=4)
+    assert kinds(by_string) == kinds(by_list) == kinds(by_every_n) == "DSSD"
+    assert by_string == by_list == by_every_n
+    assert by_string.layers[1].pattern == S2Pattern(**SMALL)
+    # Phi-3-small's layout: every second layer dense, starting at layer 1 (layers from 0).
+    assert kinds(resolve({"dense_every_n": 2, "dense_phase": 1}, num_layers=6)) == "SDSDSD"
+    # No layer form: all S2.
+    assert kinds(resolve({}, num_layers=3)) == "SSS"
+    # Megatron's hybrid pattern style allows '|' separators between pipeline stages.
+    assert kinds(resolve({"layers": "DS|SS"})) == "DSSS"
+
+
+def test_precedence_defaults_entry_overrides_and_presets():
+    cfg = resolve(
+        {
+            "preset": "phi3_small",
+            "defaults": {"block_size": 16, "local_blocks": 4},
+            "layers": ["s2", {"vert_stride": 2}, "dense", "s2", "s2"],
+            "overrides": [
+                {"layers": "3-4", "local_blocks": 1},
+                {"layers": [4], "head_pattern": "homogeneous"},
+                {"layers": 2, "type": "s2", "num_dense_heads": 1},
+                {"layers": 0, "type": "dense"},
+            ],
+        }
+    )
+    phi3 = S2Pattern.phi3_small(block_size=16, local_blocks=4)
+    assert cfg.layers[0].is_dense
+    assert cfg.layers[1].pattern == dataclasses.replace(phi3, vert_stride=2)
+    assert cfg.layers[2].pattern == dataclasses.replace(phi3, num_dense_heads=1)
+    assert cfg.layers[3].pattern == dataclasses.replace(phi3, local_blocks=1)
+    assert cfg.layers[4].pattern == dataclasses.replace(phi3, local_blocks=1, head_pattern="homogeneous")
+    # The dkernel preset derives the stripe step from the query heads (and a per-layer stride).
+    dk = resolve({"preset": "dkernel", "layers": "SS", "overrides": [{"layers": 1, "vert_stride": 64}]},
+                 num_attention_heads=16)
+    assert dk.layers[0].pattern == S2Pattern.dkernel(16)
+    assert dk.layers[1].pattern == S2Pattern.dkernel(16, vert_stride=64)
+    assert dk.layers[1].pattern.head_sliding_step == 4
+
+
+def test_round_trip_is_explicit_json_and_needs_no_model():
+    cfg = resolve({"preset": "dkernel", "dense_every_n": 2, "cp_exchange": "s2", "allow_partial_coverage": True},
+                  num_layers=4, num_attention_heads=8)
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["version"] == 1 and data["cp_exchange"] == "s2" and data["allow_partial_coverage"] is True
+    assert data["layers"][0] == {"type": "dense"}
+    assert set(data["layers"][1]) == {"type"} | {f.name for f in dataclasses.fields(S2Pattern)}
+    assert S2AttentionConfig.from_dict(data) == cfg
+
+
+def test_yaml_file_and_command_line_overrides(tmp_path):
+    path = tmp_path / "s2.yaml"
+    path.write_text("defaults: {block_size: 16, vert_stride: 4}\nlayers: DSSS\n")
+    cfg = load_s2_config(path, overrides=["vert_stride=2", "defaults.local_blocks=3", "cp_exchange=s2"])
+    assert cfg.layers[1].pattern == S2Pattern(block_size=16, vert_stride=2, local_blocks=3)
+    assert cfg.cp_exchange == "s2"
+    # Switching forms from the command line replaces the other form.
+    assert kinds(load_s2_config(path, overrides=["dense_every_n=2"], num_layers=4)) == "DSDS"
+    assert kinds(load_s2_config(path, overrides=["layers=SSSD"])) == "SSSD"
+    assert parse_override("allow_partial_coverage=true") == (("allow_partial_coverage",), True)
+    assert parse_override("head_sliding_step=null") == (("defaults", "head_sliding_step"), None)
+    assert apply_overrides({"layers": "DS"}, ["dense_every_n=2"]) == {"dense_every_n": 2}
+
+
+def test_summary_lists_every_layer_once():
+    cfg = resolve({"layers": "DSSSD", "defaults": SMALL, "overrides": [{"layers": 3, "vert_stride": 2}]})
+    text = cfg.summary(seq_length=1024)
+    assert "5 layers (3 S2, 2 dense; numbered from 0)" in text
+    rows = [line.split() for line in text.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["0", "1-2", "3", "4"]
+    assert rows[2][4] == "2" and rows[1][4] == "4"
+
+
+def test_validate_accepts_a_good_model():
+    cfg = resolve({"layers": "DSSS", "defaults": SMALL})
+    cfg.validate(num_layers=4, num_attention_heads=8, num_query_groups=2, seq_length=256,
+                 tensor_parallel_size=2, context_parallel_size=2)
+    # Fewer KV groups than TP ranks is allowed (Megatron replicates them).
+    cfg.validate(num_layers=4, num_attention_heads=8, num_query_groups=1, tensor_parallel_size=4)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+RESOLVE_ERRORS = [
+    ({"layerz": "DS"}, "'layerz'", "did you mean 'layers'"),
+    ({"layers": "DXS"}, "'layers'", "letter 'X' at layer 1"),
+    ({"layers": ["dense", "sparse2"]}, "'layers[1]'", "use 'dense'"),
+    ({"layers": [{"type": "dense", "vert_stride": 4}]}, "'layers[0].vert_stride'", "make the layer S2"),
+    ({"layers": [{"vert_strid": 4}]}, "'layers[0].vert_strid'", "did you mean 'vert_stride'"),
+    ({"layers": []}, "'layers'", "non-empty"),
+    ({"layers": "DS", "dense_every_n": 2}, "'dense_every_n'", "either 'layers' or 'dense_every_n'"),
+    ({"dense_every_n": 0}, "'dense_every_n'", "positive integer"),
+    ({"dense_every_n": 2, "dense_phase": 2}, "'dense_phase'", "[0, 1]"),
+    ({"layers": "DSS", "overrides": [{"layers": 3, "vert_stride": 2}]}, "'overrides[0].layers'", "numbered from 0"),
+    ({"layers": "DSS", "overrides": [{"layers": "2-1", "vert_stride": 2}]}, "'overrides[0].layers'", "inclusive"),
+    ({"layers": "DSS", "overrides": [{"layers": 0, "vert_stride": 2}]}, "'overrides[0].layers'", "add type: s2"),
+    ({"layers": "DSS", "overrides": [{"vert_stride": 2}]}, "'overrides[0].layers'", "say which layers"),
+    ({"layers": "DSS", "overrides": {"layers": 1}}, "'overrides'", "expected a list"),
+    ({"layers": "DSS", "overrides": [{"layers": 1, "type": "dense", "vert_stride": 2}]}, "'overrides[0].type'", "two overrides"),
+    ({"layers": "SS", "defaults": {"block_size": 48}}, "layer 0 (layers[0]", "power of two"),
+    ({"layers": "SS", "defaults": {"vert_stride": 0}}, "layer 0 (layers[0]", "vert_stride"),
+    ({"layers": "SS", "defaults": {"head_pattern": "per_head"}}, "layer 0", "heterogeneous"),
+    ({"layers": "SS", "preset": "longformer"}, "'layers[0].preset'", "dkernel, phi3_small"),
+    ({"layers": "SS", "preset": "dkernel"}, "'layers[0].preset'", "num_attention_heads="),
+    ({"layers": "SS", "cp_exchange": "ring"}, "'cp_exchange'", "allgather, s2"),
+    ({"layers": "SS", "allow_partial_coverage": "yes"}, "'allow_partial_coverage'", "true or false"),
+    ({"layers": "SS", "version": 2}, "'version'", "version: 1"),
+    ({"dense_every_n": 2}, "layer count", "num_layers="),
+    ({"layers": "SS", "defaults": [1, 2]}, "'defaults'", "mapping"),
+]
+
+
+@pytest.mark.parametrize("data,key,fix", RESOLVE_ERRORS, ids=[e[1] + "|" + e[2] for e in RESOLVE_ERRORS])
+def test_resolve_errors_name_key_and_fix(data, key, fix):
+    with pytest.raises(S2ConfigError) as info:
+        resolve(data)
+    assert key in str(info.value) and fix in str(info.value)
+
+
+def test_layer_count_mismatch_at_resolve():
+    with pytest.raises(S2ConfigError, match="has 3 entries but the model has 4 layers"):
+        resolve({"layers": "DSS"}, num_layers=4)
+
+
+VALIDATE_ERRORS = [
+    (dict(num_layers=5), "'layers'", "numbered 0..4"),
+    (dict(num_attention_heads=6, num_query_groups=4), "--num-query-groups 4", "divide the heads"),
+    (dict(tensor_parallel_size=3), "--tensor-model-parallel-size 3", "divides the number of heads"),
+    (dict(num_query_groups=4, num_attention_heads=12, tensor_parallel_size=6), "--num-query-groups 4", "one of them"),
+    (dict(context_parallel_size=4, seq_length=192), "'layers[1].block_size'", "2*cp*block_size = 128"),
+    (dict(num_attention_heads=2, num_query_groups=2, seq_length=1024), "layer 1", "allow_partial_coverage"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,fix", VALIDATE_ERRORS, ids=[e[1] for e in VALIDATE_ERRORS])
+def test_validate_errors_name_key_and_fix(overrides, key, fix):
+    cfg = resolve({"layers": "DSSS", "defaults": SMALL})
+    model = dict(num_layers=4, num_attention_heads=8, num_query_groups=2, seq_length=256)
+    model.update(overrides)
+    with pytest.raises(S2ConfigError) as info:
+        cfg.validate(**model)
+    assert key in str(info.value) and fix in str(info.value)
+
+
+def test_coverage_error_and_opt_out():
+    data = {"layers": "SS", "defaults": {**SMALL, "head_pattern": "kv_group"}}
+    model = dict(num_layers=2, num_attention_heads=8, num_query_groups=2, seq_length=1024)
+    with pytest.raises(S2CoverageError, match=r"kb % 4 in \[1, 3\]"):
+        resolve(data).validate(**model)
+    resolve({**data, "allow_partial_coverage": True}).validate(**model)
+    # A sequence inside the local window is always covered.
+    resolve(data).validate(**{**model, "seq_length": 32})
+
+
+def test_dense_heads_beyond_head_count():
+    cfg = resolve({"layers": "S", "defaults": {**SMALL, "num_dense_heads": 9}})
+    with pytest.raises(S2ConfigError, match="'layers\\[0\\].num_dense_heads' = 9"):
+        cfg.validate(num_layers=1, num_attention_heads=8)
+
+
+@pytest.mark.parametrize("text,fix", [
+    ("vert_stride", "key=value"),
+    ("overrides=[]", "YAML file"),
+    ("foo=1", "not settable"),
+    ("defaults.a.b=1", "not settable"),
+    ("vert_stride=[1", "not valid YAML"),
+])
+def test_bad_command_line_overrides(text, fix):
+    with pytest.raises(S2ConfigError, match=fix):
+        parse_override(text)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("layers: DQ\n")
+    with pytest.raises(S2ConfigError, match="bad.yaml"):
+        load_s2_config(path)
