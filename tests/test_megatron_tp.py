@@ -22,30 +22,31 @@ SEQ, BATCH, VOCAB = 128, 2, 96
 S2_DEFAULTS = {"block_size": 16, "local_blocks": 1, "vert_stride": 4}
 
 
-def tiny_config(tp=1, heads=4, groups=None, num_layers=4, dtype=torch.float32, **kw):
+def tiny_config(tp=1, heads=4, groups=None, num_layers=4, dtype=torch.float32, head_dim=16, **kw):
     kw.setdefault("use_cpu_initialization", True)
     kw.setdefault("attention_dropout", 0.0)
     return TransformerConfig(
-        num_layers=num_layers, hidden_size=16 * heads, num_attention_heads=heads,
-        num_query_groups=groups or heads, ffn_hidden_size=32 * heads,
+        num_layers=num_layers, hidden_size=head_dim * heads, num_attention_heads=heads,
+        num_query_groups=groups or heads, ffn_hidden_size=2 * head_dim * heads,
         hidden_dropout=0.0, tensor_model_parallel_size=tp,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, **kw,
     )
 
 
-def build_gpt(config, s2_dict, seed=1234, **spec_kw):
+def build_gpt(config, s2_dict, seed=1234, seq=SEQ, **spec_kw):
     s2 = S2AttentionConfig.from_dict(s2_dict, num_layers=config.num_layers,
                                      num_attention_heads=config.num_attention_heads)
     torch.manual_seed(seed)
-    spec = get_s2_gpt_block_spec(config, s2, seq_length=SEQ, **spec_kw)
-    return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+    spec = get_s2_gpt_block_spec(config, s2, seq_length=seq, **spec_kw)
+    # Learned positions: Megatron's RoPE places its tables on 'cuda', which forked CPU ranks lack.
+    return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=seq,
                     position_embedding_type="learned_absolute")
 
 
-def batch(device="cpu"):
+def batch(device="cpu", seq=SEQ):
     g = torch.Generator().manual_seed(99)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-    positions = torch.arange(SEQ)[None].expand(BATCH, -1)
+    tokens = torch.randint(0, VOCAB, (BATCH, seq + 1), generator=g)
+    positions = torch.arange(seq)[None].expand(BATCH, -1)
     return tokens[:, :-1].to(device), positions.to(device), tokens[:, 1:].to(device)
 
 
@@ -64,9 +65,9 @@ def gathered_grads(model):
     return grads
 
 
-def loss_and_grads(config, s2_dict, device="cpu"):
-    model = build_gpt(config, s2_dict).to(device)
-    tokens, positions, labels = batch(device)
+def loss_and_grads(config, s2_dict, device="cpu", seq=SEQ):
+    model = build_gpt(config, s2_dict, seq=seq).to(device)
+    tokens, positions, labels = batch(device, seq)
     loss = model(tokens, positions, None, labels=labels).float().mean()
     loss.backward()
     kinds = [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers]
