@@ -6,9 +6,9 @@ with: the ``megatron_s2`` Triton kernel for prefill on GPU when ``megatron_s2`` 
 dense attention under the S2 token mask (any device). Positions, and therefore S2 blocks, count from
 each sequence's first real token, so left-padded batches give the same result as single prompts.
 
-``S2KVCache`` (opt-in, ``model.generate(..., past_key_values=S2KVCache(model.config))``) keeps in S2
-layers only the key/value blocks that later tokens can still attend; ``cache.kv_cache_stats()`` tells
-how much it saved.
+``model.make_s2_kv_cache()`` (opt-in: ``model.generate(..., past_key_values=cache)``) keeps in S2 layers
+only the key/value blocks that later tokens can still attend; ``cache.kv_cache_stats()`` tells how much
+it saved.
 """
 
 import torch
@@ -302,6 +302,11 @@ class S2LlamaForCausalLM(S2LlamaPreTrainedModel, GenerationMixin):
         self.model = S2LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def make_s2_kv_cache(self):
+        """A cache for ``generate(past_key_values=...)`` that drops S2 blocks no later token attends
+        (the class of this very module: remote-code loading gives the model its own module copy)."""
+        return S2KVCache(self.config)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):

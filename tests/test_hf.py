@@ -1,0 +1,247 @@
+"""Hugging Face export/import: exact logits against Megatron, generation, round trips, errors.
+
+A tiny Llama-shaped GPTModel (GQA 4/2, untied, two S2 layers and one dense, block 16 so that S2
+skips blocks at 96 tokens) is saved with dist_checkpointing at TP=2 and exported; the HF model must
+give Megatron's logits. HF -> Megatron -> HF must give back the same tensors (tied embeddings, a
+vocabulary that Megatron pads).
+"""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from megatron_s2 import S2Pattern, s2_block_mask
+from megatron_s2.config import S2AttentionConfig
+from megatron_s2.hf import convert
+from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM, s2_token_mask
+from tests.distributed import run_distributed
+
+import tools.convert_from_hf as convert_from_hf  # noqa: E402
+import tools.convert_to_hf as convert_to_hf  # noqa: E402
+
+SEQ = 96
+
+
+S2_LAYERS = {"layers": "SDS", "defaults": {"block_size": 16, "local_blocks": 2, "vert_stride": 4}}
+
+
+def llama_kwargs(**overrides):
+    kwargs = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    kwargs.update(overrides)
+    return kwargs
+
+
+def s2_config(num_layers=3):
+    return S2AttentionConfig.from_dict(S2_LAYERS, num_layers=num_layers)
+
+
+def tokens(batch=2, length=SEQ, vocab=100, seed=7):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_pure_path_mask_equals_layout_mask():
+    """The HF file's own formula against megatron_s2.s2_block_mask, every head pattern and dense heads."""
+    heads, kv_heads, length = 8, 2, 200
+    patterns = [
+        S2Pattern(block_size=16, local_blocks=2, vert_stride=4),
+        S2Pattern(block_size=16, local_blocks=1, vert_stride=8, head_pattern="kv_group", head_sliding_step=3),
+        S2Pattern(block_size=32, local_blocks=3, vert_stride=2, head_pattern="homogeneous", num_dense_heads=2),
+        S2Pattern.phi3_small(block_size=16, local_blocks=2),
+    ]
+    positions = torch.arange(length)[None]
+    for pattern in patterns:
+        layer = convert.s2_layers_for_hf(
+            S2AttentionConfig.from_dict({"layers": [{"type": "s2", **pattern.__dict__}],
+                                         "allow_partial_coverage": True}), heads, kv_heads)[0]
+        blocks = s2_block_mask(pattern, heads, kv_heads, length)
+        expected = blocks.repeat_interleave(pattern.block_size, 1).repeat_interleave(pattern.block_size, 2)
+        expected = expected[:, :length, :length] & torch.ones(length, length, dtype=torch.bool).tril()
+        assert torch.equal(s2_token_mask(layer, positions, positions)[0], expected), pattern
+
+
+def _fill(model, rank):
+    """Fresh values: TP-sharded weights differ per rank, replicated ones (norms) are equal."""
+    for name, param in model.named_parameters():
+        sharded = getattr(param, "tensor_model_parallel", False)
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + (rank if sharded else 0))
+        values = torch.randn(param.shape, generator=g)
+        param.data.copy_(1 + 0.2 * values if name.endswith("weight") and param.dim() == 1 else 0.05 * values)
+
+
+def _save_tp2(rank, world_size, save_dir, args, s2, input_ids):
+    import queue
+
+    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    # The writer's results queue is a spawned Manager by default, which daemonic test ranks cannot
+    # start; the synchronous save only needs an in-process queue.
+    filesystem_async._results_queue = queue.Queue()
+
+    model = convert.build_gpt_model(args, s2, tensor_parallel=2)
+    _fill(model, rank)
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    directory = os.path.join(save_dir, "iter_0000005")
+    os.makedirs(directory, exist_ok=True)
+    with torch.no_grad(), convert.cpu_without_cuda():
+        positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        logits = model(input_ids, positions, None)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        dist_checkpointing.save(
+            {"model": model.sharded_state_dict(metadata=metadata), "args": args, "iteration": 5,
+             "checkpoint_version": 3.0},
+            directory, content_metadata={k: v for k, v in metadata.items() if k != "dp_cp_group"})
+    if rank == 0:
+        with open(os.path.join(save_dir, convert.TRACKER_FILE), "w") as f:
+            f.write("5")
+    return logits
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A TP=2 Megatron checkpoint, its Megatron logits, and its HF export."""
+    root = tmp_path_factory.mktemp("hf")
+    s2 = s2_config()
+    args = convert.megatron_args_from_hf(S2LlamaConfig(**llama_kwargs()), tensor_parallel=2, s2_config=s2)
+    args.vocab_size = None  # as with a tokenizer-defined vocabulary: keep the padded rows
+    input_ids = tokens()
+    logits = run_distributed(2, _save_tp2, str(root / "mg"), args, s2, input_ids, tp=2)[0]
+    convert_to_hf.main(["--load", str(root / "mg"), "--out", str(root / "hf")])
+    return root, input_ids, logits
+
+
+def load_exported(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+def test_tp2_megatron_checkpoint_exports_with_equal_logits(exported):
+    root, input_ids, megatron_logits = exported
+    model = load_exported(root / "hf")
+    assert type(model).__name__ == "S2LlamaForCausalLM"
+    assert [e is None for e in model.config.s2_layers] == [False, True, False]
+    with torch.no_grad():
+        hf_logits = model(input_ids).logits
+    assert hf_logits.shape == megatron_logits.shape
+    assert (hf_logits - megatron_logits).abs().max() < 1e-4
+    # The S2 pattern matters here: dense attention on the same weights gives other logits.
+    dense = S2LlamaForCausalLM(S2LlamaConfig(**{**model.config.to_dict(), "s2_layers": None})).eval()
+    dense.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (dense(input_ids).logits - megatron_logits).abs().max() > 1e-2
+
+
+def _greedy_without_cache(model, prompt, steps):
+    sequence = prompt
+    for _ in range(steps):
+        with torch.no_grad():
+            next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, next_token], dim=1)
+    return sequence
+
+
+def test_generation_cache_left_padding_and_s2_cache(exported):
+    root = exported[0]
+    model = load_exported(root / "hf")
+    steps = 24
+    prompts = [tokens(1, 60, seed=1)[0], tokens(1, 37, seed=2)[0]]
+    expected = [_greedy_without_cache(model, p[None], steps)[0, len(p):] for p in prompts]
+    # Batched, left-padded: positions (and S2 blocks) count from each prompt's first token.
+    width = max(len(p) for p in prompts)
+    input_ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+    kw = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        generated = model.generate(input_ids, **kw)[:, width:]
+        cache = model.make_s2_kv_cache()
+        compact = model.generate(input_ids, past_key_values=cache, **kw)[:, width:]
+    for row, want in enumerate(expected):
+        assert torch.equal(generated[row], want), row
+        assert torch.equal(compact[row], want), row
+    stats = cache.kv_cache_stats()
+    assert 0 < stats["kept_entries"] < stats["full_entries"], stats
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_to_megatron_to_hf_round_trip(tmp_path, tied):
+    torch.manual_seed(3)
+    config = S2LlamaConfig(**llama_kwargs(tie_word_embeddings=tied),
+                           s2_layers=convert.s2_layers_for_hf(s2_config(), 4, 2))
+    model = S2LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "src")
+    convert_from_hf.main(["--hf", str(tmp_path / "src"), "--save", str(tmp_path / "mg"), "--tensor-parallel", "2"])
+    convert_to_hf.main(["--load", str(tmp_path / "mg"), "--out", str(tmp_path / "back")])
+    back = load_exported(tmp_path / "back")
+    assert back.config.s2_layers == config.s2_layers
+    assert back.config.tie_word_embeddings == tied
+    original, returned = model.state_dict(), back.state_dict()
+    assert original.keys() == returned.keys()
+    for key in original:
+        assert torch.equal(original[key], returned[key]), key
+    # And the Megatron model in between computes the same logits (tied/untied output layer, GQA).
+    margs, state, s2 = convert.load_megatron_checkpoint(str(tmp_path / "mg"))
+    assert margs.padded_vocab_size == 256 and state["embedding.word_embeddings.weight"].shape[0] == 256
+    input_ids = tokens(length=64)
+    with convert.single_process_megatron():
+        megatron = convert.build_gpt_model(margs, s2)
+        megatron.load_state_dict(state, strict=False)
+        with torch.no_grad(), convert.cpu_without_cuda():
+            megatron_logits = megatron(input_ids, torch.arange(64)[None].expand_as(input_ids), None)
+        with torch.no_grad():
+            assert (model(input_ids).logits - megatron_logits[..., :100]).abs().max() < 1e-4
+
+
+def test_dense_export_is_stock_llama(exported, tmp_path):
+    root, input_ids, _ = exported
+    convert_to_hf.main(["--load", str(root / "mg"), "--out", str(tmp_path), "--dense"])
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(dense).__name__ == "LlamaForCausalLM"
+    assert "NOT" in dense.config.s2_export_note
+    # Within the local window (2 blocks of 16) S2 attention is dense: both exports agree there.
+    short = input_ids[:, :32]
+    with torch.no_grad():
+        assert (dense(short).logits - load_exported(root / "hf")(short).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 2.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}, "low_freq_factor"),
+])
+def test_unsupported_hf_architectures_are_named(change, named):
+    from transformers import LlamaConfig
+
+    with pytest.raises(convert.UnsupportedArchitectureError, match=named):
+        convert.megatron_args_from_hf(LlamaConfig(**{**llama_kwargs(), **change}))
+
+
+def test_unsupported_model_types_and_megatron_args_are_named():
+    from argparse import Namespace
+
+    from transformers import MixtralConfig, Qwen2Config
+
+    with pytest.raises(convert.UnsupportedArchitectureError, match="num_local_experts"):
+        convert.megatron_args_from_hf(MixtralConfig(num_local_experts=4))
+    with pytest.raises(convert.UnsupportedArchitectureError, match="model_type='qwen2'"):
+        convert.megatron_args_from_hf(Qwen2Config())
+    args = convert.megatron_args_from_hf(S2LlamaConfig(**llama_kwargs()))
+    convert.check_megatron_llama_args(args)
+    bad = Namespace(**{**vars(args), "normalization": "LayerNorm", "add_bias_linear": True, "num_experts": 8})
+    with pytest.raises(convert.UnsupportedArchitectureError, match="normalization.*add-bias-linear.*num-experts"):
+        convert.check_megatron_llama_args(bad)

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Llama-architecture Hugging Face checkpoint -> Megatron checkpoint for pretrain_gpt_s2.py.
+
+    python tools/convert_from_hf.py --hf meta-llama-folder --save checkpoints/llama_s2 \\
+        --tensor-parallel 2 --s2-config configs/s2.yaml
+
+writes a torch_dist ``release`` checkpoint (model weights only, Megatron's layout) with the chosen S2
+layer settings stored in its arguments, and prints the pretrain_gpt_s2.py flags that describe the
+model. Continue training with ``--load <save> --finetune`` (or ``--no-load-optim --no-load-rng``).
+The S2 settings default to the ``s2_layers`` of an ``s2_llama`` folder, else all layers dense.
+Supported: Llama (and Mistral without sliding window) with RMSNorm, SwiGLU, RoPE (default or llama3
+scaling), GQA, tied or untied embeddings, no biases, no MoE; anything else is refused, naming why.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_s2.config import S2AttentionConfig  # noqa: E402
+from megatron_s2.hf import convert  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", required=True, help="HF model folder (config.json + *.safetensors)")
+    parser.add_argument("--save", required=True, help="Megatron checkpoint directory to write")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="TP size of the training run")
+    parser.add_argument("--pipeline-parallel", type=int, default=1, help="PP size of the training run")
+    parser.add_argument("--s2-config", default=None, help="per-layer S2 YAML (see docs/megatron.md)")
+    parser.add_argument("--s2-override", action="append", default=[], help="key=value override of the S2 config")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                        help="as in the training run; the vocabulary is padded like Megatron pads it")
+    return parser.parse_args(argv)
+
+
+def read_hf_config(folder):
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    if raw.get("model_type") == "s2_llama":
+        from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+
+        return S2LlamaConfig.from_dict(raw)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def read_hf_weights(folder):
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {folder}: save the model with safe_serialization=True")
+    weights = {}
+    for path in files:
+        weights.update(load_file(path))
+    return weights
+
+
+def choose_s2_config(args, config):
+    if args.s2_config:
+        return S2AttentionConfig.from_yaml(args.s2_config, num_layers=config.num_hidden_layers,
+                                           num_attention_heads=config.num_attention_heads,
+                                           overrides=args.s2_override)
+    if getattr(config, "s2_layers", None) is not None:
+        return convert.s2_config_from_hf_layers(config.s2_layers, allow_partial_coverage=True)
+    print("no --s2-config: all layers dense (pass an S2 YAML to continue training with S2)")
+    return S2AttentionConfig.from_dict({"layers": "D" * config.num_hidden_layers}, overrides=args.s2_override)
+
+
+def training_flags(margs):
+    flags = [
+        f"--num-layers {margs.num_layers}", f"--hidden-size {margs.hidden_size}",
+        f"--ffn-hidden-size {margs.ffn_hidden_size}", f"--num-attention-heads {margs.num_attention_heads}",
+        f"--kv-channels {margs.kv_channels}", f"--max-position-embeddings {margs.max_position_embeddings}",
+        f"--norm-epsilon {margs.norm_epsilon}", f"--rotary-base {margs.rotary_base}",
+        "--normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope",
+        f"--tensor-model-parallel-size {margs.tensor_model_parallel_size}",
+        f"--pipeline-model-parallel-size {margs.pipeline_model_parallel_size}",
+        f"--make-vocab-size-divisible-by {margs.make_vocab_size_divisible_by}",
+        "--ckpt-format torch_dist --finetune",
+    ]
+    if margs.group_query_attention:
+        flags.append(f"--group-query-attention --num-query-groups {margs.num_query_groups}")
+    if margs.untie_embeddings_and_output_weights:
+        flags.append("--untie-embeddings-and-output-weights")
+    if margs.use_rope_scaling:
+        flags.append(f"--use-rope-scaling --rope-scaling-factor {margs.rope_scaling_factor}")
+    return " ".join(flags)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = read_hf_config(args.hf)
+    s2_config = choose_s2_config(args, config)
+    margs = convert.megatron_args_from_hf(
+        config, tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
+        s2_config=s2_config, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    weights = read_hf_weights(args.hf)
+    shape = convert.shape_from_args(margs)
+    if shape.tied_embeddings:
+        weights.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in weights:
+        raise convert.UnsupportedArchitectureError("tie_word_embeddings=False but the folder has no lm_head.weight")
+    weights = {k: v.to(torch.float32) for k, v in convert.resize_vocab(weights, shape.vocab_size).items()}
+    state = convert.hf_to_megatron_weights(weights, shape)
+    directory = convert.save_megatron_checkpoint(args.save, state, margs, s2_config)
+    print(f"wrote {directory} (model weights only, {len(s2_config.sparse_layers)} S2 layers of {margs.num_layers})")
+    print("pretrain_gpt_s2.py model flags: " + training_flags(margs) + f" --load {args.save}")
+
+
+if __name__ == "__main__":
+    main()
