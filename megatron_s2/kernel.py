@@ -180,15 +180,43 @@ def _lower_bound(ENTRIES, lo, hi, unit_limit):
 
 
 @triton.jit
+def _key_ptrs(base, ENTRIES, e, stride, offs_n, offs_d, UNIT: tl.constexpr, STEP: tl.constexpr,
+              TRANSPOSED: tl.constexpr):
+    """Pointers to the rows of the ``STEP`` key units listed at ``ENTRIES[e:e + STEP]``.
+
+    Returns ``[dim, keys]`` pointers if ``TRANSPOSED`` else ``[keys, dim]``, and the first entry."""
+    entry = tl.load(ENTRIES + e)
+    if STEP == 2:
+        # Row offsets, not a select between pointers: the compiler then still sees 16-byte
+        # contiguous rows and pipelines the loads.
+        second = (tl.load(ENTRIES + e + 1) >> 8) * UNIT - UNIT
+        rows = tl.where(offs_n < UNIT, (entry >> 8) * UNIT, second) + offs_n
+        row_off = rows.to(tl.int64) * stride
+        if TRANSPOSED:
+            ptrs = base + row_off[None, :] + offs_d[:, None]
+        else:
+            ptrs = base + row_off[:, None] + offs_d[None, :]
+    else:
+        ptr0 = base + ((entry >> 8) * UNIT).to(tl.int64) * stride
+        if TRANSPOSED:
+            ptrs = ptr0 + offs_n[None, :] * stride + offs_d[:, None]
+        else:
+            ptrs = ptr0 + offs_n[:, None] * stride + offs_d[None, :]
+    return ptrs, entry
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
-               qk_scale, q_pos, len_k, k_pos0, unit_of_row,
-               offs_n, offs_d, UNIT: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    for e in range(e_lo, e_hi):
-        entry = tl.load(ENTRIES + e)
-        k_row0 = (entry >> 8) * UNIT
-        k_ptrs = k_base + k_row0.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
-        v_ptrs = v_base + k_row0.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
+               qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d,
+               UNIT: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over the key units at ``ENTRIES[e_lo:e_hi]``, ``STEP`` units per iteration
+    (unmasked loop only; the masked loop runs one unit at a time)."""
+    offs_n = tl.arange(0, UNIT * STEP)
+    for e in range(e_lo, e_hi, STEP):
+        k_ptrs, entry = _key_ptrs(k_base, ENTRIES, e, stride_ks, offs_n, offs_d, UNIT, STEP, True)
+        v_ptrs, _ = _key_ptrs(v_base, ENTRIES, e, stride_vs, offs_n, offs_d, UNIT, STEP, False)
         if MASKED:
+            k_row0 = (entry >> 8) * UNIT
             k_ok = (k_row0 + offs_n) < len_k
             kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
         else:
@@ -219,7 +247,7 @@ def _fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
     num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
 ):
     TILE: tl.constexpr = UNIT * MERGE
     pid_bh = tl.program_id(0)
@@ -231,7 +259,6 @@ def _fwd_kernel(
     row0 = tile * TILE
     if row0 < len_q:
         offs_m = tl.arange(0, TILE)
-        offs_n = tl.arange(0, UNIT)
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
         q_base = Q + b64 * stride_qb + (q_tok0 + row0).to(tl.int64) * stride_qs + h * stride_qh
@@ -242,7 +269,8 @@ def _fwd_kernel(
         v_base = V + b64 * stride_vb + k_tok0.to(tl.int64) * stride_vs + kh * stride_vh
         row = h * num_tiles + tile
         e_lo = tl.load(T_PTR + row)
-        e_mid = e_lo + tl.load(T_NFULL + row)
+        # An odd last unmasked entry joins the masked loop (it handles any entry).
+        e_mid = e_lo + tl.load(T_NFULL + row) // STEP * STEP
         e_hi = tl.load(T_PTR + row + 1)
         q_pos = q_pos0 + row0 + offs_m
         unit_of_row = offs_m // UNIT
@@ -251,10 +279,10 @@ def _fwd_kernel(
         acc = tl.zeros([TILE, HEAD_DIM], tl.float32)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
                                    e_lo, e_mid, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
-                                   offs_n, offs_d, UNIT, False, DOT_PREC)
+                                   offs_d, UNIT, STEP, False, DOT_PREC)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
                                    e_mid, e_hi, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
-                                   offs_n, offs_d, UNIT, True, DOT_PREC)
+                                   offs_d, UNIT, 1, True, DOT_PREC)
         out = acc / l_i[:, None]
         o_base = O + b64 * stride_ob + (q_tok0 + row0).to(tl.int64) * stride_os + h * stride_oh
         tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -387,14 +415,14 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
-              qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_n, offs_d,
-              UNIT: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    for e in range(e_lo, e_hi):
-        entry = tl.load(ENTRIES + e)
-        k_row0 = (entry >> 8) * UNIT
-        k_ptrs = k_base + k_row0.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
-        v_ptrs = v_base + k_row0.to(tl.int64) * stride_vs + offs_n[None, :] * stride_vs + offs_d[:, None]
+              qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d,
+              UNIT: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, UNIT * STEP)
+    for e in range(e_lo, e_hi, STEP):
+        k_ptrs, entry = _key_ptrs(k_base, ENTRIES, e, stride_ks, offs_n, offs_d, UNIT, STEP, True)
+        v_ptrs, _ = _key_ptrs(v_base, ENTRIES, e, stride_vs, offs_n, offs_d, UNIT, STEP, True)
         if MASKED:
+            k_row0 = (entry >> 8) * UNIT
             k_ok = (k_row0 + offs_n) < len_k
             kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
             vt = tl.load(v_ptrs, mask=k_ok[None, :], other=0.0)
@@ -419,7 +447,7 @@ def _bwd_dq_kernel(
     stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
 ):
     TILE: tl.constexpr = UNIT * MERGE
     pid_bh = tl.program_id(0)
@@ -431,7 +459,6 @@ def _bwd_dq_kernel(
     row0 = tile * TILE
     if row0 < len_q:
         offs_m = tl.arange(0, TILE)
-        offs_n = tl.arange(0, UNIT)
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
         row_ok = (row0 + offs_m) < len_q
@@ -448,15 +475,15 @@ def _bwd_dq_kernel(
         v_base = V + b64 * stride_vb + k_tok0.to(tl.int64) * stride_vs + kh * stride_vh
         row = h * num_tiles + tile
         e_lo = tl.load(T_PTR + row)
-        e_mid = e_lo + tl.load(T_NFULL + row)
+        e_mid = e_lo + tl.load(T_NFULL + row) // STEP * STEP
         e_hi = tl.load(T_PTR + row + 1)
         q_pos = q_pos0 + row0 + offs_m
         unit_of_row = offs_m // UNIT
         dq = tl.zeros([TILE, HEAD_DIM], tl.float32)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_mid,
-                       qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_n, offs_d, UNIT, False, DOT_PREC)
+                       qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, STEP, False, DOT_PREC)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_mid, e_hi,
-                       qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_n, offs_d, UNIT, True, DOT_PREC)
+                       qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, 1, True, DOT_PREC)
         dq *= sm_scale
         tl.store(DQ + b64 * stride_dqb + h * stride_dqh + q_tok * stride_dqs
                  + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -470,13 +497,15 @@ def _bwd_dq_kernel(
 _TUNE_KEY = ["HEAD_DIM", "UNIT", "MERGE", "VARLEN"]
 
 
-def _configs(pairs):
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
+def _configs(triples):
+    """(key units per step or None, warps, stages); the first config is the untuned default."""
+    return [triton.Config({} if step is None else {"STEP": step}, num_warps=w, num_stages=s)
+            for step, w, s in triples]
 
 
-_FWD_CONFIGS = _configs([(8, 3), (8, 2), (4, 3), (8, 4)])
-_DKDV_CONFIGS = _configs([(8, 2), (8, 3), (4, 2)])
-_DQ_CONFIGS = _configs([(8, 2), (8, 3), (4, 2)])
+_FWD_CONFIGS = _configs([(2, 8, 3), (2, 8, 2), (1, 8, 3), (1, 8, 4), (2, 8, 4)])
+_DKDV_CONFIGS = _configs([(None, 8, 2), (None, 8, 3), (None, 4, 2)])
+_DQ_CONFIGS = _configs([(2, 8, 2), (1, 8, 2), (1, 8, 3), (2, 8, 3)])
 
 
 class _Launcher:
@@ -486,7 +515,7 @@ class _Launcher:
         self.kernel = kernel
         self.tuned = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel) if AUTOTUNE else None
         first = configs[0]
-        self.fixed = dict(num_warps=first.num_warps, num_stages=first.num_stages)
+        self.fixed = dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
 
     def __getitem__(self, grid):
         if self.tuned is not None:

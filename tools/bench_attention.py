@@ -248,11 +248,17 @@ def main(argv=None):
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                 card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 command="python tools/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    tuned = {name: {str(key): str(cfg) for key, cfg in launcher.tuned.cache.items()}
+             for name, launcher in (("fwd", s2_kernel._fwd), ("dkdv", s2_kernel._dkdv), ("dq", s2_kernel._dq))
+             if launcher.tuned is not None}
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results, layouts=layouts), f, indent=1)
+        json.dump(dict(meta=meta, results=results, layouts=layouts, tuned_configs=tuned), f, indent=1)
     ok = [r for r in results if "error" not in r]
     if ok:
         plot(ok, os.path.join(args.out, "bench_attention.png"))
+    for name, cache in tuned.items():
+        for key, cfg in cache.items():
+            print(f"tuned {name}: {cfg}  (key {key[:60]})")
     print(f"\n{meta['card']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
     for lay in layouts:
         print(f"layout {lay['case']:<20} density {lay['density']:.3f}  build cold {lay['layout_cold_ms']:.1f} ms"
