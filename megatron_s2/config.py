@@ -23,7 +23,7 @@ import dataclasses
 import difflib
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .pattern import S2ConfigError, S2CoverageError, S2Pattern
+from .pattern import BlockMaskPattern, S2ConfigError, S2CoverageError, S2Pattern
 
 FORMAT_VERSION = 1
 PATTERN_KEYS = tuple(f.name for f in dataclasses.fields(S2Pattern))
@@ -77,6 +77,9 @@ class LayerAttention:
     def to_dict(self) -> dict:
         if self.pattern is None:
             return {"type": "dense"}
+        if not isinstance(self.pattern, S2Pattern):
+            raise S2ConfigError(f"layer {self.index}: an explicit block mask ({type(self.pattern).__name__}) "
+                                "has no YAML/dict form; store the mask tensor separately")
         return {"type": "s2", **dataclasses.asdict(self.pattern)}
 
 
@@ -214,6 +217,11 @@ class S2AttentionConfig:
             if layer.is_dense:
                 continue
             key, pattern = f"layers[{layer.index}]", layer.pattern
+            if isinstance(pattern, BlockMaskPattern):
+                if pattern.mask.shape[0] != num_attention_heads:
+                    raise S2ConfigError(f"layer {layer.index}: the block mask has {pattern.mask.shape[0]} heads "
+                                        f"but the model has {num_attention_heads}. Fix: one mask row per query head")
+                continue  # an explicit mask is the user's coverage choice
             try:
                 pattern.head_offsets(num_attention_heads, num_query_groups)
             except S2ConfigError as err:
@@ -257,6 +265,8 @@ class S2AttentionConfig:
             p = run[0].pattern
             if p is None:
                 rows.append((span, "dense") + ("-",) * 7)
+            elif not isinstance(p, S2Pattern):
+                rows.append((span, "mask", str(p.block_size)) + ("-",) * 6)
             else:
                 step = "auto" if p.head_sliding_step is None else str(p.head_sliding_step)
                 rows.append((span, "s2", str(p.block_size), str(p.local_blocks), str(p.vert_stride),

@@ -203,3 +203,19 @@ def test_yaml_errors_name_the_file(tmp_path):
     path.write_text("layers: DQ\n")
     with pytest.raises(S2ConfigError, match="bad.yaml"):
         load_s2_config(path)
+
+
+def test_explicit_block_mask_layers():
+    import torch
+
+    from megatron_s2.config import LayerAttention
+    from megatron_s2.pattern import BlockMaskPattern
+
+    mask = BlockMaskPattern(torch.eye(4, dtype=torch.bool)[None].expand(2, 4, 4).clone(), block_size=16)
+    cfg = S2AttentionConfig(layers=(LayerAttention(0, None), LayerAttention(1, mask)))
+    cfg.validate(num_layers=2, num_attention_heads=2)
+    assert cfg.summary().splitlines()[-1].split()[:3] == ["1", "mask", "16"]
+    with pytest.raises(S2ConfigError, match="block mask has 2 heads"):
+        cfg.validate(num_layers=2, num_attention_heads=4)
+    with pytest.raises(S2ConfigError, match="no YAML/dict form"):
+        cfg.to_dict()
