@@ -194,6 +194,13 @@ def _sdpa_dense(rank, world_size):
         # Decoding: 3 queries at the end of 80 keys (bottom-right aligned causality).
         out = module(q[-3:], k, v, None)
         errors.append((out - expected[-3:].reshape(3, 2, -1)).abs().max().item())
+    # Attention dropout (dense layers only): active in training, off in evaluation.
+    module = make_sdpa(make_config(4, 2, attention_dropout=0.5))
+    q, k, v = full_qkv(80, 2, 4, 2, seed=7)
+    expected = masked_softmax_attention(q, k, v, torch.ones(80, 80, dtype=torch.bool).tril()[None],
+                                        1 / math.sqrt(HEAD_DIM)).reshape(80, 2, -1)
+    errors.append((module.eval()(q, k, v, None) - expected).abs().max().item())
+    errors.append(1.0 if torch.allclose(module.train()(q, k, v, None).double(), expected, atol=1e-3) else 0.0)
     # S2 decode step: the last queries see the same keys as in the full pass.
     module = make_s2(make_config(4, 2))
     q, k, v = full_qkv(80, 1, 4, 2, seed=8)
