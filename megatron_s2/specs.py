@@ -47,14 +47,17 @@ def get_s2_gpt_block_spec(
     0) are S2 and with which pattern. It is validated against ``config`` (and ``seq_length`` when
     given) before anything is built. Dense layers keep TE's attention when TE is used, and run
     ``SDPACoreAttention`` otherwise (never Megatron's unfused attention). ``use_transformer_engine``
-    defaults to "if importable"; ``normalization``/``qk_l2_norm``/``vp_stage``/``pp_rank`` mean what
-    they mean for Megatron's ``get_gpt_decoder_block_spec``.
+    defaults to "if importable"; ``normalization`` defaults to ``config.normalization``;
+    ``normalization``/``qk_l2_norm``/``vp_stage``/``pp_rank`` mean what they mean for Megatron's
+    ``get_gpt_decoder_block_spec``.
     """
     if use_transformer_engine is None:
         use_transformer_engine = HAVE_TE
     if use_transformer_engine and not HAVE_TE:
         raise S2ConfigError("use_transformer_engine=True but Transformer Engine is not importable. Fix: "
                             "install it, or pass use_transformer_engine=False for the local spec")
+    if normalization is None:
+        normalization = config.normalization  # what Megatron's scripts pass (--normalization)
     _check_model(config, s2_config)
     s2_config.validate_for_megatron(config, seq_length)
 
