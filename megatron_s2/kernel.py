@@ -250,8 +250,10 @@ def _fwd_kernel(
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
 ):
     TILE: tl.constexpr = UNIT * MERGE
-    pid_bh = tl.program_id(0)
-    tile = num_tiles - 1 - tl.program_id(1)  # heavy (late) tiles first: better load balance
+    # Tiles vary fastest, so the programs running together share one head's K/V in L2; late
+    # (heavy) tiles first for load balance.
+    pid_bh = tl.program_id(1)
+    tile = num_tiles - 1 - tl.program_id(0)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
@@ -359,8 +361,8 @@ def _bwd_dkdv_kernel(
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     TILE: tl.constexpr = UNIT * MERGE
-    pid_bh = tl.program_id(0)
-    tile = tl.program_id(1)  # early key tiles are read by the most queries: schedule them first
+    pid_bh = tl.program_id(1)
+    tile = tl.program_id(0)  # early key tiles are read by the most queries: schedule them first
     b = pid_bh // num_kv_heads
     kh = pid_bh % num_kv_heads
     q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
@@ -450,8 +452,8 @@ def _bwd_dq_kernel(
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
 ):
     TILE: tl.constexpr = UNIT * MERGE
-    pid_bh = tl.program_id(0)
-    tile = num_tiles - 1 - tl.program_id(1)
+    pid_bh = tl.program_id(1)
+    tile = num_tiles - 1 - tl.program_id(0)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
@@ -503,24 +505,31 @@ def _configs(triples):
             for step, w, s in triples]
 
 
-_FWD_CONFIGS = _configs([(2, 8, 3), (2, 8, 2), (1, 8, 3), (1, 8, 4), (2, 8, 4)])
-_DKDV_CONFIGS = _configs([(None, 8, 2), (None, 8, 3), (None, 4, 2)])
-_DQ_CONFIGS = _configs([(2, 8, 2), (1, 8, 2), (1, 8, 3), (2, 8, 3)])
+# Head dim <= 128 | head dim 256 (64-row tiles, less shared memory per stage).
+_FWD_CONFIGS = (_configs([(2, 8, 3), (2, 8, 2), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
+                _configs([(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
+_DKDV_CONFIGS = (_configs([(None, 8, 2), (None, 8, 3), (None, 4, 2), (None, 4, 3)]),
+                 _configs([(None, 8, 1), (None, 8, 2), (None, 4, 1)]))
+_DQ_CONFIGS = (_configs([(2, 8, 2), (1, 8, 2), (1, 8, 3), (2, 8, 3)]),
+               _configs([(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
 
 
 class _Launcher:
     """The autotuned kernel, or the kernel with a fixed config (interpreter, S2_AUTOTUNE=0)."""
 
-    def __init__(self, kernel, configs):
+    def __init__(self, kernel, config_lists):
         self.kernel = kernel
-        self.tuned = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel) if AUTOTUNE else None
-        first = configs[0]
-        self.fixed = dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
+        self.tuned = [triton.autotune(configs=c, key=_TUNE_KEY)(kernel) if AUTOTUNE else None
+                      for c in config_lists]
+        self.fixed = [dict(c[0].kwargs, num_warps=c[0].num_warps, num_stages=c[0].num_stages)
+                      for c in config_lists]
 
-    def __getitem__(self, grid):
-        if self.tuned is not None:
-            return self.tuned[grid]
-        return lambda *args, **kw: self.kernel[grid](*args, **kw, **self.fixed)
+    def launch(self, grid, head_dim, *args, **kwargs):
+        which = 0 if head_dim <= 128 else 1
+        if self.tuned[which] is not None:
+            self.tuned[which][grid](*args, **kwargs)
+        else:
+            self.kernel[grid](*args, **kwargs, **self.fixed[which])
 
 
 _fwd = _Launcher(_fwd_kernel, _FWD_CONFIGS)
@@ -575,8 +584,8 @@ def forward(q, k, v, prob: Problem):
     tiles = kl.q_tiles
     cu_q = prob.cu_q if prob.varlen else lse  # unused pointer when not packed
     cu_k = prob.cu_k if prob.varlen else lse
-    grid = (prob.num_seqs * heads, tiles.num_tiles)
-    _fwd[grid](
+    grid = (tiles.num_tiles, prob.num_seqs * heads)
+    _fwd.launch(grid, dim,
         q, k, v, out, lse, tiles.ptr, tiles.nfull, tiles.entries, cu_q, cu_k, prob.sm_scale * _LOG2E,
         *_bsh(q, prob.varlen), *_bsh(k, prob.varlen), *_bsh(v, prob.varlen), *_bsh(out, prob.varlen),
         *_lse_strides(lse, prob.varlen),
@@ -609,14 +618,14 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
     prec = _dot_precision(q.dtype)
     common = dict(HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.merge, VARLEN=varlen, DOT_PREC=prec)
     kt = kl.k_tiles
-    _dkdv[(prob.num_seqs * kv_heads, kt.num_tiles)](
+    _dkdv.launch((kt.num_tiles, prob.num_seqs * kv_heads), dim,
         q, k, v, do, dk, dv, lse, delta, kt.ptr, kt.nfull, kt.entries, cu_q, cu_k, qk_scale,
         prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dk, varlen), *_bsh(dv, varlen), *_lse_strides(lse, varlen),
         kv_heads, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0, **common,
     )
     qt = kl.q_tiles
-    _dq[(prob.num_seqs * heads, qt.num_tiles)](
+    _dq.launch((qt.num_tiles, prob.num_seqs * heads), dim,
         q, k, v, do, dq, lse, delta, qt.ptr, qt.nfull, qt.entries, cu_q, cu_k, qk_scale,
         prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dq, varlen), *_lse_strides(lse, varlen),

@@ -248,9 +248,8 @@ def main(argv=None):
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                 card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 command="python tools/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    tuned = {name: {str(key): str(cfg) for key, cfg in launcher.tuned.cache.items()}
-             for name, launcher in (("fwd", s2_kernel._fwd), ("dkdv", s2_kernel._dkdv), ("dq", s2_kernel._dq))
-             if launcher.tuned is not None}
+    tuned = {name: {str(key): str(cfg) for t in launcher.tuned if t is not None for key, cfg in t.cache.items()}
+             for name, launcher in (("fwd", s2_kernel._fwd), ("dkdv", s2_kernel._dkdv), ("dq", s2_kernel._dq))}
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
         json.dump(dict(meta=meta, results=results, layouts=layouts, tuned_configs=tuned), f, indent=1)
     ok = [r for r in results if "error" not in r]
