@@ -16,7 +16,7 @@ from megatron_s2 import S2Pattern, s2_block_mask
 from megatron_s2.config import S2AttentionConfig
 from megatron_s2.hf import convert
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
-from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM, s2_token_mask
+from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM, masked_attention, s2_token_mask
 from tests.distributed import run_distributed
 
 import tools.convert_from_hf as convert_from_hf  # noqa: E402
@@ -65,6 +65,24 @@ def test_pure_path_mask_equals_layout_mask():
         assert torch.equal(s2_token_mask(layer, positions, positions)[0], expected), pattern
 
 
+def test_kernel_path_packing_equals_pure_path():
+    """The GPU prefill path (per-sequence kernel calls that skip left padding) against the pure path.
+    On CPU ``s2_attention`` runs its reference, so this checks the packing, not the kernel."""
+    config = S2LlamaConfig(**llama_kwargs(), s2_layers=convert.s2_layers_for_hf(s2_config(), 4, 2))
+    attention = S2LlamaForCausalLM(config).model.layers[0].self_attn
+    assert attention.kernel_pattern is not None
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, SEQ, 16, generator=g, dtype=torch.float32)
+    k, v = (torch.randn(2, 2, SEQ, 16, generator=g, dtype=torch.float32) for _ in range(2))
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, :21] = 0  # left padding
+    positions = torch.where(mask.bool(), mask.cumsum(1) - 1, -1)
+    pure = masked_attention(q, k, v, s2_token_mask(attention.s2_layer, positions, positions), attention.scaling)
+    packed = attention._kernel_attention(q, k, v, positions)
+    assert (packed[0] - pure[0]).abs().max() < 1e-5
+    assert (packed[1, :, 21:] - pure[1, :, 21:]).abs().max() < 1e-5
+
+
 def _fill(model, rank):
     """Fresh values: TP-sharded weights differ per rank, replicated ones (norms) are equal."""
     for name, param in model.named_parameters():
@@ -75,14 +93,7 @@ def _fill(model, rank):
 
 
 def _save_tp2(rank, world_size, save_dir, args, s2, input_ids):
-    import queue
-
     from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    # The writer's results queue is a spawned Manager by default, which daemonic test ranks cannot
-    # start; the synchronous save only needs an in-process queue.
-    filesystem_async._results_queue = queue.Queue()
 
     model = convert.build_gpt_model(args, s2, tensor_parallel=2)
     _fill(model, rank)
@@ -90,7 +101,7 @@ def _save_tp2(rank, world_size, save_dir, args, s2, input_ids):
                 "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     directory = os.path.join(save_dir, "iter_0000005")
     os.makedirs(directory, exist_ok=True)
-    with torch.no_grad(), convert.cpu_without_cuda():
+    with torch.no_grad(), convert.cpu_without_cuda(), convert.in_process_checkpoint_writes():
         positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
         logits = model(input_ids, positions, None)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)

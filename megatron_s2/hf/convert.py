@@ -245,6 +245,23 @@ def cpu_without_cuda():
 
 
 @contextlib.contextmanager
+def in_process_checkpoint_writes():
+    """Synchronous dist_checkpointing saves collect write results in a queue that Megatron creates as
+    a spawned ``multiprocessing.Manager`` (a new interpreter that re-imports ``__main__``, impossible
+    in daemonic processes). A save that is not asynchronous runs in this process: a plain queue does."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
+@contextlib.contextmanager
 def single_process_megatron():
     """Megatron's parallel state at TP=PP=1 in this process (gloo), torn down afterwards."""
     from megatron.core import parallel_state
@@ -345,10 +362,11 @@ def save_megatron_checkpoint(path: str, state: dict, args: Namespace, s2_config:
             raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
         metadata = _sharded_metadata()
         content = {k: v for k, v in metadata.items() if k != "dp_cp_group"}
-        dist_checkpointing.save(
-            {"model": model.sharded_state_dict(metadata=metadata), "args": args,
-             "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0},
-            directory, content_metadata=content)
+        with in_process_checkpoint_writes():
+            dist_checkpointing.save(
+                {"model": model.sharded_state_dict(metadata=metadata), "args": args,
+                 "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0},
+                directory, content_metadata=content)
     with open(os.path.join(path, TRACKER_FILE), "w") as f:
         f.write("release")
     return directory

@@ -209,7 +209,8 @@ class S2LlamaAttention(nn.Module):
 
     def _use_kernel(self, q, k):
         # The kernel takes block-aligned starts: prefill of whole sequences (no cached keys).
-        return self.kernel_pattern is not None and q.is_cuda and q.shape[2] == k.shape[2] and q.shape[2] > 1
+        return (self.kernel_pattern is not None and q.is_cuda and q.shape[2] == k.shape[2] > 1
+                and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
     def _kernel_attention(self, q, k, v, q_pos):
         """Prefill through the Triton kernel, one sequence at a time when the batch is left-padded."""
@@ -217,9 +218,9 @@ class S2LlamaAttention(nn.Module):
         starts = (q_pos < 0).sum(dim=1).tolist()  # left padding of each sequence
         batches = [(slice(None), 0)] if not any(starts) else [(slice(b, b + 1), s) for b, s in enumerate(starts)]
         for rows, start in batches:
+            q_, k_, v_ = (t[rows, :, start:].transpose(1, 2).contiguous() for t in (q, k, v))
             out[rows, :, start:] = _s2_kernel(
-                q[rows, :, start:].transpose(1, 2), k[rows, :, start:].transpose(1, 2),
-                v[rows, :, start:].transpose(1, 2), self.kernel_pattern, softmax_scale=self.scaling,
+                q_, k_, v_, self.kernel_pattern, softmax_scale=self.scaling,
                 num_q_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             ).transpose(1, 2)
         return out
