@@ -204,92 +204,134 @@ def kv_exchange_bytes(pattern: Pattern, *, exchange: str, seq_len: int, cp_size:
 
 
 # -- exchanges as autograd functions -----------------------------------------------------------
+#
+# K/V travel together in sequence-major buffers ``[seq, 2 (K, V), batch, heads, dim]``: a range of
+# positions is then one contiguous slab, so collectives write straight into place and chunks move
+# with plain copies. The kernel reads K and V as strided ``[batch, seq, heads, dim]`` views.
 
 
-def _rank_major_to_absolute(kv: torch.Tensor, cp_size: int) -> torch.Tensor:
-    """``[cp, 2, b, s_local, h, d]`` gathered per rank -> ``[2, b, seq, h, d]`` in sequence order."""
-    cp, two, b, s_local, h, d = kv.shape
-    halves = kv.view(cp, two, b, 2, s_local // 2, h, d)
-    # Chunks 0..cp-1 are the first halves of ranks 0..cp-1, chunks cp..2cp-1 the second halves of
-    # ranks cp-1..0.
-    chunks = torch.cat([halves[:, :, :, 0], halves[:, :, :, 1].flip(0)], 0)
-    return chunks.permute(1, 2, 0, 3, 4, 5).reshape(two, b, cp * s_local, h, d)
+def _pack(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[b, s, h, d]`` K and V -> one contiguous ``[s, 2, b, h, d]`` buffer."""
+    return torch.stack([k.transpose(0, 1), v.transpose(0, 1)], 1)
 
 
-def _absolute_to_rank_major(kv: torch.Tensor, cp_size: int) -> torch.Tensor:
-    """Inverse of ``_rank_major_to_absolute``."""
-    two, b, seq, h, d = kv.shape
-    chunks = kv.view(two, b, 2 * cp_size, seq // (2 * cp_size), h, d).permute(2, 0, 1, 3, 4, 5)
-    halves = torch.stack([chunks[:cp_size], chunks[cp_size:].flip(0)], 3)
-    return halves.reshape(cp_size, two, b, seq // cp_size, h, d)
+def _unpack(kv: torch.Tensor):
+    """``[s, 2, b, h, d]`` -> strided K, V views ``[b, s, h, d]``."""
+    return kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)
+
+
+def _key_views(full: torch.Tensor, key_ends):
+    """K/V views of the two local chunks' key ranges (prefixes of one buffer)."""
+    k, v = _unpack(full)
+    (early, late) = key_ends
+    return k[:, :early], v[:, :early], k[:, :late], v[:, :late]
+
+
+def _sum_key_grads(grads, key_ends, length: int) -> torch.Tensor:
+    """Gradients of the two chunks' key views -> ``[length, 2, b, h, d]`` (zero past the keys read)."""
+    dk_early, dv_early, dk_late, dv_late = grads
+    early, late = key_ends
+    packed = _pack(dk_late, dv_late)
+    if late < length:
+        packed = torch.cat([packed, packed.new_zeros(length - late, *packed.shape[1:])])
+    packed[:early] += _pack(dk_early, dv_early)
+    return packed
+
+
+def _blocks(kv: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[s, 2, b, h, d]`` -> view ``[blocks, h, block, 2, b, d]`` for (block, head) indexing."""
+    s, two, b, h, d = kv.shape
+    return kv.view(s // block_size, block_size, two, b, h, d).permute(0, 4, 1, 2, 3, 5)
 
 
 class _AllGatherKV(torch.autograd.Function):
     """All-gather K/V to absolute order; backward reduce-scatters dK/dV to the owners."""
 
     @staticmethod
-    def forward(ctx, k, v, group):
-        ctx.group = group
+    def forward(ctx, k, v, group, key_ends):
         cp_size = dist.get_world_size(group)
-        local = torch.stack([k, v])
-        # Concatenated (not stacked) along dim 0: the form every backend accepts.
-        gathered = local.new_empty((cp_size * local.shape[0], *local.shape[1:]))
-        _all_gather_tensor(gathered, local, group=group)
-        full = _rank_major_to_absolute(gathered.view(cp_size, *local.shape), cp_size)
-        return full[0], full[1]
+        local = _pack(k, v)
+        chunk_len = local.shape[0] // 2
+        full = local.new_empty(2 * cp_size * chunk_len, *local.shape[1:])
+        # Chunks 0..cp-1 are the first halves of ranks 0..cp-1: gathered straight into place.
+        _all_gather_tensor(full[: cp_size * chunk_len], local[:chunk_len], group=group)
+        # Chunks cp..2cp-1 are the second halves of ranks cp-1..0: gathered, then reversed.
+        late = local.new_empty(cp_size, chunk_len, *local.shape[1:])
+        _all_gather_tensor(late.view(-1, *local.shape[1:]), local[chunk_len:], group=group)
+        full[cp_size * chunk_len :].view_as(late).copy_(late.flip(0))
+        ctx.group, ctx.key_ends, ctx.chunk_len = group, key_ends, chunk_len
+        return _key_views(full, key_ends)
 
     @staticmethod
-    def backward(ctx, grad_k, grad_v):
-        cp_size = dist.get_world_size(ctx.group)
-        rank_major = _absolute_to_rank_major(torch.stack([grad_k, grad_v]), cp_size).contiguous()
-        local = rank_major.new_empty(rank_major.shape[1:])
-        _reduce_scatter_tensor(local, rank_major.flatten(0, 1), group=ctx.group)
-        return local[0], local[1], None
-
-
-def _blocks_view(kv: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``[2, b, s, h, d]`` -> view ``[blocks, h, 2, b, block, d]`` for (block, head) indexing."""
-    two, b, s, h, d = kv.shape
-    return kv.view(two, b, s // block_size, block_size, h, d).permute(2, 4, 0, 1, 3, 5)
+    def backward(ctx, *grads):
+        cp_size, chunk_len = dist.get_world_size(ctx.group), ctx.chunk_len
+        full = _sum_key_grads(grads, ctx.key_ends, 2 * cp_size * chunk_len)
+        local = full.new_empty(2 * chunk_len, *full.shape[1:])
+        _reduce_scatter_tensor(local[:chunk_len], full[: cp_size * chunk_len], group=ctx.group)
+        late = full[cp_size * chunk_len :].view(cp_size, chunk_len, *full.shape[1:]).flip(0)
+        _reduce_scatter_tensor(local[chunk_len:], late.reshape(-1, *full.shape[1:]), group=ctx.group)
+        return (*_unpack(local), None, None)
 
 
 class _S2ExchangeKV(torch.autograd.Function):
     """Receive only the (KV head, block) pairs of the plan into an absolute-position buffer."""
 
     @staticmethod
-    def forward(ctx, k, v, plan, group, block_size):
-        cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
-        local = torch.stack([k, v])
-        two, b, s_local, h, d = local.shape
-        ctx.plan, ctx.group, ctx.block_size, ctx.chunk_len = plan, group, block_size, s_local // 2
-        send = _blocks_view(local, block_size)[plan.send_blocks, plan.send_heads].contiguous()
-        recv = send.new_empty((sum(plan.recv_splits), *send.shape[1:]))
+    def forward(ctx, k, v, group, key_ends, plan, block_size):
+        cp_rank = dist.get_rank(group)
+        local = _pack(k, v)
+        send = _blocks(local, block_size)[plan.send_blocks, plan.send_heads].contiguous()
+        recv = send.new_empty(sum(plan.recv_splits), *send.shape[1:])
         dist.all_to_all_single(recv, send, plan.recv_splits, plan.send_splits, group=group)
 
-        full = local.new_zeros(two, b, plan.num_key_blocks * block_size, h, d)
-        _blocks_view(full, block_size)[plan.recv_blocks, plan.recv_heads] = recv
-        chunk_len = ctx.chunk_len
-        for half, chunk in enumerate(chunks_of_rank(cp_rank, cp_size)):
-            full[:, :, chunk * chunk_len : (chunk + 1) * chunk_len] = (
-                local[:, :, half * chunk_len : (half + 1) * chunk_len])
-        return full[0], full[1]
+        # Blocks this rank does not read stay zero: a kernel tile that spans them then adds 0, not NaN.
+        full = local.new_zeros(key_ends[1], *local.shape[1:])
+        _blocks(full, block_size)[plan.recv_blocks, plan.recv_heads] = recv
+        chunk_len = local.shape[0] // 2
+        for half, chunk in enumerate(chunks_of_rank(cp_rank, dist.get_world_size(group))):
+            full[chunk * chunk_len : (chunk + 1) * chunk_len] = local[half * chunk_len : (half + 1) * chunk_len]
+        ctx.group, ctx.key_ends, ctx.plan, ctx.block_size = group, key_ends, plan, block_size
+        ctx.chunk_len = chunk_len
+        return _key_views(full, key_ends)
 
     @staticmethod
-    def backward(ctx, grad_k, grad_v):
-        plan, group, block_size = ctx.plan, ctx.group, ctx.block_size
-        cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
-        full = torch.stack([grad_k, grad_v])
-        send = _blocks_view(full, block_size)[plan.recv_blocks, plan.recv_heads].contiguous()
-        recv = send.new_empty((sum(plan.send_splits), *send.shape[1:]))
-        dist.all_to_all_single(recv, send, plan.send_splits, plan.recv_splits, group=group)
+    def backward(ctx, *grads):
+        plan, block_size, chunk_len = ctx.plan, ctx.block_size, ctx.chunk_len
+        full = _sum_key_grads(grads, ctx.key_ends, ctx.key_ends[1])
+        send = _blocks(full, block_size)[plan.recv_blocks, plan.recv_heads].contiguous()
+        recv = send.new_empty(sum(plan.send_splits), *send.shape[1:])
+        dist.all_to_all_single(recv, send, plan.send_splits, plan.recv_splits, group=ctx.group)
 
-        chunk_len = ctx.chunk_len
-        local = torch.cat([full[:, :, c * chunk_len : (c + 1) * chunk_len]
-                           for c in chunks_of_rank(cp_rank, cp_size)], 2)
+        chunks = chunks_of_rank(dist.get_rank(ctx.group), dist.get_world_size(ctx.group))
+        local = torch.cat([full[c * chunk_len : (c + 1) * chunk_len] for c in chunks])
         # A block read by several ranks gets the sum of their gradients.
-        _blocks_view(local, block_size).index_put_((plan.send_blocks, plan.send_heads), recv,
-                                                   accumulate=True)
-        return local[0], local[1], None, None, None
+        _blocks(local, block_size).index_put_((plan.send_blocks, plan.send_heads), recv, accumulate=True)
+        return (*_unpack(local), None, None, None, None)
+
+
+def exchange_kv(k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, cp_group, exchange: str,
+                head_start: int, num_q_heads: int, num_kv_heads: int, num_local_heads: int):
+    """Bring the keys this rank's queries read to their absolute positions.
+
+    ``k, v [b, s_local, h_kv_local, d]`` hold this rank's chunks; the head arguments are those of
+    ``context_parallel_attention`` plus the number of local query heads. Returns ``(k_early, v_early,
+    k_late, v_late)``: K/V ``[b, key_end, h_kv_local, d]`` from position 0 to the end of the local
+    early chunk (``r``) and late chunk (``2*cp-1-r``), views of one buffer; differentiable.
+    """
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    cp_size, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    s_local, local_kv_heads = k.shape[1], k.shape[2]
+    chunk_len = s_local // 2
+    key_ends = tuple((chunk + 1) * chunk_len for chunk in chunks_of_rank(cp_rank, cp_size))
+    if exchange == "allgather":
+        return _AllGatherKV.apply(k, v, cp_group, key_ends)
+    plan = exchange_plan(
+        pattern, seq_len=s_local * cp_size, cp_size=cp_size, cp_rank=cp_rank,
+        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
+        num_local_heads=num_local_heads, num_local_kv_heads=local_kv_heads, device=k.device,
+    )
+    return _S2ExchangeKV.apply(k, v, cp_group, key_ends, plan, pattern.block_size)
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -323,33 +365,22 @@ def context_parallel_attention(
     if q.shape[:2] != k.shape[:2]:
         raise ValueError(f"q and k must share batch and local sequence: {tuple(q.shape)} vs "
                          f"{tuple(k.shape)} (packed/THD input is not supported under CP)")
-    batch, s_local, local_heads, _ = q.shape
-    local_kv_heads = k.shape[2]
+    s_local, local_heads = q.shape[1], q.shape[2]
     num_q_heads = local_heads if num_q_heads is None else num_q_heads
-    num_kv_heads = local_kv_heads if num_kv_heads is None else num_kv_heads
+    num_kv_heads = k.shape[2] if num_kv_heads is None else num_kv_heads
+    heads = dict(head_start=head_start, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
     cp_size, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     if cp_size == 1:
-        return s2_attention(q, k, v, pattern, softmax_scale=softmax_scale, head_start=head_start,
-                         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
-    block_size = pattern.block_size
-    validate_context_parallel(s_local * cp_size, cp_size, block_size)
+        return s2_attention(q, k, v, pattern, softmax_scale=softmax_scale, **heads)
+    validate_context_parallel(s_local * cp_size, cp_size, pattern.block_size)
 
-    if exchange == "allgather":
-        k_full, v_full = _AllGatherKV.apply(k, v, cp_group)
-    else:
-        plan = exchange_plan(pattern, seq_len=s_local * cp_size, cp_size=cp_size, cp_rank=cp_rank,
-                             num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                             head_start=head_start, num_local_heads=local_heads,
-                             num_local_kv_heads=local_kv_heads, device=k.device)
-        k_full, v_full = _S2ExchangeKV.apply(k, v, plan, cp_group, block_size)
-
+    k_early, v_early, k_late, v_late = exchange_kv(
+        k, v, pattern, cp_group=cp_group, exchange=exchange, num_local_heads=local_heads, **heads)
     chunk_len = s_local // 2
-    outs = []
-    for half, chunk in enumerate(chunks_of_rank(cp_rank, cp_size)):
-        key_end = (chunk + 1) * chunk_len  # causal: a chunk reads no key past its own end
-        outs.append(s2_attention(
-            q[:, half * chunk_len : (half + 1) * chunk_len], k_full[:, :key_end],
-            v_full[:, :key_end], pattern, softmax_scale=softmax_scale, head_start=head_start,
-            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, q_start=chunk * chunk_len,
-        ))
-    return torch.cat(outs, 1)
+    early, late = chunks_of_rank(cp_rank, cp_size)
+    # Each chunk reads keys from position 0 to its own end (causal), at its absolute position.
+    out_early = s2_attention(q[:, :chunk_len], k_early, v_early, pattern, softmax_scale=softmax_scale,
+                             q_start=early * chunk_len, **heads)
+    out_late = s2_attention(q[:, chunk_len:], k_late, v_late, pattern, softmax_scale=softmax_scale,
+                            q_start=late * chunk_len, **heads)
+    return torch.cat([out_early, out_late], 1)

@@ -13,8 +13,6 @@ import torch
 
 from megatron_s2 import S2Pattern
 from megatron_s2.context_parallel import (
-    _absolute_to_rank_major,
-    _rank_major_to_absolute,
     context_parallel_attention,
     kv_exchange_bytes,
     validate_context_parallel,
@@ -232,12 +230,3 @@ def test_entry_point_rejects_bad_input():
         context_parallel_attention(q, q, q, SPARSE, cp_group=None, exchange="ring")
     with pytest.raises(ValueError, match="equal shapes"):
         context_parallel_attention(q, q, q[:, :, :1], SPARSE, cp_group=None)
-
-
-def test_rank_order_round_trip():
-    cp, chunk = 3, 2
-    seq = torch.arange(2 * cp * chunk, dtype=torch.float64)
-    full = seq.view(1, 1, -1, 1, 1).expand(2, 1, -1, 1, 1)
-    per_rank = torch.stack([_local_chunks(full, r, cp, dim=2) for r in range(cp)])
-    torch.testing.assert_close(_rank_major_to_absolute(per_rank, cp), full)
-    torch.testing.assert_close(_absolute_to_rank_major(full, cp), per_rank)

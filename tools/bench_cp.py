@@ -31,10 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
 from megatron_s2.context_parallel import (  # noqa: E402
     EXCHANGES,
-    _AllGatherKV,
-    _S2ExchangeKV,
     context_parallel_attention,
-    exchange_plan,
+    exchange_kv,
     kv_exchange_bytes,
 )
 from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
@@ -116,19 +114,10 @@ def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
         out = context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, **common)
         out.backward(grad_out)
 
-    if exchange == "allgather":
-        def move():
-            return _AllGatherKV.apply(k, v, None)
-    else:
-        plan = exchange_plan(pattern, seq_len=seq, cp_size=cp_size, cp_rank=cp_rank,
-                             num_q_heads=heads, num_kv_heads=kv_heads, device=device)
-
-        def move():
-            return _S2ExchangeKV.apply(k, v, plan, None, pattern.block_size)
-
     def exchange_only():
-        k_full, v_full = move()
-        torch.autograd.backward([k_full, v_full], [torch.ones_like(k_full), torch.ones_like(v_full)])
+        views = exchange_kv(k, v, pattern, cp_group=None, exchange=exchange, head_start=0,
+                            num_local_heads=heads, **common)
+        torch.autograd.backward(views, [torch.ones_like(t) for t in views])
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
