@@ -137,12 +137,14 @@ def flags_to_argv(flags: dict) -> list:
 
 
 def _config_path_from_argv(argv: list) -> Optional[str]:
+    """The --s2-config value argparse will see (the last one given)."""
+    path = None
     for i, token in enumerate(argv):
         if token == "--s2-config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith("--s2-config="):
-            return token.split("=", 1)[1]
-    return None
+            path = argv[i + 1]
+        elif token.startswith("--s2-config="):
+            path = token.split("=", 1)[1]
+    return path
 
 
 def _use_offline_wandb_without_network(argv: list) -> None:

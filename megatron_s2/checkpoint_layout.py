@@ -25,14 +25,27 @@ def attach_to_args(args, s2_config) -> None:
     setattr(args, ARGS_ATTRIBUTE, s2_config.to_dict())
 
 
-def read_checkpoint_s2_settings(load_dir: str, args) -> tuple:
-    """``(found, settings)`` of the checkpoint ``args`` would resume from ``load_dir``.
+def _default_megatron_args():
+    """Megatron's argument defaults (what a run with no flags would use)."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    return add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)).parse_args([])
+
+
+def read_checkpoint_s2_settings(load_dir: str, args=None) -> tuple:
+    """``(found, settings)`` of the latest checkpoint in ``load_dir`` (or ``args.ckpt_step``'s).
 
     ``found`` is False when there is no checkpoint; ``settings`` is None for a checkpoint saved
-    without S2 settings. Reads only the common (rank-0) part, before torch.distributed starts.
+    without S2 settings, else the dict of ``S2AttentionConfig.to_dict()``. ``args`` are the run's
+    Megatron arguments (default: Megatron's defaults). Reads only the common (rank-0) part, with or
+    without torch.distributed: the Hugging Face export can use it too.
     """
     from megatron.training.checkpointing import _load_base_checkpoint, checkpoint_exists
 
+    if args is None:
+        args = _default_megatron_args()
     if not checkpoint_exists(load_dir):
         return False, None
     # Megatron's own reader for --use-checkpoint-args; rank0=True loads only the common state.
@@ -58,11 +71,19 @@ def describe_differences(saved: Optional[dict], current: dict) -> list:
     if len(before) != len(now):
         lines.append(f"the checkpoint has {len(before)} layers, this run {len(now)}")
     for index, (old, new) in enumerate(zip(before, now)):
-        if old != new:
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-            lines.append(f"layer {index}: {detail}")
+        if old == new:
+            continue
+        if old.get("type") != new.get("type"):
+            lines.append(f"layer {index}: {_describe_layer(old)} -> {_describe_layer(new)}")
+            continue
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        lines.append(f"layer {index}: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
     return lines
+
+
+def _describe_layer(layer: dict) -> str:
+    params = ", ".join(f"{k}={v!r}" for k, v in layer.items() if k != "type" and v is not None)
+    return f"{layer.get('type')} ({params})" if params else str(layer.get("type"))
 
 
 def check_resume(args, s2_config, *, load_dir: Optional[str] = None) -> Optional[list]:

@@ -1,0 +1,267 @@
+"""pretrain_gpt_s2.py end to end on CPU: TP=1 vs TP=2, save/exit/resume, layout checks, bad inputs.
+
+Each run forks the already-imported test process once per rank (torchrun would cost ~10 s of imports
+per run) and calls ``pretrain_gpt_s2.main(argv)`` with the usual RANK/WORLD_SIZE/MASTER_* variables,
+so the code under test is exactly what ``torchrun pretrain_gpt_s2.py ...`` runs, over gloo. The model
+is a 4-layer hybrid (layer 0 dense, layers 1-3 S2) on real text preprocessed by
+tools/preprocess_data.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import socket
+import sys
+import traceback
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import pretrain_gpt_s2  # noqa: E402  (heavy imports happen once, before forking)
+import preprocess_data  # noqa: E402
+from megatron_s2 import checkpoint_layout, flops  # noqa: E402
+from megatron_s2.config import S2AttentionConfig  # noqa: E402
+
+RUN_TIMEOUT_S = 240
+PROGRESS = re.compile(r"^\[s2\] iteration (\d+)/\d+ \| loss (\S+) ", re.M)
+
+S2_YAML = """\
+megatron:
+  num-layers: 4
+  hidden-size: 64
+  ffn-hidden-size: 128
+  num-attention-heads: 4
+  seq-length: 128
+  max-position-embeddings: 128
+  position-embedding-type: rope
+  normalization: RMSNorm
+  swiglu: true
+  disable-bias-linear: true
+  untie-embeddings-and-output-weights: true
+  transformer-impl: local
+  no-rope-fusion: true
+  no-persist-layer-norm: true
+  no-gradient-accumulation-fusion: true
+  no-masked-softmax-fusion: true
+  attention-dropout: 0.0
+  hidden-dropout: 0.0
+  tokenizer-type: NullTokenizer
+  vocab-size: 257
+  make-vocab-size-divisible-by: 256   # same padded vocabulary at TP=1 and TP=2
+  split: "98,2,0"
+  micro-batch-size: 2
+  global-batch-size: 4
+  lr: 3.0e-3
+  min-lr: 3.0e-4
+  lr-decay-style: cosine
+  lr-warmup-iters: 1
+  seed: 1234
+  log-interval: 1
+  eval-interval: 1000
+  eval-iters: 1
+  num-workers: 0
+s2:
+  layers: DSSS
+  defaults: {block_size: 16, local_blocks: 2, vert_stride: 4}
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    (root / "s2.yaml").write_text(S2_YAML)
+    text = root / "corpus.txt"
+    # Real text from Python's bundled docs, small enough to index instantly.
+    text.write_text("\n\n".join(list(preprocess_data.default_corpus())[:12]))
+    preprocess_data.main(["--input", str(text), "--line-documents", "--output-prefix", str(root / "data")])
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str) -> None:
+    """Child process: one rank of `torchrun pretrain_gpt_s2.py argv`, output into log_path."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    # pytest replaces sys.stdout/err with its capture objects; print to the log file instead.
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        pretrain_gpt_s2.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except (pretrain_gpt_s2.S2ConfigError, pretrain_gpt_s2.TrainingSetupError,
+            checkpoint_layout.S2LayoutMismatchError) as err:
+        print(f"pretrain_gpt_s2.py: error: {err}", flush=True)
+        code = 2
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Run:
+    def __init__(self, codes: list, logs: list):
+        self.codes, self.logs = codes, logs
+        self.last_log = logs[-1]  # Megatron prints losses on the last rank
+
+    @property
+    def losses(self) -> dict:
+        return {int(it): loss for it, loss in PROGRESS.findall(self.last_log)}
+
+    def check_ok(self) -> "Run":
+        assert self.codes == [0] * len(self.codes), f"exit codes {self.codes}; last log:\n{self.last_log[-4000:]}"
+        return self
+
+
+def launch(workdir, name: str, argv: list, world_size: int = 1) -> Run:
+    argv = ["--s2-config", str(workdir / "s2.yaml"), "--data-path", str(workdir / "data")] + argv
+    port = _free_port()
+    context = multiprocessing.get_context("fork")
+    paths = [str(workdir / f"{name}.rank{r}.log") for r in range(world_size)]
+    processes = [context.Process(target=_rank_main, args=(r, world_size, port, argv, paths[r]))
+                 for r in range(world_size)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(RUN_TIMEOUT_S)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    logs = []
+    for path in paths:
+        with open(path, errors="replace") as f:
+            logs.append(f.read())
+    return Run([p.exitcode for p in processes], logs)
+
+
+@pytest.fixture(scope="module")
+def tp1_run(workdir):
+    return launch(workdir, "tp1", ["--train-iters", "4"]).check_ok()
+
+
+def test_tp2_losses_equal_tp1_on_hybrid_model(workdir, tp1_run):
+    tp1 = tp1_run.losses
+    assert sorted(tp1) == [1, 2, 3, 4]
+    assert "3 S2, 1 dense" in tp1_run.logs[0]  # the resolved per-layer settings are printed
+    tp2 = launch(workdir, "tp2", ["--train-iters", "4", "--tensor-model-parallel-size", "2"],
+                 world_size=2).check_ok().losses
+    assert sorted(tp2) == [1, 2, 3, 4]
+    for iteration in tp1:
+        assert float(tp2[iteration]) == pytest.approx(float(tp1[iteration]), rel=2e-6, abs=0), iteration
+    # Training moved: equal losses must not come from a model that does not learn.
+    assert float(tp1[4]) < float(tp1[1])
+
+
+def test_save_exit_resume_is_bit_identical_and_keeps_s2_settings(workdir, tp1_run):
+    save = str(workdir / "ckpt")
+    first = launch(workdir, "save", ["--train-iters", "4", "--save", save, "--save-interval", "2",
+                                     "--exit-interval", "2"]).check_ok()
+    assert sorted(first.losses) == [1, 2]
+    expected = S2AttentionConfig.from_dict(
+        {"layers": "DSSS", "defaults": {"block_size": 16, "local_blocks": 2, "vert_stride": 4}}).to_dict()
+    found, saved = checkpoint_layout.read_checkpoint_s2_settings(save)
+    assert found and saved == expected
+    resumed = launch(workdir, "resume", ["--train-iters", "4", "--load", save, "--save", save,
+                                         "--save-interval", "2"]).check_ok()
+    assert sorted(resumed.losses) == [3, 4]
+    for iteration in (3, 4):  # printed with 9 significant digits: exact for float32
+        assert resumed.losses[iteration] == tp1_run.losses[iteration], iteration
+
+
+def test_resume_with_other_s2_layout_is_refused_unless_allowed(workdir):
+    save = str(workdir / "ckpt_layout")
+    launch(workdir, "layout_save", ["--train-iters", "2", "--save", save, "--save-interval", "1",
+                                    "--exit-interval", "1"]).check_ok()
+    refused = launch(workdir, "layout_refused", ["--train-iters", "2", "--load", save,
+                                                 "--s2-override", "layers=DDSS"])
+    assert refused.codes == [2], refused.last_log[-3000:]
+    assert "different S2 attention layout" in refused.last_log
+    assert "layer 1: s2 (block_size=16, local_blocks=2, vert_stride=4" in refused.last_log
+    assert ") -> dense\n" in refused.last_log and "layer 2" not in refused.last_log
+    assert "--allow-s2-layout-change" in refused.last_log
+    assert not PROGRESS.search(refused.last_log)
+    assert "initializing torch distributed" not in refused.last_log
+    allowed = launch(workdir, "layout_allowed", ["--train-iters", "2", "--load", save,
+                                                 "--s2-override", "layers=DDSS",
+                                                 "--allow-s2-layout-change"]).check_ok()
+    assert sorted(allowed.losses) == [2]
+    assert "resuming with a different S2 layout" in allowed.last_log
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--s2-override", "vert_stirde=8"], "is not settable from the command line"),
+    (["--s2-override", "head_pattern=homogeneous"], "kb % 4 in [1, 2, 3]"),
+    (["--s2-override", "layers=DSS"], "layers"),
+    (["--data-path", "/nonexistent/corpus"], "tools/preprocess_data.py"),
+    (["--s2-config", "/nonexistent.yaml"], "no such file"),
+])
+def test_bad_inputs_fail_clearly_before_training(workdir, extra, message):
+    run = launch(workdir, "bad", ["--train-iters", "1"] + extra)
+    assert run.codes == [2], run.last_log[-3000:]
+    error = [line for line in run.last_log.splitlines() if "pretrain_gpt_s2.py: error:" in line]
+    assert error and message in error[0], run.last_log[-3000:]
+    assert "initializing torch distributed" not in run.last_log
+
+
+def _pairs_by_formula(block, local, stride, offsets, seq_len):
+    """Attended (q, k) token pairs, summed over heads, from S2_SEMANTICS.md written out."""
+    total = 0
+    for offset in offsets:
+        for q in range(seq_len):
+            for k in range(q + 1):
+                qb, kb = q // block, k // block
+                if offset is None or qb - kb < local or (kb + offset) % stride == 0:
+                    total += 1
+    return total
+
+
+@pytest.mark.parametrize("seq_len", [96, 100])  # 100: a ragged last block
+def test_sparse_flops_count_the_pairs_the_layout_attends(seq_len):
+    from megatron_s2.pattern import S2Pattern
+
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=1)
+    offsets = pattern.head_offsets(4, 4)
+    assert flops.attended_pairs(pattern, 4, 4, seq_len) == _pairs_by_formula(16, 2, 4, offsets, seq_len)
+    assert flops.attended_pairs(None, 4, 4, seq_len) == _pairs_by_formula(16, 1, 1, [None] * 4, seq_len)
+
+
+def test_sparse_aware_flops_replace_only_the_attention_term():
+    from argparse import Namespace
+
+    from megatron.training.training import num_floating_point_operations as megatron_flops
+    from megatron_s2.pattern import S2Pattern
+
+    args = Namespace(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                     group_query_attention=False, num_query_groups=4, kv_channels=16, seq_length=64,
+                     swiglu=True, padded_vocab_size=256)
+    full = Namespace(**vars(args))
+    for name in ("num_experts", "mtp_num_layers", "moe_latent_size", "moe_ffn_hidden_size",
+                 "moe_shared_expert_intermediate_size", "experimental_attention_variant",
+                 "hybrid_layer_pattern"):
+        setattr(full, name, None)
+    full.multi_latent_attention = full.attention_output_gate = False
+    pattern = S2Pattern(block_size=16, local_blocks=1, vert_stride=4)
+    counted = flops.sparse_aware_flops(megatron_flops, [None, pattern])(full, 3)
+    dense_part = megatron_flops(full, 3) - 3 * 64 * 64 * 6 * 64 * 2
+    attention = 3 * 3.5 * 4 * 16 * (4 * 64 * 65 // 2 + flops.attended_pairs(pattern, 4, 4, 64))
+    assert counted == pytest.approx(dense_part + attention, rel=1e-12)
+    assert attention < 3 * 3.5 * 4 * 16 * 2 * (4 * 64 * 65 // 2)  # the S2 layer costs less
