@@ -221,13 +221,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, 
             kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
         else:
             kt = tl.load(k_ptrs)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, kt, input_precision=DOT_PREC)
         if MASKED:
             row_on = ((entry >> unit_of_row) & 1) != 0
             keep = row_on[:, None] & ((k_pos0 + k_row0 + offs_n)[None, :] <= q_pos[:, None]) & k_ok[None, :]
-            s = tl.where(keep, s, -1.0e6)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+            s = tl.where(keep, s * qk_scale, -1.0e6)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+        else:
+            # Scale the row maxima, not the tile: one fused multiply-add per score.
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -325,28 +329,32 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds, ENTRIES, e_lo, e_hi,
-                qk_scale, k_pos, len_q, q_pos0, unit_of_row, offs_u, offs_d,
-                UNIT: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+                qk_scale, k_pos, len_q, q_pos0, unit_of_row, offs_d,
+                UNIT: tl.constexpr, QSTEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK/dV of one key tile from the query units at ``ENTRIES[e_lo:e_hi]``, ``QSTEP`` query rows
+    at a time (32 keeps the [tile, QSTEP] fp32 temporaries small enough to avoid spills)."""
+    offs_u = tl.arange(0, QSTEP)
     for e in range(e_lo, e_hi):
         entry = tl.load(ENTRIES + e)
-        q_row0 = (entry >> 8) * UNIT
-        q_ok = (q_row0 + offs_u) < len_q
-        q_off = q_row0.to(tl.int64)
-        qt = tl.load(q_base + q_off * stride_qs + offs_u[None, :] * stride_qs + offs_d[:, None],
-                     mask=q_ok[None, :], other=0.0)
-        do = tl.load(do_base + q_off * stride_ds + offs_u[:, None] * stride_ds + offs_d[None, :],
-                     mask=q_ok[:, None], other=0.0)
-        lse2 = tl.load(l_base + q_row0 + offs_u, mask=q_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(d_base + q_row0 + offs_u, mask=q_ok, other=0.0)
-        pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])
-        if MASKED:
-            row_on = ((entry >> unit_of_row) & 1) != 0
-            keep = row_on[:, None] & (k_pos[:, None] <= (q_pos0 + q_row0 + offs_u)[None, :])
-            pt = tl.where(keep, pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+        for sub in tl.static_range(UNIT // QSTEP):
+            q_row0 = (entry >> 8) * UNIT + sub * QSTEP
+            q_ok = (q_row0 + offs_u) < len_q
+            q_off = q_row0.to(tl.int64)
+            qt = tl.load(q_base + q_off * stride_qs + offs_u[None, :] * stride_qs + offs_d[:, None],
+                         mask=q_ok[None, :], other=0.0)
+            do = tl.load(do_base + q_off * stride_ds + offs_u[:, None] * stride_ds + offs_d[None, :],
+                         mask=q_ok[:, None], other=0.0)
+            lse2 = tl.load(l_base + q_row0 + offs_u, mask=q_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(d_base + q_row0 + offs_u, mask=q_ok, other=0.0)
+            pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+            if MASKED:
+                row_on = ((entry >> unit_of_row) & 1) != 0
+                keep = row_on[:, None] & (k_pos[:, None] <= (q_pos0 + q_row0 + offs_u)[None, :])
+                pt = tl.where(keep, pt, 0.0)
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -358,7 +366,7 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
     num_kv_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, QSTEP: tl.constexpr,
 ):
     TILE: tl.constexpr = UNIT * MERGE
     pid_bh = tl.program_id(1)
@@ -370,7 +378,6 @@ def _bwd_dkdv_kernel(
     row0 = tile * TILE
     if row0 < len_k:
         offs_m = tl.arange(0, TILE)
-        offs_u = tl.arange(0, UNIT)
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
         row_ok = (row0 + offs_m) < len_k
@@ -402,10 +409,10 @@ def _bwd_dkdv_kernel(
                 e_stop = e_mid
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds,
                                  ENTRIES, e_lo, e_stop, qk_scale, k_pos, len_q, q_pos0, unit_of_row,
-                                 offs_u, offs_d, UNIT, False, DOT_PREC)
+                                 offs_d, UNIT, QSTEP, False, DOT_PREC)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds,
                                  ENTRIES, e_mid, e_hi, qk_scale, k_pos, len_q, q_pos0, unit_of_row,
-                                 offs_u, offs_d, UNIT, True, DOT_PREC)
+                                 offs_d, UNIT, QSTEP, True, DOT_PREC)
         dk *= sm_scale
         tl.store(DK + b64 * stride_dkb + kh * stride_dkh + k_tok * stride_dks
                  + offs_m[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -499,19 +506,30 @@ def _bwd_dq_kernel(
 _TUNE_KEY = ["HEAD_DIM", "UNIT", "MERGE", "VARLEN"]
 
 
-def _configs(triples):
-    """(key units per step or None, warps, stages); the first config is the untuned default."""
-    return [triton.Config({} if step is None else {"STEP": step}, num_warps=w, num_stages=s)
-            for step, w, s in triples]
+def _configs(params, triples):
+    """Configs from (value of the tuned constexpr or None, warps, stages); the first is the default."""
+    return [triton.Config({} if value is None else {params: value}, num_warps=w, num_stages=s)
+            for value, w, s in triples]
 
 
 # Head dim <= 128 | head dim 256 (64-row tiles, less shared memory per stage).
-_FWD_CONFIGS = (_configs([(2, 8, 3), (2, 8, 2), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
-                _configs([(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
-_DKDV_CONFIGS = (_configs([(None, 8, 2), (None, 8, 3), (None, 4, 2), (None, 4, 3)]),
-                 _configs([(None, 8, 1), (None, 8, 2), (None, 4, 1)]))
-_DQ_CONFIGS = (_configs([(2, 8, 2), (1, 8, 2), (1, 8, 3), (2, 8, 3)]),
-               _configs([(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
+_FWD_CONFIGS = (_configs("STEP", [(2, 8, 3), (2, 8, 2), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
+                _configs("STEP", [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
+# Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
+_DKDV_CONFIGS = (_configs("QSTEP", [(32, 8, 3), (32, 8, 2), (64, 8, 2), (64, 8, 3), (32, 4, 3), (16, 8, 2)]),
+                 _configs("QSTEP", [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
+_DQ_CONFIGS = (_configs("STEP", [(2, 8, 2), (1, 8, 2), (1, 8, 3), (2, 8, 3)]),
+               _configs("STEP", [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
+
+
+def _fits(config, unit):
+    """A dK/dV query step must lie inside one unit."""
+    return config.kwargs.get("QSTEP", 0) <= unit
+
+
+def _prune(configs, named_args, **kwargs):
+    unit = kwargs.get("UNIT", named_args.get("UNIT"))
+    return [c for c in configs if _fits(c, unit)]
 
 
 class _Launcher:
@@ -519,17 +537,21 @@ class _Launcher:
 
     def __init__(self, kernel, config_lists):
         self.kernel = kernel
-        self.tuned = [triton.autotune(configs=c, key=_TUNE_KEY)(kernel) if AUTOTUNE else None
-                      for c in config_lists]
-        self.fixed = [dict(c[0].kwargs, num_warps=c[0].num_warps, num_stages=c[0].num_stages)
-                      for c in config_lists]
+        self.config_lists = config_lists
+        self.tuned = [
+            triton.autotune(configs=c, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+            if AUTOTUNE else None
+            for c in config_lists
+        ]
 
     def launch(self, grid, head_dim, *args, **kwargs):
         which = 0 if head_dim <= 128 else 1
         if self.tuned[which] is not None:
             self.tuned[which][grid](*args, **kwargs)
-        else:
-            self.kernel[grid](*args, **kwargs, **self.fixed[which])
+            return
+        config = next(c for c in self.config_lists[which] if _fits(c, kwargs["UNIT"]))
+        self.kernel[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                          num_stages=config.num_stages)
 
 
 _fwd = _Launcher(_fwd_kernel, _FWD_CONFIGS)
