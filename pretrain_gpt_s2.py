@@ -164,7 +164,7 @@ def _use_offline_wandb_without_network(argv: list) -> None:
               flush=True)
 
 
-def parse_arguments(argv: list):
+def parse_arguments(argv: list, extra_args_provider=add_s2_arguments):
     """Megatron's parse_and_validate_args with the S2 flags and the config file's flag defaults."""
     path = _config_path_from_argv(argv)
     flags, s2_section = read_config_file(path) if path else ({}, {})
@@ -174,7 +174,7 @@ def parse_arguments(argv: list):
     saved_argv = sys.argv
     sys.argv = [saved_argv[0]] + full_argv
     try:
-        args = parse_and_validate_args(extra_args_provider=add_s2_arguments,
+        args = parse_and_validate_args(extra_args_provider=extra_args_provider,
                                        args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     finally:
         sys.argv = saved_argv
@@ -472,9 +472,20 @@ def use_shipped_dataset_helpers() -> None:
 # -- entry -----------------------------------------------------------------------------------------
 
 
+def default_single_process_rendezvous() -> None:
+    """`python pretrain_gpt_s2.py ...` without torchrun: one rank, rendezvous on a free local port."""
+    if "MASTER_ADDR" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def main(argv: Optional[list] = None) -> None:
     set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
     argv = list(sys.argv[1:] if argv is None else argv)
+    default_single_process_rendezvous()
     cpu = cpu_compat.cpu_mode_requested()
     if cpu:
         cpu_compat.activate()

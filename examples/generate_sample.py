@@ -1,0 +1,114 @@
+"""Print a short sample from a checkpoint saved by pretrain_gpt_s2.py (quickstart demo, TP=1).
+
+Takes the same flags as the training run (the model is rebuilt from them and --load), plus:
+
+    --prompt TEXT            text to continue (default: "The ")
+    --sample-tokens N        tokens to generate (default: 200)
+    --temperature T          sampling temperature (default: 0.8; 0 = greedy)
+
+    python examples/generate_sample.py --s2-config configs/quickstart.yaml \
+        --load checkpoints/quickstart --prompt "The "
+
+Plain autoregressive sampling that re-reads the whole window each step: fine for a demo, not a
+serving path (see docs/hf.md for generation with Hugging Face and the S2 KV cache).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pretrain_gpt_s2  # noqa: E402
+from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
+from megatron.training import get_args, get_tokenizer  # noqa: E402
+from megatron.training.checkpointing import load_checkpoint  # noqa: E402
+from megatron.training.initialize import initialize_megatron  # noqa: E402
+from megatron_s2 import cpu_compat  # noqa: E402
+
+
+def add_sample_arguments(parser):
+    pretrain_gpt_s2.add_s2_arguments(parser)
+    group = parser.add_argument_group(title="sampling")
+    group.add_argument("--prompt", default="The ")
+    group.add_argument("--sample-tokens", type=int, default=200)
+    group.add_argument("--temperature", type=float, default=0.8)
+    return parser
+
+
+def encode(text: str) -> list:
+    args = get_args()
+    if args.tokenizer_type == "NullTokenizer":  # the byte-level data of tools/preprocess_data.py
+        return list(text.encode("utf-8"))
+    return get_tokenizer().tokenize(text)
+
+
+def decode(ids: list) -> str:
+    args = get_args()
+    if args.tokenizer_type == "NullTokenizer":
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+    return get_tokenizer().detokenize(ids)
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: list, num_tokens: int, temperature: float, vocab_size: int, device) -> list:
+    seq_length = get_args().seq_length
+    ids = list(prompt_ids)
+    generator = torch.Generator(device="cpu").manual_seed(1234)
+    for _ in range(num_tokens):
+        window = torch.tensor([ids[-seq_length:]], device=device)
+        positions = torch.arange(window.shape[1], device=device).unsqueeze(0)
+        logits = model(window, positions, None)[0, -1, :vocab_size].float().cpu()
+        if temperature <= 0:
+            next_id = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_id = int(torch.multinomial(probs, 1, generator=generator))
+        ids.append(next_id)
+        if next_id == get_tokenizer().eod:
+            break
+    return ids[len(prompt_ids):]
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pretrain_gpt_s2.default_single_process_rendezvous()
+    cpu = cpu_compat.cpu_mode_requested()
+    if cpu:
+        cpu_compat.activate()
+    # Only the weights are needed: no optimizer or RNG state, one sequence at a time.
+    argv += ["--no-load-optim", "--no-load-rng", "--micro-batch-size", "1", "--global-batch-size", "1"]
+    args, s2_section = pretrain_gpt_s2.parse_arguments(argv, extra_args_provider=add_sample_arguments)
+    if cpu:
+        cpu_compat.apply_cpu_arguments(args)
+    if not args.load:
+        raise SystemExit("error: --load CHECKPOINT_DIR is required")
+    s2_config = pretrain_gpt_s2.resolve_s2_config(args, s2_section)
+    pretrain_gpt_s2.checkpoint_layout.check_resume(args, s2_config)
+    pretrain_gpt_s2.use_shipped_dataset_helpers()
+    initialize_megatron(allow_no_cuda=cpu)
+
+    model_config = pretrain_gpt_s2.build_model_config(args, s2_config)
+    builder = model_config.get_builder_cls()(model_config)
+    model = builder.build_model(ProcessGroupCollection.use_mpu_process_groups())
+    device = torch.device("cpu" if cpu else "cuda")
+    model = model.to(device)
+    load_checkpoint([model], None, None, strict=True)
+    if args.bf16:
+        model = model.bfloat16()
+    model.eval()
+
+    prompt_ids = encode(args.prompt)
+    new_ids = sample(model, prompt_ids, args.sample_tokens, args.temperature, args.vocab_size or
+                     get_tokenizer().vocab_size, device)
+    if torch.distributed.get_rank() == 0:
+        print("\n----- sample -----")
+        print(args.prompt + decode(new_ids))
+        print("------------------", flush=True)
+
+
+if __name__ == "__main__":
+    main()
