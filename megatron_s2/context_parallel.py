@@ -273,25 +273,78 @@ class _AllGatherKV(torch.autograd.Function):
         return (*_unpack(local), None, None)
 
 
+def _s2_key_buffer(local, recv, plan, length, block_size, cp_rank, cp_size):
+    """The S2 exchange's key buffer ``[length, 2, b, h, d]`` from this rank's K/V and the received
+    blocks. Blocks the rank does not read stay zero: a kernel tile that spans them adds 0, not NaN."""
+    full = local.new_zeros(length, *local.shape[1:])
+    _blocks(full, block_size)[plan.recv_blocks, plan.recv_heads] = recv
+    chunk_len = local.shape[0] // 2
+    for half, chunk in enumerate(chunks_of_rank(cp_rank, cp_size)):
+        full[chunk * chunk_len : (chunk + 1) * chunk_len] = local[half * chunk_len : (half + 1) * chunk_len]
+    return full
+
+
+class KeyBufferSaver:
+    """Saved-tensor hooks that keep the S2 exchange's key buffer compact between forward and backward.
+
+    The attention kernel saves its K/V inputs, views of a buffer as long as every key the rank reads.
+    Inside ``hooks()`` those views are saved as a description only, and the buffer is rebuilt once
+    per backward from what built it (this rank's K/V and the received blocks): the memory kept per
+    layer is the rank's own K/V plus the received blocks instead of the whole prefix.
+    """
+
+    def __init__(self):
+        self._storage, self._rebuild = None, None
+        self._full, self._num_saved, self._remaining = None, 0, 0
+
+    def track(self, full: torch.Tensor, rebuild) -> None:
+        self._storage, self._rebuild = full.untyped_storage().data_ptr(), rebuild
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor):
+        if self._storage is None or tensor.untyped_storage().data_ptr() != self._storage:
+            return tensor
+        self._num_saved += 1
+        return _BufferView(tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+
+    def _unpack(self, packed):
+        if not isinstance(packed, _BufferView):
+            return packed
+        if self._full is None:
+            self._full, self._remaining = self._rebuild(), self._num_saved
+        view = self._full.as_strided(packed.size, packed.stride, packed.offset)
+        self._remaining -= 1
+        if self._remaining == 0:  # every saved view is out: the kernels' backward holds the buffer
+            self._full = None
+        return view
+
+
+@dataclasses.dataclass(frozen=True)
+class _BufferView:
+    size: tuple
+    stride: tuple
+    offset: int
+
+
 class _S2ExchangeKV(torch.autograd.Function):
     """Receive only the (KV head, block) pairs of the plan into an absolute-position buffer."""
 
     @staticmethod
-    def forward(ctx, k, v, group, key_ends, plan, block_size):
-        cp_rank = dist.get_rank(group)
+    def forward(ctx, k, v, group, key_ends, plan, block_size, saver):
+        cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
         local = _pack(k, v)
         send = _blocks(local, block_size)[plan.send_blocks, plan.send_heads].contiguous()
         recv = send.new_empty(sum(plan.recv_splits), *send.shape[1:])
         dist.all_to_all_single(recv, send, plan.recv_splits, plan.send_splits, group=group)
-
-        # Blocks this rank does not read stay zero: a kernel tile that spans them then adds 0, not NaN.
-        full = local.new_zeros(key_ends[1], *local.shape[1:])
-        _blocks(full, block_size)[plan.recv_blocks, plan.recv_heads] = recv
-        chunk_len = local.shape[0] // 2
-        for half, chunk in enumerate(chunks_of_rank(cp_rank, dist.get_world_size(group))):
-            full[chunk * chunk_len : (chunk + 1) * chunk_len] = local[half * chunk_len : (half + 1) * chunk_len]
+        build = functools.partial(_s2_key_buffer, local, recv, plan, key_ends[1], block_size,
+                                  cp_rank, cp_size)
+        full = build()
+        if saver is not None:
+            saver.track(full, build)
         ctx.group, ctx.key_ends, ctx.plan, ctx.block_size = group, key_ends, plan, block_size
-        ctx.chunk_len = chunk_len
+        ctx.chunk_len = local.shape[0] // 2
         return _key_views(full, key_ends)
 
     @staticmethod
@@ -306,17 +359,20 @@ class _S2ExchangeKV(torch.autograd.Function):
         local = torch.cat([full[c * chunk_len : (c + 1) * chunk_len] for c in chunks])
         # A block read by several ranks gets the sum of their gradients.
         _blocks(local, block_size).index_put_((plan.send_blocks, plan.send_heads), recv, accumulate=True)
-        return (*_unpack(local), None, None, None, None)
+        return (*_unpack(local), None, None, None, None, None)
 
 
 def exchange_kv(k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, cp_group, exchange: str,
-                head_start: int, num_q_heads: int, num_kv_heads: int, num_local_heads: int):
+                head_start: int, num_q_heads: int, num_kv_heads: int, num_local_heads: int,
+                saver: Optional[KeyBufferSaver] = None):
     """Bring the keys this rank's queries read to their absolute positions.
 
     ``k, v [b, s_local, h_kv_local, d]`` hold this rank's chunks; the head arguments are those of
     ``context_parallel_attention`` plus the number of local query heads. Returns ``(k_early, v_early,
     k_late, v_late)``: K/V ``[b, key_end, h_kv_local, d]`` from position 0 to the end of the local
-    early chunk (``r``) and late chunk (``2*cp-1-r``), views of one buffer; differentiable.
+    early chunk (``r``) and late chunk (``2*cp-1-r``), views of one buffer; differentiable. With
+    the S2 exchange and a ``saver``, run the attention inside ``saver.hooks()`` to keep the buffer
+    compact until backward.
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
@@ -331,7 +387,7 @@ def exchange_kv(k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, cp_group,
         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
         num_local_heads=num_local_heads, num_local_kv_heads=local_kv_heads, device=k.device,
     )
-    return _S2ExchangeKV.apply(k, v, cp_group, key_ends, plan, pattern.block_size)
+    return _S2ExchangeKV.apply(k, v, cp_group, key_ends, plan, pattern.block_size, saver)
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -374,13 +430,16 @@ def context_parallel_attention(
         return s2_attention(q, k, v, pattern, softmax_scale=softmax_scale, **heads)
     validate_context_parallel(s_local * cp_size, cp_size, pattern.block_size)
 
+    saver = KeyBufferSaver()
     k_early, v_early, k_late, v_late = exchange_kv(
-        k, v, pattern, cp_group=cp_group, exchange=exchange, num_local_heads=local_heads, **heads)
+        k, v, pattern, cp_group=cp_group, exchange=exchange, num_local_heads=local_heads,
+        saver=saver, **heads)
     chunk_len = s_local // 2
     early, late = chunks_of_rank(cp_rank, cp_size)
-    # Each chunk reads keys from position 0 to its own end (causal), at its absolute position.
-    out_early = s2_attention(q[:, :chunk_len], k_early, v_early, pattern, softmax_scale=softmax_scale,
-                             q_start=early * chunk_len, **heads)
-    out_late = s2_attention(q[:, chunk_len:], k_late, v_late, pattern, softmax_scale=softmax_scale,
-                            q_start=late * chunk_len, **heads)
+    with saver.hooks():
+        # Each chunk reads keys from position 0 to its own end (causal), at its absolute position.
+        out_early = s2_attention(q[:, :chunk_len], k_early, v_early, pattern,
+                                 softmax_scale=softmax_scale, q_start=early * chunk_len, **heads)
+        out_late = s2_attention(q[:, chunk_len:], k_late, v_late, pattern,
+                                softmax_scale=softmax_scale, q_start=late * chunk_len, **heads)
     return torch.cat([out_early, out_late], 1)

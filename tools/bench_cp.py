@@ -6,7 +6,8 @@
 Each CP rank holds Megatron's load-balanced chunks (r and 2*cp-1-r) of a bf16 sequence. For every
 exchange it times the layer's forward and forward+backward (attention plus exchange), and the
 exchange alone (forward+backward of the K/V movement); a step waits for the slowest rank, so every
-time is the maximum over ranks, then the median over iterations. ``--cp1`` also times the CP=1 layer
+time is the maximum over ranks, then the median over iterations. Memory: the peak, and what
+one layer keeps for its backward (both the maximum over ranks). ``--cp1`` also times the CP=1 layer
 on one GPU for the whole sequence. Bytes are K/V bytes received per rank in the forward pass
 (backward returns the same amount of gradient). "Useful TFLOP/s per GPU" counts attended pairs only
 (S2_SEMANTICS.md). Writes ``bench_cp.json`` under ``--out`` and prints a table last.
@@ -119,7 +120,13 @@ def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
                             num_local_heads=heads, **common)
         torch.autograd.backward(views, [torch.ones_like(t) for t in views])
 
-    if device.type == "cuda":
+    kept = None
+    if device.type == "cuda":  # memory that one layer keeps for its backward
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, **common)
+        kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+        del out
         torch.cuda.reset_peak_memory_stats()
     row = dict(
         seq=seq, exchange=exchange,
@@ -132,10 +139,15 @@ def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
             element_size=torch.finfo(dtype).bits // 8),
     )
     if device.type == "cuda":
-        peak = torch.tensor(float(torch.cuda.max_memory_allocated()), device=device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        row["peak_mem_gib"] = peak.item() / 2**30
+        row["peak_mem_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated(), device) / 2**30
+        row["kept_for_backward_gib"] = _max_over_ranks(kept, device) / 2**30
     return row
+
+
+def _max_over_ranks(value, device):
+    t = torch.tensor(float(value), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def bench_cp1(pattern, seq, args, device, dtype, timer, common):
@@ -205,13 +217,14 @@ def main(argv=None):
         print(f"\n{report['device']}, CP={cp_size}, {pattern.describe()}, heads {args.heads}/"
               f"{args.kv_heads}, dim {args.head_dim}, batch {args.batch}  -> {path}")
         print(f"{'seq':>7} {'exchange':<22} {'fwd ms':>8} {'fwd+bwd ms':>10} {'xchg ms':>8} "
-              f"{'MiB/rank (max)':>14} {'TF/s/GPU':>9} {'peak GiB':>8}")
+              f"{'MiB/rank (max)':>14} {'TF/s/GPU':>9} {'peak GiB':>8} {'kept GiB':>8}")
         for r in rows:
             recv = r.get("recv_bytes_per_rank")
             print(f"{r['seq']:>7} {r['exchange']:<22} {r.get('fwd_ms', float('nan')):>8.2f} "
                   f"{r['fwd_bwd_ms']:>10.2f} {r.get('exchange_fwd_bwd_ms', float('nan')):>8.2f} "
                   f"{(max(recv) / 2**20 if recv else 0):>14.1f} "
-                  f"{r['fwd_bwd_useful_tflops_per_gpu']:>9.1f} {r.get('peak_mem_gib', float('nan')):>8.2f}")
+                  f"{r['fwd_bwd_useful_tflops_per_gpu']:>9.1f} {r.get('peak_mem_gib', float('nan')):>8.2f} "
+                  f"{r.get('kept_for_backward_gib', float('nan')):>8.2f}")
     dist.destroy_process_group()
 
 
