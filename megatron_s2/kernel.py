@@ -56,7 +56,8 @@ class TileLists:
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
     unit: int
-    merge: int  # units per tile (query tiles and key tiles alike)
+    q_merge: int  # units per query tile (forward, dQ)
+    k_merge: int  # units per key tile (dK/dV)
     num_heads: int
     q_unit_start: int
     k_unit_start: int
@@ -112,10 +113,11 @@ def _tile_lists(ptr, idx, heads, n_rows, n_cols, row_start, col_start, refine, m
 
 
 def tile_sizes(block_size: int, head_dim: int):
-    """(unit, units per tile) the kernels use for this block size and head dim."""
+    """(unit, units per query tile, units per key tile) for this block size and head dim."""
     unit = min(block_size, _MAX_UNIT)
     tile_rows = 128 if head_dim <= 128 else 64
-    return unit, max(1, tile_rows // unit)
+    merge = max(1, tile_rows // unit)
+    return unit, merge, merge
 
 
 _derived: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -123,27 +125,28 @@ _derived: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
 def kernel_layout(layout: S2Layout, head_dim: int) -> KernelLayout:
     """Tile lists for ``layout``, cached by layout identity (get_layout caches layouts themselves)."""
-    unit, merge = tile_sizes(layout.block_size, head_dim)
-    key = (id(layout), unit, merge)
+    unit, q_merge, k_merge = tile_sizes(layout.block_size, head_dim)
+    key = (id(layout), unit, q_merge, k_merge)
     hit = _derived.get(key)
     if hit is not None and hit[0] is layout:
         _derived.move_to_end(key)
         return hit[1]
     refine = layout.block_size // unit
-    common = dict(heads=layout.num_heads, refine=refine, merge=merge)
+    common = dict(heads=layout.num_heads, refine=refine)
     q_unit_start, k_unit_start = layout.q_block_start * refine, layout.k_block_start * refine
     derived = KernelLayout(
         unit=unit,
-        merge=merge,
+        q_merge=q_merge,
+        k_merge=k_merge,
         num_heads=layout.num_heads,
         q_unit_start=q_unit_start,
         k_unit_start=k_unit_start,
         q_tiles=_tile_lists(layout.q2k_ptr, layout.q2k_idx, n_rows=layout.num_q_blocks,
                             n_cols=layout.num_k_blocks, row_start=q_unit_start,
-                            col_start=k_unit_start, rows_are_queries=True, **common),
+                            col_start=k_unit_start, merge=q_merge, rows_are_queries=True, **common),
         k_tiles=_tile_lists(layout.k2q_ptr, layout.k2q_idx, n_rows=layout.num_k_blocks,
                             n_cols=layout.num_q_blocks, row_start=k_unit_start,
-                            col_start=q_unit_start, rows_are_queries=False, **common),
+                            col_start=q_unit_start, merge=k_merge, rows_are_queries=False, **common),
     )
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
@@ -516,7 +519,8 @@ def _configs(params, triples):
 _FWD_CONFIGS = (_configs("STEP", [(2, 8, 3), (2, 8, 2), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
                 _configs("STEP", [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
 # Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
-_DKDV_CONFIGS = (_configs("QSTEP", [(32, 8, 3), (32, 8, 2), (64, 8, 2), (64, 8, 3), (32, 4, 3), (16, 8, 2)]),
+_DKDV_CONFIGS = (_configs("QSTEP", [(32, 8, 3), (32, 8, 2), (64, 8, 2), (64, 8, 3), (32, 4, 3), (64, 4, 2),
+                                    (64, 4, 3), (16, 8, 2)]),
                  _configs("QSTEP", [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
 _DQ_CONFIGS = (_configs("STEP", [(2, 8, 2), (1, 8, 2), (1, 8, 3), (2, 8, 3)]),
                _configs("STEP", [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
@@ -612,7 +616,7 @@ def forward(q, k, v, prob: Problem):
         *_bsh(q, prob.varlen), *_bsh(k, prob.varlen), *_bsh(v, prob.varlen), *_bsh(out, prob.varlen),
         *_lse_strides(lse, prob.varlen),
         heads, heads // k.shape[2], prob.len_q, prob.len_k, tiles.num_tiles, prob.q_pos0, prob.k_pos0,
-        HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.merge, VARLEN=prob.varlen,
+        HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.q_merge, VARLEN=prob.varlen,
         DOT_PREC=_dot_precision(q.dtype),
     )
     return out, lse
@@ -638,19 +642,21 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
     dv = torch.empty_like(v)
     qk_scale = prob.sm_scale * _LOG2E
     prec = _dot_precision(q.dtype)
-    common = dict(HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.merge, VARLEN=varlen, DOT_PREC=prec)
+    common = dict(HEAD_DIM=dim, UNIT=kl.unit, VARLEN=varlen, DOT_PREC=prec)
     kt = kl.k_tiles
     _dkdv.launch((kt.num_tiles, prob.num_seqs * kv_heads), dim,
         q, k, v, do, dk, dv, lse, delta, kt.ptr, kt.nfull, kt.entries, cu_q, cu_k, qk_scale,
         prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dk, varlen), *_bsh(dv, varlen), *_lse_strides(lse, varlen),
-        kv_heads, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0, **common,
+        kv_heads, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0,
+        MERGE=kl.k_merge, **common,
     )
     qt = kl.q_tiles
     _dq.launch((qt.num_tiles, prob.num_seqs * heads), dim,
         q, k, v, do, dq, lse, delta, qt.ptr, qt.nfull, qt.entries, cu_q, cu_k, qk_scale,
         prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dq, varlen), *_lse_strides(lse, varlen),
-        heads, group, prob.len_q, prob.len_k, qt.num_tiles, prob.q_pos0, prob.k_pos0, **common,
+        heads, group, prob.len_q, prob.len_k, qt.num_tiles, prob.q_pos0, prob.k_pos0,
+        MERGE=kl.q_merge, **common,
     )
     return dq, dk, dv
