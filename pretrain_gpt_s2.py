@@ -204,6 +204,16 @@ def resolve_s2_config(args, s2_section: dict) -> S2AttentionConfig:
     return config
 
 
+def check_schedule(args) -> None:
+    """Megatron only asserts this deep inside the scheduler; say it plainly, before start-up."""
+    decay_iters = args.lr_decay_iters or args.train_iters
+    if args.train_iters and args.lr_warmup_iters and args.lr_warmup_iters >= decay_iters:
+        raise TrainingSetupError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than the decay length "
+            f"({'--lr-decay-iters' if args.lr_decay_iters else '--train-iters'} {decay_iters}). "
+            "Fix: train longer or lower --lr-warmup-iters")
+
+
 def check_data_inputs(args) -> None:
     """Missing .bin/.idx files fail here, with the fix, rather than deep inside the data builders."""
     if args.mock_data:
@@ -494,6 +504,7 @@ def main(argv: Optional[list] = None) -> None:
         cpu_compat.apply_cpu_arguments(args)
     # Every input is checked here, before torch.distributed starts or any GPU memory is taken.
     s2_config = resolve_s2_config(args, s2_section)
+    check_schedule(args)
     check_data_inputs(args)
     differences = checkpoint_layout.check_resume(args, s2_config)
     if differences:

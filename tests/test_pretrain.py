@@ -265,3 +265,17 @@ def test_sparse_aware_flops_replace_only_the_attention_term():
     attention = 3 * 3.5 * 4 * 16 * (4 * 64 * 65 // 2 + flops.attended_pairs(pattern, 4, 4, 64))
     assert counted == pytest.approx(dense_part + attention, rel=1e-12)
     assert attention < 3 * 3.5 * 4 * 16 * 2 * (4 * 64 * 65 // 2)  # the S2 layer costs less
+
+
+@pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs"))
+                                        if f.endswith(".yaml")))
+def test_shipped_configs_are_valid_megatron_flags_and_s2_layouts(name):
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    flags, s2_section = pretrain_gpt_s2.read_config_file(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    parser = pretrain_gpt_s2.add_s2_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    args = parser.parse_args(pretrain_gpt_s2.flags_to_argv(flags))  # a misspelt flag exits here
+    config = pretrain_gpt_s2.resolve_s2_config(args, s2_section)
+    assert config.num_layers == args.num_layers and config.sparse_layers
