@@ -16,8 +16,9 @@ Two ways to bring the keys there:
   cached per (pattern, heads, sequence length, CP size, rank).
 
 Both exchanges place K/V in a buffer as long as the keys the rank reads (blocks it does not need
-stay zero and are never read by its layout), so the attention call is identical and the results
-are the same bit for bit; the S2 exchange saves communication, not memory.
+stay zero and are never read by its layout), so the attention calls are identical and so are the
+results. Between forward and backward the S2 exchange keeps only this rank's K/V and the received
+blocks (``KeyBufferSaver``); the all-gather keeps the whole buffer.
 """
 
 from __future__ import annotations
@@ -40,21 +41,19 @@ _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-
-
 def validate_context_parallel(seq_len: int, cp_size: int, block_size: int) -> None:
-    """Raise ValueError unless ``seq_len`` splits into ``2*cp_size`` chunks of whole blocks.
+    """Raise S2ConfigError (a ValueError) unless ``seq_len`` splits into ``2*cp_size`` chunks of whole blocks.
 
     The S2 pattern works on absolute block indices, so every CP chunk must start on a block
     boundary. Used by the config validator at start-up and by ``context_parallel_attention``.
     """
     for name, value in (("seq_len", seq_len), ("cp_size", cp_size), ("block_size", block_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise S2ConfigError(f"{name} must be a positive integer, got {value!r}")
     unit = 2 * cp_size * block_size
     if seq_len % unit:
         lower, upper = seq_len // unit * unit, (seq_len // unit + 1) * unit
-        raise ValueError(
+        raise S2ConfigError(
             f"sequence length {seq_len} is not divisible by 2 * context_parallel_size * block_size "
             f"= 2 * {cp_size} * {block_size} = {unit}: context parallelism cuts the sequence into "
             f"{2 * cp_size} chunks that must start on S2 block boundaries. Use a sequence length "
@@ -85,7 +84,6 @@ class ExchangePlan:
     recv_blocks: torch.Tensor
     recv_heads: torch.Tensor
     recv_splits: list
-    num_key_blocks: int  # length of the key buffer, in blocks: up to the end of the last local chunk
 
 
 def _owner(abs_block: torch.Tensor, blocks_per_chunk: int, cp_size: int):
@@ -97,23 +95,30 @@ def _owner(abs_block: torch.Tensor, blocks_per_chunk: int, cp_size: int):
     return rank, local
 
 
+_MASK_ELEMENTS_PER_CALL = 1 << 27  # bounds the transient block mask (~128 MiB of bools) at 1M tokens
+
+
 @functools.lru_cache(maxsize=64)
 def _kv_block_needs(pattern, num_q_heads, num_kv_heads, head_start, num_local_heads,
-                    num_local_kv_heads, seq_len, cp_size, cp_rank) -> torch.Tensor:
-    """Bool ``[local KV heads, total blocks]``: the key blocks each local KV head must hold on
-    ``cp_rank`` (union over its query heads and over both local query chunks)."""
+                    num_local_kv_heads, seq_len, cp_size, cp_rank, device) -> torch.Tensor:
+    """Bool ``[local KV heads, total blocks]`` (on the CPU): the key blocks each local KV head must
+    hold on ``cp_rank`` (union over its query heads and over both local query chunks)."""
     chunk_len = seq_len // (2 * cp_size)
-    needs = torch.zeros(num_local_kv_heads, seq_len // pattern.block_size, dtype=torch.bool)
-    group = num_local_heads // num_local_kv_heads
-    # One query head at a time keeps memory at one chunk's [q blocks, k blocks] mask at 1M tokens.
-    for head in range(num_local_heads):
-        for chunk in chunks_of_rank(cp_rank, cp_size):
+    block_size = pattern.block_size
+    needs = torch.zeros(num_local_heads, seq_len // block_size, dtype=torch.bool, device=device)
+    for chunk in chunks_of_rank(cp_rank, cp_size):
+        key_blocks = (chunk + 1) * chunk_len // block_size
+        heads_per_call = max(1, _MASK_ELEMENTS_PER_CALL // (chunk_len // block_size * key_blocks))
+        for first in range(0, num_local_heads, heads_per_call):
+            count = min(heads_per_call, num_local_heads - first)
             mask = s2_block_mask(
                 pattern, num_q_heads, num_kv_heads, chunk_len, (chunk + 1) * chunk_len,
-                head_start=head_start + head, num_local_heads=1, q_start=chunk * chunk_len,
+                head_start=head_start + first, num_local_heads=count, q_start=chunk * chunk_len,
+                device=device,
             )
-            needs[head // group, : mask.shape[2]] |= mask[0].any(0)
-    return needs
+            needs[first : first + count, :key_blocks] |= mask.any(1)
+    group = num_local_heads // num_local_kv_heads
+    return needs.view(num_local_kv_heads, group, -1).any(1).cpu()
 
 
 def _remote_pairs(needs, blocks_per_chunk, cp_size, dst_rank, src_rank):
@@ -132,7 +137,7 @@ def _exchange_plan(pattern, num_q_heads, num_kv_heads, head_start, num_local_hea
     blocks_per_chunk = seq_len // (2 * cp_size) // pattern.block_size
     common = (pattern, num_q_heads, num_kv_heads, head_start, num_local_heads, num_local_kv_heads,
               seq_len, cp_size)
-    my_needs = _kv_block_needs(*common, cp_rank)
+    my_needs = _kv_block_needs(*common, cp_rank, device)
     send_blocks, send_heads, recv_blocks, recv_heads = [], [], [], []
     for other in range(cp_size):
         if other == cp_rank:  # own blocks are copied locally, not sent
@@ -140,12 +145,11 @@ def _exchange_plan(pattern, num_q_heads, num_kv_heads, head_start, num_local_hea
             send_blocks.append(empty), send_heads.append(empty)
             recv_blocks.append(empty), recv_heads.append(empty)
             continue
-        _, local, head = _remote_pairs(_kv_block_needs(*common, other), blocks_per_chunk,
+        _, local, head = _remote_pairs(_kv_block_needs(*common, other, device), blocks_per_chunk,
                                        cp_size, other, cp_rank)
         send_blocks.append(local), send_heads.append(head)
         abs_block, _, head = _remote_pairs(my_needs, blocks_per_chunk, cp_size, cp_rank, other)
         recv_blocks.append(abs_block), recv_heads.append(head)
-    last_chunk = chunks_of_rank(cp_rank, cp_size)[1]
     return ExchangePlan(
         send_blocks=torch.cat(send_blocks).to(device),
         send_heads=torch.cat(send_heads).to(device),
@@ -153,7 +157,6 @@ def _exchange_plan(pattern, num_q_heads, num_kv_heads, head_start, num_local_hea
         recv_blocks=torch.cat(recv_blocks).to(device),
         recv_heads=torch.cat(recv_heads).to(device),
         recv_splits=[len(x) for x in recv_blocks],
-        num_key_blocks=(last_chunk + 1) * blocks_per_chunk,
     )
 
 

@@ -12,7 +12,7 @@ import weakref
 import pytest
 import torch
 
-from megatron_s2 import S2Pattern
+from megatron_s2 import BlockMaskPattern, S2Pattern
 from megatron_s2.context_parallel import (
     KeyBufferSaver,
     _unpack,
@@ -35,6 +35,14 @@ def _local_chunks(x, cp_rank, cp_size, dim=1):
     return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim)
 
 
+def _random_block_mask(heads, blocks, seed=3):
+    """An explicit causal block mask with the diagonal set (any such mask must run)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(heads, blocks, blocks, generator=gen) < 0.3).tril()
+    mask[:, torch.arange(blocks), torch.arange(blocks)] = True
+    return BlockMaskPattern(mask, block_size=BLOCK)
+
+
 # (name, pattern, global q heads, global kv heads, head_start, local q heads, local kv heads)
 CASES = [
     ("mha", SPARSE, 4, 4, 0, 4, 4),
@@ -44,6 +52,7 @@ CASES = [
      S2Pattern(block_size=BLOCK, local_blocks=2, vert_stride=4, head_pattern="kv_group",
                num_dense_heads=1), 8, 4, 4, 4, 2),
     ("dense", S2Pattern.dense(block_size=BLOCK), 2, 1, 0, 2, 1),
+    ("explicit_block_mask_tp_slice", _random_block_mask(4, SEQ // BLOCK), 4, 2, 2, 2, 1),
 ]
 
 
