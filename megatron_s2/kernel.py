@@ -602,6 +602,11 @@ def _lse_strides(lse: torch.Tensor, varlen: bool):
     return (0 if varlen else lse.stride(0)), lse.stride(1)
 
 
+def new_output(shape, dtype, device):
+    """Every buffer the kernels fill (tests replace this to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -609,8 +614,8 @@ def _dot_precision(dtype):
 def forward(q, k, v, prob: Problem):
     batch, _, heads, dim = q.shape
     kl = prob.layout
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, q.shape[1], dtype=torch.float32, device=q.device)
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((batch, heads, q.shape[1]), torch.float32, q.device)
     tiles = kl.q_tiles
     cu_q = prob.cu_q if prob.varlen else lse  # unused pointer when not packed
     cu_k = prob.cu_k if prob.varlen else lse
@@ -634,16 +639,16 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
     varlen = prob.varlen
     cu_q = prob.cu_q if varlen else lse
     cu_k = prob.cu_k if varlen else lse
-    delta = torch.empty_like(lse)
+    delta = new_output(lse.shape, lse.dtype, lse.device)
     rows = 64
     _bwd_delta_kernel[(prob.num_seqs * heads, triton.cdiv(prob.len_q, rows))](
         out, do, dlse if dlse is not None else lse, delta, cu_q, *_bsh(out, varlen), *_bsh(do, varlen),
         *_lse_strides(lse, varlen), heads, prob.len_q,
         HEAD_DIM=dim, ROWS=rows, HAS_DLSE=dlse is not None, VARLEN=varlen,
     )
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
     qk_scale = prob.sm_scale * _LOG2E
     prec = _dot_precision(q.dtype)
     common = dict(HEAD_DIM=dim, UNIT=kl.unit, VARLEN=varlen, DOT_PREC=prec)

@@ -1,0 +1,214 @@
+"""The S2 Triton kernel (run by Triton's interpreter on CPU) against the float64 dense reference.
+
+Every kernel buffer is poisoned with NaN before the kernels run, so an element a kernel forgets to
+write fails the comparison. Inputs and output gradients (of ``out`` and of ``lse``) are fresh random
+draws for every case.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a @triton.jit module
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from megatron_s2 import BlockMaskPattern, S2Pattern, s2_attention  # noqa: E402
+from megatron_s2 import kernel  # noqa: E402
+from megatron_s2.reference import s2_attention_reference  # noqa: E402
+
+ATOL = 2e-5  # float32 kernel vs float64 reference, values of order 1
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernel, "new_output", poisoned)
+
+
+def draw(*shapes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen) for s in shapes]
+
+
+def run(fn, q, k, v, grad_out, grad_lse, dtype, **kw):
+    q, k, v = (t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v, return_lse=True, **kw)
+    torch.autograd.backward((out, lse), (grad_out.to(out.dtype), grad_lse.to(lse.dtype)))
+    return out, lse, q.grad, k.grad, v.grad
+
+
+def compare(pattern, q, k, v, seed, **kw):
+    """Kernel (float32) vs reference (float64): out, lse, dq, dk, dv."""
+    out_shape = q.shape
+    lse_shape = (q.shape[1], q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[2], q.shape[1])
+    grad_out, grad_lse = draw(out_shape, lse_shape, seed=seed + 1)
+    got = run(lambda *a, **k2: s2_attention(*a, pattern, **k2), q, k, v, grad_out, grad_lse, torch.float32, **kw)
+    want = run(lambda *a, **k2: s2_attention_reference(*a, pattern, **k2), q, k, v, grad_out, grad_lse,
+               torch.float64, **kw)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape, name
+        assert torch.isfinite(g).all(), f"{name} has unwritten (NaN) or non-finite elements"
+        err = (g.double() - w).abs().max().item()
+        assert err < ATOL * max(1.0, w.abs().max().item()), f"{name}: max error {err:.2e}"
+    return got
+
+
+CASES = {
+    # name: (pattern kwargs, batch, seq, heads, kv_heads, dim)
+    "mha_heterogeneous": (dict(block_size=16, local_blocks=2, vert_stride=3), 2, 70, 4, 4, 32),
+    "gqa_kv_group_ragged": (dict(block_size=16, local_blocks=2, vert_stride=2, head_pattern="kv_group"),
+                            1, 100, 4, 2, 32),
+    "mqa_homogeneous": (dict(block_size=16, local_blocks=1, vert_stride=3, head_pattern="homogeneous"),
+                        1, 64, 4, 1, 32),
+    "dense_heads_offset1": (dict(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=1,
+                                 head_sliding_offset=1), 1, 90, 3, 3, 16),
+    "block64_two_unit_tiles": (dict(block_size=64, local_blocks=1, vert_stride=2), 1, 333, 2, 1, 32),
+    "block32_head_dim64": (dict(block_size=32, local_blocks=2, vert_stride=2, head_sliding_step=1),
+                           1, 150, 2, 2, 64),
+    "block128_refined": (dict(block_size=128, local_blocks=1, vert_stride=2), 1, 300, 2, 2, 16),
+    "single_token": (dict(block_size=16, local_blocks=2, vert_stride=3), 1, 1, 2, 1, 32),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name):
+    params, batch, seq, heads, kv_heads, dim = CASES[name]
+    q, k, v = draw((batch, seq, heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim),
+                   seed=len(name))
+    compare(S2Pattern(**params), q, k, v, seed=seq)
+
+
+def test_tensor_parallel_slice_equals_full_model_slice():
+    """Rank 1 of TP=2 (global heads 2-3, KV head 1) equals the reference and the full run's slice."""
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=4)
+    q, k, v = draw((1, 80, 4, 32), (1, 80, 2, 32), (1, 80, 2, 32), seed=3)
+    kw = dict(head_start=2, num_q_heads=4, num_kv_heads=2)
+    sliced = compare(pattern, q[:, :, 2:], k[:, :, 1:], v[:, :, 1:], seed=4, **kw)
+    full = s2_attention(q, k, v, pattern)
+    assert torch.allclose(sliced[0], full[:, :, 2:], atol=1e-6)
+
+
+def test_context_parallel_chunk_equals_full_sequence_rows():
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
+    q, k, v = draw((1, 96, 2, 32), (1, 96, 2, 32), (1, 96, 2, 32), seed=5)
+    chunk = compare(pattern, q[:, 32:80], k, v, seed=6, q_start=32)
+    full = s2_attention(q, k, v, pattern)
+    assert torch.allclose(chunk[0], full[:, 32:80], atol=1e-6)
+
+
+def test_key_offset_chunk():
+    """Keys starting later than position 0 (a CP rank that received keys from block 1 on)."""
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=2)
+    q, k, v = draw((1, 40, 2, 32), (1, 56, 1, 32), (1, 56, 1, 32), seed=7)
+    compare(pattern, q, k, v, seed=8, q_start=32, k_start=16)
+
+
+def test_packed_sequences():
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
+    lengths = [37, 16, 1, 50]
+    cu = torch.tensor([0, 37, 53, 54, 104], dtype=torch.int32)
+    q, k, v = draw((104, 4, 32), (104, 2, 32), (104, 2, 32), seed=9)
+    got = compare(pattern, q, k, v, seed=10, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths),
+                  max_seqlen_k=max(lengths))
+    # Each sequence alone gives the same rows: nothing leaks across sequence boundaries.
+    alone = s2_attention(q[None, 54:104], k[None, 54:104], v[None, 54:104], pattern)
+    assert torch.allclose(got[0][54:104], alone[0], atol=1e-6)
+
+
+def test_explicit_block_mask():
+    gen = torch.Generator().manual_seed(11)
+    mask = torch.rand(3, 6, 6, generator=gen) < 0.4
+    mask |= torch.eye(6, dtype=torch.bool)
+    pattern = BlockMaskPattern(mask, block_size=16)
+    q, k, v = draw((1, 90, 3, 32), (1, 90, 3, 32), (1, 90, 3, 32), seed=12)
+    compare(pattern, q, k, v, seed=13)
+
+
+def test_softmax_scale():
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=2)
+    q, k, v = draw((1, 50, 2, 32), (1, 50, 2, 32), (1, 50, 2, 32), seed=14)
+    compare(pattern, q, k, v, seed=15, softmax_scale=0.37)
+
+
+def test_other_launch_configs(monkeypatch):
+    """The untuned defaults take two key units per step; the other configs must agree too."""
+    swap = lambda launcher: [list(reversed(c)) for c in launcher.config_lists]
+    for launcher in (kernel._fwd, kernel._dkdv, kernel._dq):
+        monkeypatch.setattr(launcher, "config_lists", swap(launcher))
+    q, k, v = draw((1, 333, 2, 32), (1, 333, 1, 32), (1, 333, 1, 32), seed=16)
+    compare(S2Pattern(block_size=64, local_blocks=1, vert_stride=2), q, k, v, seed=17)
+
+
+def test_lse_only_gradient():
+    """Only lse feeds the loss: the output gradient is absent and the lse gradient alone flows."""
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
+    q, k, v = draw((1, 48, 2, 32), (1, 48, 2, 32), (1, 48, 2, 32), seed=18)
+    grads = []
+    for fn, dtype in ((s2_attention, torch.float32), (s2_attention_reference, torch.float64)):
+        qq, kk, vv = (t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v))
+        _, lse = fn(qq, kk, vv, pattern, return_lse=True)
+        (lse.sin().sum()).backward()
+        grads.append((qq.grad, kk.grad, vv.grad))
+    for g, w in zip(*grads):
+        w = torch.zeros_like(g, dtype=torch.float64) if w is None else w  # lse does not depend on v
+        assert (g.double() - w).abs().max().item() < ATOL
+
+
+def test_backward_is_deterministic():
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
+    q, k, v = draw((1, 64, 4, 32), (1, 64, 1, 32), (1, 64, 1, 32), seed=19)
+    grad_out, grad_lse = draw((1, 64, 4, 32), (1, 4, 64), seed=20)
+    first = run(lambda *a, **kw: s2_attention(*a, pattern, **kw), q, k, v, grad_out, grad_lse, torch.float32)
+    second = run(lambda *a, **kw: s2_attention(*a, pattern, **kw), q, k, v, grad_out, grad_lse, torch.float32)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_tile_lists_are_cached(monkeypatch):
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
+    q, k, v = draw((1, 40, 2, 32), (1, 40, 2, 32), (1, 40, 2, 32), seed=21)
+    s2_attention(q, k, v, pattern)
+    calls = []
+    real = kernel._tile_lists
+    monkeypatch.setattr(kernel, "_tile_lists", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    s2_attention(q, k, v, pattern)
+    assert not calls
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
+    q, k, v = draw((1, 40, 2, 32), (1, 40, 2, 32), (1, 40, 2, 32), seed=22)
+    assert torch.equal(s2_attention(q, k, v, pattern), s2_attention_reference(q, k, v, pattern))
+
+
+PATTERN = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
+Q, K, V = draw((1, 32, 4, 32), (1, 32, 2, 32), (1, 32, 2, 32), seed=23)
+CU = torch.tensor([0, 10, 32], dtype=torch.int32)
+BAD_INPUTS = [
+    (dict(q=Q.half(), k=K, v=V), TypeError, "one dtype"),
+    (dict(q=Q.long()), TypeError, "supports float16"),
+    (dict(q=Q[0]), ValueError, r"\[batch, seq, heads, dim\]"),
+    (dict(v=V[:, :16]), ValueError, "same shape"),
+    (dict(q=Q[:, :, :3]), ValueError, "multiple of 2 KV heads"),
+    (dict(q=Q[..., :24], k=K[..., :24], v=V[..., :24]), ValueError, "head dim 24"),
+    (dict(k=K[..., :16], v=V[..., :16]), ValueError, "different head dims"),
+    (dict(q_start=8), ValueError, "multiple of block_size"),
+    (dict(q_start=16), ValueError, "must cover the query positions"),
+    (dict(num_q_heads=8, num_kv_heads=2), ValueError, "GQA ratios"),
+    (dict(head_start=2, num_q_heads=4, num_kv_heads=2), Exception, "head"),
+    (dict(q=Q[0], k=K[0], v=V[0], cu_seqlens_q=CU.long()), ValueError, "int32"),
+    (dict(q=Q[0], k=K[0], v=V[0], cu_seqlens_q=CU, cu_seqlens_k=torch.tensor([0, 16, 32], dtype=torch.int32)),
+     ValueError, "self-attention"),
+    (dict(q=Q[0], k=K[0], v=V[0], cu_seqlens_q=CU, q_start=16), ValueError, "packed"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,message", BAD_INPUTS)
+def test_input_errors(overrides, error, message):
+    args = dict(q=Q, k=K, v=V)
+    args.update(overrides)
+    with pytest.raises(error, match=message):
+        s2_attention(args.pop("q"), args.pop("k"), args.pop("v"), PATTERN, **args)
