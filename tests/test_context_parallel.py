@@ -5,6 +5,7 @@ itself from the same seeded inputs and compares its own chunks of the output and
 """
 
 import os
+import random
 import subprocess
 import sys
 import weakref
@@ -36,11 +37,12 @@ def _local_chunks(x, cp_rank, cp_size, dim=1):
 
 
 def _random_block_mask(heads, blocks, seed=3):
-    """An explicit causal block mask with the diagonal set (any such mask must run)."""
-    gen = torch.Generator().manual_seed(seed)
-    mask = (torch.rand(heads, blocks, blocks, generator=gen) < 0.3).tril()
-    mask[:, torch.arange(blocks), torch.arange(blocks)] = True
-    return BlockMaskPattern(mask, block_size=BLOCK)
+    """An explicit causal block mask with the diagonal set (any such mask must run). Plain Python:
+    torch ops here would start intra-op threads in the parent before the ranks are forked."""
+    draw = random.Random(seed)
+    mask = [[[kb == qb or (kb < qb and draw.random() < 0.3) for kb in range(blocks)]
+             for qb in range(blocks)] for _ in range(heads)]
+    return BlockMaskPattern(torch.tensor(mask), block_size=BLOCK)
 
 
 # (name, pattern, global q heads, global kv heads, head_start, local q heads, local kv heads)
