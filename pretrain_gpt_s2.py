@@ -388,7 +388,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 
 
 class ProgressLine:
-    """One line per --log-interval: iteration, loss, tokens/s/GPU, TFLOP/s/GPU (S2-aware), ETA.
+    """One line per --log-interval: iteration, loss, tokens/s/GPU, TFLOP/s/GPU (S2-aware), step
+    time, peak GPU memory (this rank), ETA.
 
     Wraps Megatron's ``training_log`` (it keeps printing its own detailed line) and writes the same
     numbers to TensorBoard / wandb under ``s2/``.
@@ -422,10 +423,15 @@ class ProgressLine:
         eta = (args.train_iters - iteration) * seconds_per_step if args.train_iters else 0.0
         loss = loss_dict.get("lm loss")
         loss_text = f"{float(loss):.9g}" if loss is not None else "n/a"
-        print(f"[s2] iteration {iteration}/{args.train_iters} | loss {loss_text} | "
-              f"tokens/s/GPU {tokens_per_s_gpu:,.0f} | TFLOP/s/GPU {tflops_gpu:.2f} (S2-aware) | "
-              f"step {seconds_per_step * 1000:.0f} ms | ETA {_format_seconds(eta)}", flush=True)
+        line = (f"[s2] iteration {iteration}/{args.train_iters} | loss {loss_text} | "
+                f"tokens/s/GPU {tokens_per_s_gpu:,.0f} | TFLOP/s/GPU {tflops_gpu:.2f} (S2-aware) | "
+                f"step {seconds_per_step * 1000:.1f} ms")
         scalars = {"s2/tokens_per_s_per_gpu": tokens_per_s_gpu, "s2/tflops_per_gpu": tflops_gpu}
+        if torch.cuda.is_available():
+            peak_gib = torch.cuda.max_memory_allocated() / 2**30
+            line += f" | peak mem {peak_gib:.2f} GiB"
+            scalars["s2/peak_memory_gib"] = peak_gib
+        print(f"{line} | ETA {_format_seconds(eta)}", flush=True)
         writer = get_tensorboard_writer()
         if writer:
             for name, value in scalars.items():

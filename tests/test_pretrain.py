@@ -12,8 +12,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import sys
+import time
 import traceback
 
 import pytest
@@ -131,7 +133,8 @@ class Run:
         return self
 
 
-def launch(workdir, name: str, argv: list, world_size: int = 1) -> Run:
+def start(workdir, name: str, argv: list, world_size: int = 1) -> tuple:
+    """Fork the ranks of one run; returns (processes, log paths)."""
     argv = ["--s2-config", str(workdir / "s2.yaml"), "--data-path", str(workdir / "data")] + argv
     port = _free_port()
     context = multiprocessing.get_context("fork")
@@ -140,6 +143,10 @@ def launch(workdir, name: str, argv: list, world_size: int = 1) -> Run:
                  for r in range(world_size)]
     for process in processes:
         process.start()
+    return processes, paths
+
+
+def finish(processes: list, paths: list) -> Run:
     for process in processes:
         process.join(RUN_TIMEOUT_S)
     for process in processes:
@@ -151,6 +158,10 @@ def launch(workdir, name: str, argv: list, world_size: int = 1) -> Run:
         with open(path, errors="replace") as f:
             logs.append(f.read())
     return Run([p.exitcode for p in processes], logs)
+
+
+def launch(workdir, name: str, argv: list, world_size: int = 1) -> Run:
+    return finish(*start(workdir, name, argv, world_size))
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +216,26 @@ def test_resume_with_other_s2_layout_is_refused_unless_allowed(workdir):
                                                  "--allow-s2-layout-change"]).check_ok()
     assert sorted(allowed.losses) == [2]
     assert "resuming with a different S2 layout" in allowed.last_log
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(workdir):
+    save = str(workdir / "ckpt_sigterm")
+    processes, paths = start(workdir, "sigterm", ["--train-iters", "500", "--save", save,
+                                                  "--save-interval", "1000", "--exit-signal-handler"])
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline and processes[0].is_alive():
+        if os.path.exists(paths[0]):
+            with open(paths[0], errors="replace") as f:
+                if "[s2] iteration 2/" in f.read():
+                    break
+        time.sleep(0.2)
+    os.kill(processes[0].pid, signal.SIGTERM)
+    run = finish(processes, paths).check_ok()
+    assert "exiting program after receiving SIGTERM" in run.last_log
+    stopped_at = max(run.losses)
+    assert 2 <= stopped_at < 500
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+        assert int(f.read()) == stopped_at
 
 
 @pytest.mark.parametrize("extra, message", [
