@@ -28,6 +28,17 @@ SEQ = 96
 S2_LAYERS = {"layers": "SDS", "defaults": {"block_size": 16, "local_blocks": 2, "vert_stride": 4}}
 
 
+def _call(rank, world_size, fn, *args):
+    return fn(*args)
+
+
+def in_child(fn, *args):
+    """Run work that starts torch.distributed (the converters, Megatron models) in a forked process:
+    the test process itself never starts it, so that later forks (pretrain_gpt_s2.py runs) inherit
+    no gloo threads."""
+    return run_distributed(1, _call, fn, *args)[0]
+
+
 def llama_kwargs(**overrides):
     kwargs = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -83,6 +94,43 @@ def test_kernel_path_packing_equals_pure_path():
     assert (packed[1, :, 21:] - pure[1, :, 21:]).abs().max() < 1e-5
 
 
+def _megatron_logits_tp2(rank, world_size, load_dir, input_ids):
+    """Logits of a checkpoint loaded by Megatron itself at TP=2 (not through the converter's TP=1 path)."""
+    from megatron.core import dist_checkpointing, tensor_parallel
+
+    args = dist_checkpointing.load_common_state_dict(convert.resolve_checkpoint_dir(load_dir))["args"]
+    model = convert.build_gpt_model(args, convert.s2_config_from_args(args), tensor_parallel=2)
+    metadata = convert._sharded_metadata()
+    model.load_state_dict(dist_checkpointing.load(
+        {"model": model.sharded_state_dict(metadata=metadata)}, convert.resolve_checkpoint_dir(load_dir))["model"])
+    with torch.no_grad(), convert.cpu_without_cuda():
+        positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        return tensor_parallel.gather_from_tensor_model_parallel_region(model(input_ids, positions, None))
+
+
+def test_pretrain_gpt_s2_tp2_checkpoint_exports_with_equal_logits(tmp_path):
+    """pretrain_gpt_s2.py trains a GQA hybrid model at TP=2 and saves; the export matches Megatron."""
+    test_pretrain = pytest.importorskip("tests.test_pretrain")
+    (tmp_path / "s2.yaml").write_text(test_pretrain.S2_YAML)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(list(test_pretrain.preprocess_data.default_corpus())[:4]))
+    test_pretrain.preprocess_data.main(
+        ["--input", str(text), "--line-documents", "--output-prefix", str(tmp_path / "data")])
+    save = str(tmp_path / "ckpt")
+    test_pretrain.launch(tmp_path, "hf_tp2", [
+        "--train-iters", "2", "--save", save, "--save-interval", "2", "--tensor-model-parallel-size", "2",
+        "--group-query-attention", "--num-query-groups", "2"], world_size=2).check_ok()
+    in_child(convert_to_hf.main, ["--load", save, "--out", str(tmp_path / "hf")])
+    model = load_exported(tmp_path / "hf")
+    assert model.config.num_key_value_heads == 2 and model.config.vocab_size == 257
+    assert [e is None for e in model.config.s2_layers] == [True, False, False, False]
+    input_ids = tokens(length=128, vocab=257)
+    megatron_logits = run_distributed(2, _megatron_logits_tp2, save, input_ids, tp=2)[0]
+    with torch.no_grad():
+        hf_logits = model(input_ids).logits
+    assert (hf_logits - megatron_logits[..., :257]).abs().max() < 1e-4
+
+
 def _fill(model, rank):
     """Fresh values: TP-sharded weights differ per rank, replicated ones (norms) are equal."""
     for name, param in model.named_parameters():
@@ -124,7 +172,7 @@ def exported(tmp_path_factory):
     args.vocab_size = None  # as with a tokenizer-defined vocabulary: keep the padded rows
     input_ids = tokens()
     logits = run_distributed(2, _save_tp2, str(root / "mg"), args, s2, input_ids, tp=2)[0]
-    convert_to_hf.main(["--load", str(root / "mg"), "--out", str(root / "hf")])
+    in_child(convert_to_hf.main, ["--load", str(root / "mg"), "--out", str(root / "hf")])
     return root, input_ids, logits
 
 
@@ -191,8 +239,9 @@ def test_hf_to_megatron_to_hf_round_trip(tmp_path, tied):
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(tmp_path / "src")
-    convert_from_hf.main(["--hf", str(tmp_path / "src"), "--save", str(tmp_path / "mg"), "--tensor-parallel", "2"])
-    convert_to_hf.main(["--load", str(tmp_path / "mg"), "--out", str(tmp_path / "back")])
+    in_child(convert_from_hf.main,
+             ["--hf", str(tmp_path / "src"), "--save", str(tmp_path / "mg"), "--tensor-parallel", "2"])
+    in_child(convert_to_hf.main, ["--load", str(tmp_path / "mg"), "--out", str(tmp_path / "back")])
     back = load_exported(tmp_path / "back")
     assert back.config.s2_layers == config.s2_layers
     assert back.config.tie_word_embeddings == tied
@@ -201,21 +250,26 @@ def test_hf_to_megatron_to_hf_round_trip(tmp_path, tied):
     for key in original:
         assert torch.equal(original[key], returned[key]), key
     # And the Megatron model in between computes the same logits (tied/untied output layer, GQA).
-    margs, state, s2 = convert.load_megatron_checkpoint(str(tmp_path / "mg"))
-    assert margs.padded_vocab_size == 256 and state["embedding.word_embeddings.weight"].shape[0] == 256
     input_ids = tokens(length=64)
+    padded, megatron_logits = in_child(_megatron_logits_tp1, str(tmp_path / "mg"), input_ids)
+    assert padded == 256
+    with torch.no_grad():
+        assert (model(input_ids).logits - megatron_logits[..., :100]).abs().max() < 1e-4
+
+
+def _megatron_logits_tp1(load_dir, input_ids):
+    margs, state, s2 = convert.load_megatron_checkpoint(load_dir)
     with convert.single_process_megatron():
         megatron = convert.build_gpt_model(margs, s2)
         megatron.load_state_dict(state, strict=False)
         with torch.no_grad(), convert.cpu_without_cuda():
-            megatron_logits = megatron(input_ids, torch.arange(64)[None].expand_as(input_ids), None)
-        with torch.no_grad():
-            assert (model(input_ids).logits - megatron_logits[..., :100]).abs().max() < 1e-4
+            logits = megatron(input_ids, torch.arange(input_ids.shape[1])[None].expand_as(input_ids), None)
+    return state["embedding.word_embeddings.weight"].shape[0], logits
 
 
 def test_dense_export_is_stock_llama(exported, tmp_path):
     root, input_ids, _ = exported
-    convert_to_hf.main(["--load", str(root / "mg"), "--out", str(tmp_path), "--dense"])
+    in_child(convert_to_hf.main, ["--load", str(root / "mg"), "--out", str(tmp_path), "--dense"])
     from transformers import AutoModelForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

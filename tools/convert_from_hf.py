@@ -79,7 +79,7 @@ def training_flags(margs):
         f"--num-layers {margs.num_layers}", f"--hidden-size {margs.hidden_size}",
         f"--ffn-hidden-size {margs.ffn_hidden_size}", f"--num-attention-heads {margs.num_attention_heads}",
         f"--kv-channels {margs.kv_channels}", f"--max-position-embeddings {margs.max_position_embeddings}",
-        f"--norm-epsilon {margs.norm_epsilon}", f"--rotary-base {margs.rotary_base}",
+        f"--norm-epsilon {margs.layernorm_epsilon}", f"--rotary-base {margs.rotary_base}",
         "--normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope",
         f"--tensor-model-parallel-size {margs.tensor_model_parallel_size}",
         f"--pipeline-model-parallel-size {margs.pipeline_model_parallel_size}",
