@@ -108,8 +108,10 @@ def _megatron_logits_tp2(rank, world_size, load_dir, input_ids):
         return tensor_parallel.gather_from_tensor_model_parallel_region(model(input_ids, positions, None))
 
 
-def test_pretrain_gpt_s2_tp2_checkpoint_exports_with_equal_logits(tmp_path):
-    """pretrain_gpt_s2.py trains a GQA hybrid model at TP=2 and saves; the export matches Megatron."""
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_pretrain_gpt_s2_checkpoint_exports_with_equal_logits(tmp_path, tp, pp):
+    """pretrain_gpt_s2.py trains a GQA hybrid model at TP=2 (or PP=2) and saves; the export gives the
+    logits of Megatron's own TP=2 load of that checkpoint."""
     test_pretrain = pytest.importorskip("tests.test_pretrain")
     (tmp_path / "s2.yaml").write_text(test_pretrain.S2_YAML)
     text = tmp_path / "corpus.txt"
@@ -117,9 +119,10 @@ def test_pretrain_gpt_s2_tp2_checkpoint_exports_with_equal_logits(tmp_path):
     test_pretrain.preprocess_data.main(
         ["--input", str(text), "--line-documents", "--output-prefix", str(tmp_path / "data")])
     save = str(tmp_path / "ckpt")
-    test_pretrain.launch(tmp_path, "hf_tp2", [
-        "--train-iters", "2", "--save", save, "--save-interval", "2", "--tensor-model-parallel-size", "2",
-        "--group-query-attention", "--num-query-groups", "2"], world_size=2).check_ok()
+    test_pretrain.launch(tmp_path, "hf_export", [
+        "--train-iters", "2", "--save", save, "--save-interval", "2", "--tensor-model-parallel-size", str(tp),
+        "--pipeline-model-parallel-size", str(pp), "--group-query-attention", "--num-query-groups", "2"],
+        world_size=2).check_ok()
     in_child(convert_to_hf.main, ["--load", save, "--out", str(tmp_path / "hf")])
     model = load_exported(tmp_path / "hf")
     assert model.config.num_key_value_heads == 2 and model.config.vocab_size == 257
