@@ -96,9 +96,9 @@ def main(argv=None) -> None:
     model = builder.build_model(ProcessGroupCollection.use_mpu_process_groups())
     device = torch.device("cpu" if cpu else "cuda")
     model = model.to(device)
-    load_checkpoint([model], None, None, strict=True)
-    if args.bf16:
+    if args.bf16:  # the checkpoint holds the bf16 weights the run trained with
         model = model.bfloat16()
+    load_checkpoint([model], None, None, strict=True)
     model.eval()
 
     prompt_ids = encode(args.prompt)

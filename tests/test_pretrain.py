@@ -244,9 +244,10 @@ def test_sigterm_saves_a_checkpoint_and_exits(workdir):
     (["--s2-override", "layers=DSS"], "layers"),
     (["--data-path", "/nonexistent/corpus"], "tools/preprocess_data.py"),
     (["--s2-config", "/nonexistent.yaml"], "no such file"),
+    (["--lr-warmup-iters", "5"], "--lr-warmup-iters 5 must be smaller than the decay length"),
 ])
 def test_bad_inputs_fail_clearly_before_training(workdir, extra, message):
-    run = launch(workdir, "bad", ["--train-iters", "1"] + extra)
+    run = launch(workdir, "bad", ["--train-iters", "2"] + extra)
     assert run.codes == [2], run.last_log[-3000:]
     error = [line for line in run.last_log.splitlines() if "pretrain_gpt_s2.py: error:" in line]
     assert error and message in error[0], run.last_log[-3000:]
