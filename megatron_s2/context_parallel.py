@@ -17,8 +17,9 @@ Two ways to bring the keys there:
 
 Both exchanges place K/V in a buffer as long as the keys the rank reads (blocks it does not need
 stay zero and are never read by its layout), so the attention calls are identical and so are the
-results. Between forward and backward the S2 exchange keeps only this rank's K/V and the received
-blocks (``KeyBufferSaver``); the all-gather keeps the whole buffer.
+results. Between forward and backward a layer keeps only this rank's K/V (plus, for the S2
+exchange, the received blocks) and rebuilds the buffer in backward (``KeyBufferSaver``); the
+all-gather gathers a second time for that.
 """
 
 from __future__ import annotations
@@ -247,53 +248,14 @@ def _blocks(kv: torch.Tensor, block_size: int) -> torch.Tensor:
     return kv.view(s // block_size, block_size, two, b, h, d).permute(0, 4, 1, 2, 3, 5)
 
 
-class _AllGatherKV(torch.autograd.Function):
-    """All-gather K/V to absolute order; backward reduce-scatters dK/dV to the owners."""
-
-    @staticmethod
-    def forward(ctx, k, v, group, key_ends):
-        cp_size = dist.get_world_size(group)
-        local = _pack(k, v)
-        chunk_len = local.shape[0] // 2
-        full = local.new_empty(2 * cp_size * chunk_len, *local.shape[1:])
-        # Chunks 0..cp-1 are the first halves of ranks 0..cp-1: gathered straight into place.
-        _all_gather_tensor(full[: cp_size * chunk_len], local[:chunk_len], group=group)
-        # Chunks cp..2cp-1 are the second halves of ranks cp-1..0: gathered, then reversed.
-        late = local.new_empty(cp_size, chunk_len, *local.shape[1:])
-        _all_gather_tensor(late.view(-1, *local.shape[1:]), local[chunk_len:], group=group)
-        full[cp_size * chunk_len :].view_as(late).copy_(late.flip(0))
-        ctx.group, ctx.key_ends, ctx.chunk_len = group, key_ends, chunk_len
-        return _key_views(full, key_ends)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        cp_size, chunk_len = dist.get_world_size(ctx.group), ctx.chunk_len
-        full = _sum_key_grads(grads, ctx.key_ends, 2 * cp_size * chunk_len)
-        local = full.new_empty(2 * chunk_len, *full.shape[1:])
-        _reduce_scatter_tensor(local[:chunk_len], full[: cp_size * chunk_len], group=ctx.group)
-        late = full[cp_size * chunk_len :].view(cp_size, chunk_len, *full.shape[1:]).flip(0)
-        _reduce_scatter_tensor(local[chunk_len:], late.reshape(-1, *full.shape[1:]), group=ctx.group)
-        return (*_unpack(local), None, None)
-
-
-def _s2_key_buffer(local, recv, plan, length, block_size, cp_rank, cp_size):
-    """The S2 exchange's key buffer ``[length, 2, b, h, d]`` from this rank's K/V and the received
-    blocks. Blocks the rank does not read stay zero: a kernel tile that spans them adds 0, not NaN."""
-    full = local.new_zeros(length, *local.shape[1:])
-    _blocks(full, block_size)[plan.recv_blocks, plan.recv_heads] = recv
-    chunk_len = local.shape[0] // 2
-    for half, chunk in enumerate(chunks_of_rank(cp_rank, cp_size)):
-        full[chunk * chunk_len : (chunk + 1) * chunk_len] = local[half * chunk_len : (half + 1) * chunk_len]
-    return full
-
-
 class KeyBufferSaver:
-    """Saved-tensor hooks that keep the S2 exchange's key buffer compact between forward and backward.
+    """Saved-tensor hooks that keep an exchange's key buffer compact between forward and backward.
 
     The attention kernel saves its K/V inputs, views of a buffer as long as every key the rank reads.
     Inside ``hooks()`` those views are saved as a description only, and the buffer is rebuilt once
-    per backward from what built it (this rank's K/V and the received blocks): the memory kept per
-    layer is the rank's own K/V plus the received blocks instead of the whole prefix.
+    per backward from what built it: this rank's K/V and the received blocks (S2 exchange), or this
+    rank's K/V and a second all-gather (all-gather exchange). A layer then keeps about its own K/V
+    for backward instead of the whole prefix.
     """
 
     def __init__(self):
@@ -329,6 +291,54 @@ class _BufferView:
     size: tuple
     stride: tuple
     offset: int
+
+
+def _gathered_key_buffer(local, group):
+    """All ranks' K/V ``[seq, 2, b, h, d]`` in sequence order, from this rank's ``local``."""
+    cp_size = dist.get_world_size(group)
+    chunk_len = local.shape[0] // 2
+    full = local.new_empty(2 * cp_size * chunk_len, *local.shape[1:])
+    # Chunks 0..cp-1 are the first halves of ranks 0..cp-1: gathered straight into place.
+    _all_gather_tensor(full[: cp_size * chunk_len], local[:chunk_len], group=group)
+    # Chunks cp..2cp-1 are the second halves of ranks cp-1..0: gathered, then reversed.
+    late = local.new_empty(cp_size, chunk_len, *local.shape[1:])
+    _all_gather_tensor(late.view(-1, *local.shape[1:]), local[chunk_len:], group=group)
+    full[cp_size * chunk_len :].view_as(late).copy_(late.flip(0))
+    return full
+
+
+class _AllGatherKV(torch.autograd.Function):
+    """All-gather K/V to absolute order; backward reduce-scatters dK/dV to the owners."""
+
+    @staticmethod
+    def forward(ctx, k, v, group, key_ends, saver):
+        local = _pack(k, v)
+        full = _gathered_key_buffer(local, group)
+        if saver is not None:  # backward gathers again instead of keeping every rank's K/V
+            saver.track(full, functools.partial(_gathered_key_buffer, local, group))
+        ctx.group, ctx.key_ends, ctx.chunk_len = group, key_ends, local.shape[0] // 2
+        return _key_views(full, key_ends)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cp_size, chunk_len = dist.get_world_size(ctx.group), ctx.chunk_len
+        full = _sum_key_grads(grads, ctx.key_ends, 2 * cp_size * chunk_len)
+        local = full.new_empty(2 * chunk_len, *full.shape[1:])
+        _reduce_scatter_tensor(local[:chunk_len], full[: cp_size * chunk_len], group=ctx.group)
+        late = full[cp_size * chunk_len :].view(cp_size, chunk_len, *full.shape[1:]).flip(0)
+        _reduce_scatter_tensor(local[chunk_len:], late.reshape(-1, *full.shape[1:]), group=ctx.group)
+        return (*_unpack(local), None, None, None)
+
+
+def _s2_key_buffer(local, recv, plan, length, block_size, cp_rank, cp_size):
+    """The S2 exchange's key buffer ``[length, 2, b, h, d]`` from this rank's K/V and the received
+    blocks. Blocks the rank does not read stay zero: a kernel tile that spans them adds 0, not NaN."""
+    full = local.new_zeros(length, *local.shape[1:])
+    _blocks(full, block_size)[plan.recv_blocks, plan.recv_heads] = recv
+    chunk_len = local.shape[0] // 2
+    for half, chunk in enumerate(chunks_of_rank(cp_rank, cp_size)):
+        full[chunk * chunk_len : (chunk + 1) * chunk_len] = local[half * chunk_len : (half + 1) * chunk_len]
+    return full
 
 
 class _S2ExchangeKV(torch.autograd.Function):
@@ -373,9 +383,8 @@ def exchange_kv(k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, cp_group,
     ``k, v [b, s_local, h_kv_local, d]`` hold this rank's chunks; the head arguments are those of
     ``context_parallel_attention`` plus the number of local query heads. Returns ``(k_early, v_early,
     k_late, v_late)``: K/V ``[b, key_end, h_kv_local, d]`` from position 0 to the end of the local
-    early chunk (``r``) and late chunk (``2*cp-1-r``), views of one buffer; differentiable. With
-    the S2 exchange and a ``saver``, run the attention inside ``saver.hooks()`` to keep the buffer
-    compact until backward.
+    early chunk (``r``) and late chunk (``2*cp-1-r``), views of one buffer; differentiable. With a
+    ``saver``, run the attention inside ``saver.hooks()`` to keep the buffer compact until backward.
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
@@ -384,7 +393,7 @@ def exchange_kv(k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, cp_group,
     chunk_len = s_local // 2
     key_ends = tuple((chunk + 1) * chunk_len for chunk in chunks_of_rank(cp_rank, cp_size))
     if exchange == "allgather":
-        return _AllGatherKV.apply(k, v, cp_group, key_ends)
+        return _AllGatherKV.apply(k, v, cp_group, key_ends, saver)
     plan = exchange_plan(
         pattern, seq_len=s_local * cp_size, cp_size=cp_size, cp_rank=cp_rank,
         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
