@@ -186,8 +186,9 @@ def kv_exchange_bytes(pattern: Pattern, *, exchange: str, seq_len: int, cp_size:
                       num_local_kv_heads: Optional[int] = None) -> list:
     """Bytes of K and V that each CP rank receives in the forward pass of one layer.
 
-    The backward pass moves the same number of gradient bytes in the opposite direction. With TP,
-    pass the heads of one TP rank (``head_start``, ``num_local_*``): the result is per GPU.
+    Backward returns the same number of gradient bytes; the all-gather exchange also gathers K/V a
+    second time (so a training step moves 3x this number with ``"allgather"``, 2x with ``"s2"``).
+    With TP, pass the heads of one TP rank (``head_start``, ``num_local_*``): the result is per GPU.
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
