@@ -36,7 +36,8 @@ if [ ! -x "$VENV/bin/python" ] || ! is_python312 "$VENV/bin/python"; then
 fi
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 if [ "${TORCH_CPU:-0}" = "1" ] && ! "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
-    "${PIP[@]}" torch --index-url https://download.pytorch.org/whl/cpu
+    "${PIP[@]}" --retries 1 --timeout 20 torch --index-url https://download.pytorch.org/whl/cpu \
+        || echo "PyTorch's CPU wheel index is unreachable: installing the default torch wheel"
 fi
 "${PIP[@]}" -r "$ROOT/requirements.txt"
 echo "environment ready: $VENV"

@@ -53,6 +53,7 @@ megatron:
   no-masked-softmax-fusion: true
   attention-dropout: 0.0
   hidden-dropout: 0.0
+  no-create-attention-mask-in-dataloader: true
   tokenizer-type: NullTokenizer
   vocab-size: 257
   make-vocab-size-divisible-by: 256   # same padded vocabulary at TP=1 and TP=2
