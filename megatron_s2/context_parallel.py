@@ -228,7 +228,7 @@ def _unpack(kv: torch.Tensor):
 def _key_views(full: torch.Tensor, key_ends):
     """K/V views of the two local chunks' key ranges (prefixes of one buffer)."""
     k, v = _unpack(full)
-    (early, late) = key_ends
+    early, late = key_ends
     return k[:, :early], v[:, :early], k[:, :late], v[:, :late]
 
 
