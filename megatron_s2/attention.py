@@ -195,7 +195,7 @@ def s2_attention(
                         num_local_heads=q.shape[-2], q_start=q_start, k_start=k_start, device=q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     prob = kernel.Problem(
-        layout=kernel.kernel_layout(layout, q.shape[-1]), num_seqs=num_seqs, len_q=q_len, len_k=kv_len,
+        layout=kernel.kernel_layout(layout, q.shape[-1], q.shape[-2] // k.shape[-2]), num_seqs=num_seqs, len_q=q_len, len_k=kv_len,
         q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_q, cu_k=cu_k,
     )
     out, lse = _S2AttentionFunction.apply(q4, k4, v4, prob)

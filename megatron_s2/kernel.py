@@ -45,11 +45,14 @@ _DERIVED_CACHE_SIZE = 128
 @dataclasses.dataclass(frozen=True)
 class TileLists:
     """CSR lists per (local query head, tile): ``entries[ptr[r]:ptr[r] + nfull[r]]`` need no mask,
-    ``entries[ptr[r] + nfull[r]:ptr[r + 1]]`` do. Entry = ``(unit << 8) | bits``."""
+    ``entries[ptr[r] + nfull[r]:ptr[r + 1]]`` do. Entry = ``(unit << 8) | bits``, bit ``s`` set when
+    the tile's slot ``s`` uses the entry. ``units[g, t, s]`` is the unit in slot ``s`` of tile ``t``
+    for tile group ``g`` (-1: empty slot)."""
 
     ptr: torch.Tensor
     nfull: torch.Tensor
     entries: torch.Tensor
+    units: torch.Tensor
     num_tiles: int
 
 
@@ -59,14 +62,12 @@ class KernelLayout:
     q_merge: int  # units per query tile (forward, dQ)
     k_merge: int  # units per key tile (dK/dV)
     num_heads: int
-    q_unit_start: int
-    k_unit_start: int
-    q_tiles: TileLists  # for the forward and dQ: key units per query tile
-    k_tiles: TileLists  # for dK/dV: query units per key tile
+    q_tiles: TileLists  # for the forward and dQ: key units per query tile (consecutive units)
+    k_tiles: TileLists  # for dK/dV: query units per key tile (units paired per KV head)
 
 
-def _tile_lists(ptr, idx, heads, n_rows, n_cols, row_start, col_start, refine, merge, rows_are_queries):
-    """Refine a block CSR to units of ``block/refine`` tokens, merge ``merge`` unit rows per tile."""
+def _unit_entries(ptr, idx, heads, n_rows, row_start, col_start, refine, rows_are_queries):
+    """(head, row, col) of every active pair of a block CSR, refined to units of block/refine."""
     device = idx.device
     nnz = idx.numel()
     counts = (ptr[1:] - ptr[:-1]).long()
@@ -81,77 +82,128 @@ def _tile_lists(ptr, idx, heads, n_rows, n_cols, row_start, col_start, refine, m
         q_abs, k_abs = (row + row_start, col + col_start) if rows_are_queries else (col + col_start, row + row_start)
         keep = k_abs <= q_abs  # sub-blocks wholly above the diagonal hold no causal pair
         head, row, col = head[keep], row[keep], col[keep]
-    n_rows, n_cols = n_rows * refine, n_cols * refine
+    return head, row, col
+
+
+def _consecutive_tiles(n_rows, merge, device):
+    """Query tiles: ``merge`` consecutive units, the same for all heads (one tile group)."""
     n_tiles = -(-n_rows // merge)
-    tile_row = head * n_tiles + row // merge
-    uniq, inverse = torch.unique(tile_row * n_cols + col, return_inverse=True)
-    bits = torch.zeros_like(uniq).scatter_add_(0, inverse, 1 << (row % merge))
-    tile_row, col = uniq // n_cols, uniq % n_cols
-    tile = tile_row % n_tiles
-    # Units past the last one do not exist: count them as using every entry.
-    missing = torch.clamp((tile + 1) * merge - n_rows, min=0)
-    all_bits = (1 << merge) - 1
-    phantom = all_bits ^ ((1 << (merge - missing)) - 1)
-    first_abs = tile * merge + row_start
-    if rows_are_queries:
-        crosses = col + col_start >= first_abs  # some key of the unit lies after some query of the tile
+    units = torch.full((1, n_tiles * merge), -1, dtype=torch.int64, device=device)
+    units[0, :n_rows] = torch.arange(n_rows, device=device)
+    return units.view(1, n_tiles, merge), torch.arange(n_rows, device=device)[None]
+
+
+def _paired_tiles(head, row, col, heads, group, merge, n_rows, n_cols):
+    """Key tiles: per KV head, ``merge`` key units whose query lists are alike, so that a tile does
+    not compute a long list for a unit that needs a short one.
+
+    A unit's kind is the set of heads of its GQA group whose list reaches the last query unit (the
+    vertical stripes of S2, or dense heads). Units of one kind, ascending, fill tiles together:
+    stripe ``u`` with stripe ``u + vert_stride``, window-only neighbours with each other; a kind
+    with a count that is not a multiple of ``merge`` leaves empty slots rather than mixing kinds.
+    Long-list kinds come first, so the heavy tiles start first. Returns the units of every tile
+    ``[kv heads, tiles, merge]`` (-1: empty) and the flat slot of every unit ``[kv heads, units]``."""
+    device = row.device
+    last = torch.full((heads * n_rows,), -1, dtype=torch.int64, device=device)
+    last.scatter_reduce_(0, head * n_rows + row, col, reduce="amax")
+    reaches_end = (last == n_cols - 1).view(heads // group, group, n_rows)
+    if group <= 62:
+        kind = (reaches_end.long() << torch.arange(group, device=device)[None, :, None]).sum(1)
     else:
-        crosses = col + col_start <= first_abs + merge - 1
+        kind = reaches_end.any(1).long()
+    rank = torch.where(kind > 0, kind, torch.iinfo(torch.int64).max)
+    sorted_rank, order = torch.sort(rank, dim=1, stable=True)
+    index = torch.arange(n_rows, device=device)
+    slots, positions = [], []
+    for g in range(order.shape[0]):  # one pass per KV head, once per layout
+        new_kind = torch.ones(n_rows, dtype=torch.bool, device=device)
+        new_kind[1:] = sorted_rank[g, 1:] != sorted_rank[g, :-1]
+        seg = torch.cumsum(new_kind.long(), 0) - 1
+        count = torch.zeros(n_rows, dtype=torch.int64, device=device).scatter_add_(0, seg, torch.ones_like(seg))
+        padded = (count + merge - 1) // merge * merge
+        pos = (torch.cumsum(padded, 0) - padded)[seg] + index - (torch.cumsum(count, 0) - count)[seg]
+        positions.append(torch.empty_like(pos).scatter_(0, order[g], pos))
+        slot_units = torch.full((int(padded.sum()),), -1, dtype=torch.int64, device=device)
+        slot_units[pos] = order[g]
+        slots.append(slot_units)
+    n_tiles = max(len(t) for t in slots) // merge
+    units = torch.full((len(slots), n_tiles * merge), -1, dtype=torch.int64, device=device)
+    for g, slot_units in enumerate(slots):
+        units[g, : len(slot_units)] = slot_units
+    return units.view(len(slots), n_tiles, merge), torch.stack(positions)
+
+
+def _merge_lists(head, row, col, tiles, heads, group, n_rows, n_cols, row_start, col_start, rows_are_queries):
+    """Union of the lists of the units of each tile; ``tiles = (units, positions)`` as returned by
+    ``_consecutive_tiles`` / ``_paired_tiles``, one tile group per ``group`` heads."""
+    device = row.device
+    units, position = tiles
+    _, n_tiles, merge = units.shape
+    pos = position[head // group, row]
+    tile_row = head * n_tiles + pos // merge
+    uniq, inverse = torch.unique(tile_row * n_cols + col, return_inverse=True)
+    bits = torch.zeros_like(uniq).scatter_add_(0, inverse, 1 << (pos % merge))
+    tile_row, col = uniq // n_cols, uniq % n_cols
+    tile_units = units[(tile_row // n_tiles) // group, tile_row % n_tiles]
+    # Empty slots (past the last unit) count as using every entry: nothing to mask for them.
+    empty = tile_units < 0
+    phantom = (empty.long() << torch.arange(merge, device=device)).sum(-1)
+    all_bits = (1 << merge) - 1
+    if rows_are_queries:  # some key of the unit lies after some query of the tile
+        first = torch.where(empty, n_rows, tile_units).min(-1).values
+        crosses = col + col_start >= first + row_start
+    else:
+        crosses = col + col_start <= tile_units.max(-1).values + row_start
     masked = ((bits | phantom) != all_bits) | crosses
-    order = torch.argsort((tile_row * 2 + masked.long()) * n_cols + col)
-    entries = ((col << _FLAG_BITS) | bits)[order].to(torch.int32)
+    order_entries = torch.argsort((tile_row * 2 + masked.long()) * n_cols + col)
+    entries = ((col << _FLAG_BITS) | bits)[order_entries].to(torch.int32)
     rows_total = heads * n_tiles
     per_row = torch.zeros(rows_total, dtype=torch.int64, device=device).scatter_add_(
-        0, tile_row, torch.ones_like(tile_row)
-    )
-    nfull = torch.zeros(rows_total, dtype=torch.int64, device=device).scatter_add_(
-        0, tile_row, (~masked).long()
-    )
-    new_ptr = torch.zeros(rows_total + 1, dtype=torch.int64, device=device)
-    torch.cumsum(per_row, 0, out=new_ptr[1:])
-    return TileLists(new_ptr.to(torch.int32), nfull.to(torch.int32), entries, n_tiles)
+        0, tile_row, torch.ones_like(tile_row))
+    nfull = torch.zeros(rows_total, dtype=torch.int64, device=device).scatter_add_(0, tile_row, (~masked).long())
+    ptr = torch.zeros(rows_total + 1, dtype=torch.int64, device=device)
+    torch.cumsum(per_row, 0, out=ptr[1:])
+    return TileLists(ptr.to(torch.int32), nfull.to(torch.int32), entries, units.to(torch.int32).contiguous(),
+                     n_tiles)
 
 
 def tile_sizes(block_size: int, head_dim: int):
-    """(unit, units per query tile, units per key tile) for this block size and head dim.
-
-    Query tiles have 128 rows (64 at head dim 256): neighbouring query units share almost all
-    their key units. Key tiles have 64 rows: a stripe key unit's neighbour is usually not a stripe,
-    so a 128-row key tile would compute its long list of query units twice over (measured: dK/dV
-    82.8 ms with 128-key tiles, 61.5 ms with 64-key tiles at 128k tokens, H100)."""
+    """(unit, units per query tile, units per key tile) for this block size and head dim: tiles
+    of 128 rows (64 at head dim 256), since Hopper's tensor cores are underused at 64 rows."""
     unit = min(block_size, _MAX_UNIT)
-    q_rows = 128 if head_dim <= 128 else 64
-    return unit, max(1, q_rows // unit), max(1, 64 // unit)
+    rows = 128 if head_dim <= 128 else 64
+    merge = max(1, rows // unit)
+    return unit, merge, merge
 
 
 _derived: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
 
-def kernel_layout(layout: S2Layout, head_dim: int) -> KernelLayout:
-    """Tile lists for ``layout``, cached by layout identity (get_layout caches layouts themselves)."""
+def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
+    """Tile lists for ``layout`` and ``group`` query heads per KV head, cached by layout identity
+    (get_layout caches the layouts themselves)."""
     unit, q_merge, k_merge = tile_sizes(layout.block_size, head_dim)
-    key = (id(layout), unit, q_merge, k_merge)
+    key = (id(layout), unit, q_merge, k_merge, group)
     hit = _derived.get(key)
     if hit is not None and hit[0] is layout:
         _derived.move_to_end(key)
         return hit[1]
     refine = layout.block_size // unit
-    common = dict(heads=layout.num_heads, refine=refine)
-    q_unit_start, k_unit_start = layout.q_block_start * refine, layout.k_block_start * refine
-    derived = KernelLayout(
-        unit=unit,
-        q_merge=q_merge,
-        k_merge=k_merge,
-        num_heads=layout.num_heads,
-        q_unit_start=q_unit_start,
-        k_unit_start=k_unit_start,
-        q_tiles=_tile_lists(layout.q2k_ptr, layout.q2k_idx, n_rows=layout.num_q_blocks,
-                            n_cols=layout.num_k_blocks, row_start=q_unit_start,
-                            col_start=k_unit_start, merge=q_merge, rows_are_queries=True, **common),
-        k_tiles=_tile_lists(layout.k2q_ptr, layout.k2q_idx, n_rows=layout.num_k_blocks,
-                            n_cols=layout.num_q_blocks, row_start=k_unit_start,
-                            col_start=q_unit_start, merge=k_merge, rows_are_queries=False, **common),
-    )
+    heads = layout.num_heads
+    q_units, k_units = layout.num_q_blocks * refine, layout.num_k_blocks * refine
+    q_start, k_start = layout.q_block_start * refine, layout.k_block_start * refine
+    device = layout.q2k_idx.device
+    hq, rq, cq = _unit_entries(layout.q2k_ptr, layout.q2k_idx, heads, layout.num_q_blocks, q_start, k_start,
+                               refine, rows_are_queries=True)
+    q_tiles = _merge_lists(hq, rq, cq, _consecutive_tiles(q_units, q_merge, device), heads, heads,
+                           q_units, k_units, q_start, k_start, rows_are_queries=True)
+    hk, rk, ck = _unit_entries(layout.k2q_ptr, layout.k2q_idx, heads, layout.num_k_blocks, k_start, q_start,
+                               refine, rows_are_queries=False)
+    k_pairs = _paired_tiles(hk, rk, ck, heads, group, k_merge, k_units, q_units)
+    k_tiles = _merge_lists(hk, rk, ck, k_pairs, heads, group, k_units, q_units, k_start, q_start,
+                           rows_are_queries=False)
+    derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, num_heads=heads,
+                           q_tiles=q_tiles, k_tiles=k_tiles)
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
         _derived.popitem(last=False)
@@ -367,7 +419,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale, sm_scale,
+    Q, K, V, DO, DK, DV, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, T_UNITS, CU_Q, CU_K, qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
@@ -377,23 +429,25 @@ def _bwd_dkdv_kernel(
 ):
     TILE: tl.constexpr = UNIT * MERGE
     pid_bh = tl.program_id(1)
-    tile = tl.program_id(0)  # early key tiles are read by the most queries: schedule them first
+    tile = tl.program_id(0)  # tiles of long-list (heavy) key units come first
     b = pid_bh // num_kv_heads
     kh = pid_bh % num_kv_heads
     q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
     k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
-    row0 = tile * TILE
-    if row0 < len_k:
-        offs_m = tl.arange(0, TILE)
+    offs_m = tl.arange(0, TILE)
+    # The tile's key units need not be neighbours (see _paired_tiles).
+    slot_unit = tl.load(T_UNITS + (kh * num_tiles + tile) * MERGE + offs_m // UNIT)
+    rows = slot_unit * UNIT + offs_m % UNIT
+    row_ok = (slot_unit >= 0) & (rows < len_k)
+    if tl.max(row_ok.to(tl.int32), 0) > 0:
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
-        row_ok = (row0 + offs_m) < len_k
-        k_tok = (k_tok0 + row0).to(tl.int64)
-        k = tl.load(K + b64 * stride_kb + kh * stride_kh + k_tok * stride_ks
-                    + offs_m[:, None] * stride_ks + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        v = tl.load(V + b64 * stride_vb + kh * stride_vh + (k_tok0 + row0).to(tl.int64) * stride_vs
-                    + offs_m[:, None] * stride_vs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        k_pos = k_pos0 + row0 + offs_m
+        k_off = (k_tok0 + rows).to(tl.int64)
+        k = tl.load(K + b64 * stride_kb + kh * stride_kh + k_off[:, None] * stride_ks + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        v = tl.load(V + b64 * stride_vb + kh * stride_vh + k_off[:, None] * stride_vs + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        k_pos = k_pos0 + rows
         unit_of_row = offs_m // UNIT
         q_units = (len_q + UNIT - 1) // UNIT
         dk = tl.zeros([TILE, HEAD_DIM], tl.float32)
@@ -421,12 +475,10 @@ def _bwd_dkdv_kernel(
                                  ENTRIES, e_mid, e_hi, qk_scale, k_pos, len_q, q_pos0, unit_of_row,
                                  offs_d, UNIT, QSTEP, True, DOT_PREC)
         dk *= sm_scale
-        tl.store(DK + b64 * stride_dkb + kh * stride_dkh + k_tok * stride_dks
-                 + offs_m[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                 mask=row_ok[:, None])
-        tl.store(DV + b64 * stride_dvb + kh * stride_dvh + k_tok * stride_dvs
-                 + offs_m[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                 mask=row_ok[:, None])
+        tl.store(DK + b64 * stride_dkb + kh * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DV + b64 * stride_dvb + kh * stride_dvh + k_off[:, None] * stride_dvs + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -654,7 +706,7 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
     common = dict(HEAD_DIM=dim, UNIT=kl.unit, VARLEN=varlen, DOT_PREC=prec)
     kt = kl.k_tiles
     _dkdv.launch((kt.num_tiles, prob.num_seqs * kv_heads), dim,
-        q, k, v, do, dk, dv, lse, delta, kt.ptr, kt.nfull, kt.entries, cu_q, cu_k, qk_scale,
+        q, k, v, do, dk, dv, lse, delta, kt.ptr, kt.nfull, kt.entries, kt.units, cu_q, cu_k, qk_scale,
         prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dk, varlen), *_bsh(dv, varlen), *_lse_strides(lse, varlen),
         kv_heads, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0,

@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a @triton.jit mo
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from megatron_s2 import BlockMaskPattern, S2Pattern, s2_attention  # noqa: E402
+from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention  # noqa: E402
 from megatron_s2 import kernel  # noqa: E402
 from megatron_s2.reference import s2_attention_reference  # noqa: E402
 
@@ -171,10 +171,30 @@ def test_tile_lists_are_cached(monkeypatch):
     q, k, v = draw((1, 40, 2, 32), (1, 40, 2, 32), (1, 40, 2, 32), seed=21)
     s2_attention(q, k, v, pattern)
     calls = []
-    real = kernel._tile_lists
-    monkeypatch.setattr(kernel, "_tile_lists", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = kernel._merge_lists
+    monkeypatch.setattr(kernel, "_merge_lists", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     s2_attention(q, k, v, pattern)
     assert not calls
+
+
+def test_key_tiles_pair_units_with_alike_lists():
+    """dK/dV tiles hold each key unit exactly once per KV head, and pair stripe units with stripe
+    units of the same head (else a tile computes a stripe's long query list for both units)."""
+    pattern = S2Pattern(block_size=64, local_blocks=2, vert_stride=4)
+    heads, kv_heads, units = 8, 2, 40
+    layout = get_layout(pattern, heads, kv_heads, units * 64)
+    tiles = kernel.kernel_layout(layout, 128, heads // kv_heads).k_tiles
+    for g in range(kv_heads):
+        slots = [u for u in tiles.units[g].flatten().tolist() if u >= 0]
+        assert sorted(slots) == list(range(units))
+    offsets = pattern.head_offsets(heads, kv_heads)
+    for g in range(kv_heads):
+        for a, b in tiles.units[g].tolist():
+            if min(a, b) < 0:
+                continue  # one unit of its kind left over
+            for h in range(g * 4, g * 4 + 4):
+                stripe = [(u + offsets[h]) % 4 == 0 and u < units - 2 for u in (a, b)]
+                assert stripe[0] == stripe[1], (g, a, b, h)
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):

@@ -168,13 +168,13 @@ def layout_build_ms(pattern, case):
     s2_kernel._derived.clear()
     start = time.perf_counter()
     layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device="cuda")
-    s2_kernel.kernel_layout(layout, case.dim)
+    s2_kernel.kernel_layout(layout, case.dim, case.heads // case.kv_heads)
     torch.cuda.synchronize()
     cold = (time.perf_counter() - start) * 1e3
     start = time.perf_counter()
     for _ in range(100):
         layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device="cuda")
-        s2_kernel.kernel_layout(layout, case.dim)
+        s2_kernel.kernel_layout(layout, case.dim, case.heads // case.kv_heads)
     cached = (time.perf_counter() - start) * 1e3 / 100
     return cold, cached
 
