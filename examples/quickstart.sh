@@ -21,7 +21,8 @@ if [ "${SKIP_INSTALL:-0}" != "1" ]; then
     . "$VENV/bin/activate"
 fi
 
-GPUS=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+PY=$(command -v python || command -v python3)  # images without a `python` alias have python3
+GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 OUT=${OUT:-checkpoints/quickstart}
 DATA=data/python_docs
 if [ "$GPUS" -gt 0 ]; then
@@ -32,24 +33,24 @@ else
     echo "== no GPU found: quickstart on CPU (slow, for trying things out)"
     ITERS=${ITERS:-150}
     EXTRA=(--log-interval 10 --eval-interval "$ITERS")
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(python -c 'import os; print(max(1, os.cpu_count() // 2))')}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$("$PY" -c 'import os; print(max(1, os.cpu_count() // 2))')}
 fi
 
 if [ ! -f "$DATA.bin" ]; then
     echo "== preparing data: Python's documentation -> $DATA.bin/.idx"
-    python tools/preprocess_data.py --default-corpus --output-prefix "$DATA"
+    "$PY" tools/preprocess_data.py --default-corpus --output-prefix "$DATA"
 fi
 
 echo "== training configs/quickstart.yaml for $ITERS steps -> $OUT"
 rm -rf "$OUT"
-torchrun --nproc-per-node 1 --master-port "${MASTER_PORT:-29500}" pretrain_gpt_s2.py \
+"$PY" -m torch.distributed.run --nproc-per-node 1 --master-port "${MASTER_PORT:-29500}" pretrain_gpt_s2.py \
     --s2-config configs/quickstart.yaml --data-path "$DATA" \
     --train-iters "$ITERS" --save-interval "$ITERS" --save "$OUT" \
     --tensorboard-dir "$OUT/tensorboard" "${EXTRA[@]}" 2>&1 \
     | grep -v -E 'UserWarning|warnings.warn|FutureWarning|^\s+return func|class MimoModelConfig'
 
 echo "== sample from the trained model"
-python examples/generate_sample.py --s2-config configs/quickstart.yaml --load "$OUT" \
+"$PY" examples/generate_sample.py --s2-config configs/quickstart.yaml --load "$OUT" \
     "${EXTRA[@]}" --prompt "The " --sample-tokens 300 2>&1 \
     | sed -n '/^----- sample -----$/,/^------------------$/p'
 echo "== done. TensorBoard logs: $OUT/tensorboard; checkpoint: $OUT"

@@ -14,8 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: $0 CONFIG.yaml [flags...]}
 shift
-GPUS_PER_NODE=${GPUS_PER_NODE:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+PY=$(command -v python || command -v python3)
+GPUS_PER_NODE=${GPUS_PER_NODE:-$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 
-exec torchrun --standalone --nproc-per-node "$GPUS_PER_NODE" \
+exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$GPUS_PER_NODE" \
     pretrain_gpt_s2.py --s2-config "$CONFIG" "$@"

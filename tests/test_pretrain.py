@@ -272,7 +272,8 @@ def test_sparse_flops_count_the_pairs_the_layout_attends(seq_len):
     from megatron_s2.pattern import S2Pattern
 
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=1)
-    offsets = pattern.head_offsets(4, 4)
+    # 4 heterogeneous heads, step max(1, 4 // 4) = 1: offsets 0, 1, 2; the last head is dense.
+    offsets = [0, 1, 2, None]
     assert flops.attended_pairs(pattern, 4, 4, seq_len) == _pairs_by_formula(16, 2, 4, offsets, seq_len)
     assert flops.attended_pairs(None, 4, 4, seq_len) == _pairs_by_formula(16, 1, 1, [None] * 4, seq_len)
 
