@@ -11,7 +11,7 @@ call site would break on every upgrade, so this module redirects them globally i
 1. a ``TorchFunctionMode`` rewrites every CUDA device argument (``'cuda'``, ``'cuda:N'``, an int, a
    ``torch.device``) to CPU and makes ``Tensor.cuda()`` / ``Tensor.pin_memory()`` no-ops;
 2. the ``torch.cuda`` functions Megatron calls (streams, events, synchronize, memory statistics, RNG
-   state) are replaced with CPU stand-ins while the mode is active;
+   state) are replaced with CPU stand-ins, for the rest of the process;
 3. Megatron's start-up gets ``allow_no_cuda=True``, and its JIT warm-up (which runs fused kernels on
    random data and so shifts the CPU random stream, making initialisation depend on the TP size) is
    skipped;
@@ -33,13 +33,13 @@ import warnings
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["cpu_mode_requested", "activate", "is_active", "apply_cpu_arguments"]
+__all__ = ["cpu_mode_requested", "activate", "apply_cpu_arguments"]
 
 _ACTIVE_MODE: "_CpuDeviceMode | None" = None
 
 BANNER = (
-    "megatron_s2: no CUDA device found; running on CPU through megatron_s2.cpu_compat. "
-    "This is SLOW and meant for tests and demos only."
+    "megatron_s2: running on CPU through megatron_s2.cpu_compat (no CUDA device, or "
+    "MEGATRON_S2_CPU=1). This is SLOW and meant for tests and demos only."
 )
 
 
@@ -51,10 +51,6 @@ def cpu_mode_requested() -> bool:
     if flag in ("0", "false", "no"):
         return False
     return not torch.cuda.is_available()
-
-
-def is_active() -> bool:
-    return _ACTIVE_MODE is not None
 
 
 def _is_cuda_device(device) -> bool:
@@ -238,8 +234,7 @@ def activate() -> None:
 
 def apply_cpu_arguments(args) -> None:
     """Adjust parsed Megatron arguments for a CPU run (gloo, CPU initialisation, fp32)."""
-    if args.distributed_backend != "gloo":
-        args.distributed_backend = "gloo"
+    args.distributed_backend = "gloo"
     args.use_cpu_initialization = True
     # Mixed precision kernels and fused optimizers are CUDA-only; fp32 keeps CPU runs exact.
     if args.bf16 or args.fp16:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Iterable, Iterator
 
 import numpy
