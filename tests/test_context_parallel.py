@@ -54,7 +54,6 @@ CASES = [
      S2Pattern(block_size=BLOCK, local_blocks=2, vert_stride=4, head_pattern="kv_group",
                num_dense_heads=1), 8, 4, 4, 4, 2),
     ("dense", S2Pattern.dense(block_size=BLOCK), 2, 1, 0, 2, 1),
-    ("one_kv_head_replicated_tp_slice", SPARSE, 4, 1, 2, 2, 1),  # TP > KV heads: KV replicated
     ("explicit_block_mask_tp_slice", _random_block_mask(4, SEQ // BLOCK), 4, 2, 2, 2, 1),
 ]
 
