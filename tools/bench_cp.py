@@ -112,10 +112,12 @@ def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
             context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, **common)
 
     def forward_backward():
+        q.grad = k.grad = v.grad = None  # no gradient accumulation in the timing
         out = context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, **common)
         out.backward(grad_out)
 
     def exchange_only():
+        k.grad = v.grad = None
         views = exchange_kv(k, v, pattern, cp_group=None, exchange=exchange, head_start=0,
                             num_local_heads=heads, **common)
         torch.autograd.backward(views, [torch.ones_like(t) for t in views])
@@ -160,6 +162,7 @@ def bench_cp1(pattern, seq, args, device, dtype, timer, common):
         grad_out = torch.randn_like(q)
 
         def forward_backward():
+            q.grad = k.grad = v.grad = None
             s2_attention(q, k, v, pattern, **common).backward(grad_out)
 
         for _ in range(args.warmup):
