@@ -9,7 +9,8 @@ megatron-core 0.19.2 assumes CUDA in dozens of places (``device='cuda'``, ``.cud
 call site would break on every upgrade, so this module redirects them globally instead:
 
 1. a ``TorchFunctionMode`` rewrites every CUDA device argument (``'cuda'``, ``'cuda:N'``, an int, a
-   ``torch.device``) to CPU and makes ``Tensor.cuda()`` / ``Tensor.pin_memory()`` no-ops;
+   ``torch.device``) to CPU and makes ``Tensor.cuda()``, ``Tensor.pin_memory()`` and
+   ``pin_memory=True`` no-ops;
 2. the ``torch.cuda`` functions Megatron calls (streams, events, synchronize, memory statistics, RNG
    state) are replaced with CPU stand-ins, for the rest of the process;
 3. Megatron's start-up gets ``allow_no_cuda=True``, and its JIT warm-up (which runs fused kernels on
@@ -77,6 +78,8 @@ class _CpuDeviceMode(TorchFunctionMode):
             return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # pinning needs a CUDA driver; pageable memory is the same here
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to:
             args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
         return func(*args, **kwargs)

@@ -183,6 +183,18 @@ def test_tp2_losses_equal_tp1_on_hybrid_model(workdir, tp1_run):
     assert float(tp1[4]) < float(tp1[1])
 
 
+@pytest.mark.parametrize("exchange", ["allgather", "s2"])
+def test_cp2_losses_equal_cp1(workdir, tp1_run, exchange):
+    # Each CP rank holds chunks r and 3 - r of every sequence (Megatron's load balancing); the
+    # batch must be split over the CP group only, and S2 must see absolute positions.
+    cp2 = launch(workdir, f"cp2_{exchange}", ["--train-iters", "4", "--context-parallel-size", "2",
+                                              "--s2-override", f"cp_exchange={exchange}"],
+                 world_size=2).check_ok().losses
+    assert sorted(cp2) == [1, 2, 3, 4]
+    for iteration, loss in tp1_run.losses.items():
+        assert float(cp2[iteration]) == pytest.approx(float(loss), rel=2e-6, abs=0), iteration
+
+
 def test_save_exit_resume_is_bit_identical_and_keeps_s2_settings(workdir, tp1_run):
     save = str(workdir / "ckpt")
     first = launch(workdir, "save", ["--train-iters", "4", "--save", save, "--save-interval", "2",
