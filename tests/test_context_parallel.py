@@ -1,7 +1,8 @@
 """Context parallelism: CP=2 (and TP=2 x CP=2) equals the CP=1 reference, for both exchanges.
 
-The reference is the float64 dense-masked attention (inputs float32, as the kernel takes) on the whole sequence; every rank computes it
-itself from the same seeded inputs and compares its own chunks of the output and of dq, dk, dv.
+The reference is the float64 dense-masked attention on the whole sequence (inputs drawn in float32,
+the kernel's widest type); every rank computes it itself from the same seeded inputs and compares
+its own chunks of the output and of dq, dk, dv.
 """
 
 import os
@@ -81,6 +82,7 @@ def _check_case(case, exchange, cp_rank, cp_size, cp_group, seed, dim=8, toleran
     out.backward(_local_chunks(grad_out, cp_rank, cp_size))
 
     label = f"{name}/{exchange}/cp_rank{cp_rank}"
+
     def expect(mine, ref, what):  # float32 against the float64 reference
         torch.testing.assert_close(mine.double(), _local_chunks(ref, cp_rank, cp_size),
                                    rtol=10 * tolerance, atol=tolerance, msg=f"{label} {what}")

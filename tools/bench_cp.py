@@ -158,7 +158,8 @@ def bench_cp1(pattern, seq, args, device, dtype, timer, common):
     if dist.get_rank() == 0:
         gen = torch.Generator(device=device).manual_seed(99)
         shapes = [(args.batch, seq, h, args.head_dim) for h in (args.heads, args.kv_heads, args.kv_heads)]
-        q, k, v = (torch.randn(*s, generator=gen, device=device, dtype=dtype).requires_grad_() for s in shapes)
+        q, k, v = (torch.randn(*s, generator=gen, device=device, dtype=dtype).requires_grad_()
+                   for s in shapes)
         grad_out = torch.randn_like(q)
 
         def forward_backward():
