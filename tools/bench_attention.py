@@ -27,6 +27,7 @@ from megatron_s2 import S2Pattern, get_layout, s2_attention  # noqa: E402
 from megatron_s2 import kernel as s2_kernel  # noqa: E402
 from megatron_s2.layout import clear_layout_cache  # noqa: E402
 
+DEVICE = "cuda"
 IMPLS = ("s2", "flex", "sdpa", "flash", "cudnn")
 
 
@@ -55,10 +56,10 @@ def default_cases(seqs, dims):
 
 def attended_pairs(pattern, case) -> int:
     """Attended (query, key) token pairs of one batch row, summed over heads."""
-    layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device="cuda")
+    layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device=DEVICE)
     mask = layout.to_block_mask()
     bs = pattern.block_size
-    blocks = torch.arange(layout.num_q_blocks, device="cuda")
+    blocks = torch.arange(layout.num_q_blocks, device=DEVICE)
     tokens = torch.clamp(case.seq - blocks * bs, max=bs)
     pairs = tokens[:, None] * tokens[None, :]
     diag = tokens * (tokens + 1) // 2
@@ -70,17 +71,17 @@ def flex_block_mask(pattern, case):
     """FlexAttention BlockMask at its 128-token granularity from the same S2 block mask."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device="cuda")
+    layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device=DEVICE)
     blocks = layout.to_block_mask()  # [h, nb, nb] at block_size
     flex = 128
     r = flex // pattern.block_size
     nb = blocks.shape[1]
     nf = -(-nb // r)
-    padded = torch.zeros(case.heads, nf * r, nf * r, dtype=torch.bool, device="cuda")
+    padded = torch.zeros(case.heads, nf * r, nf * r, dtype=torch.bool, device=DEVICE)
     padded[:, :nb, :nb] = blocks
     sub = padded.view(case.heads, nf, r, nf, r).permute(0, 1, 3, 2, 4).reshape(case.heads, nf, nf, r * r)
     any_on = sub.any(-1)
-    diagonal = torch.eye(nf, dtype=torch.bool, device="cuda")[None]
+    diagonal = torch.eye(nf, dtype=torch.bool, device=DEVICE)[None]
     full = sub.all(-1) & ~diagonal
     if case.seq % flex:  # the last flex block holds padding tokens: mask them
         full[:, -1, :] = False
@@ -128,16 +129,16 @@ def make_runner(impl, pattern, case, q, k, v):
     return dense
 
 
-def time_impl(impl, pattern, case, useful_fwd_flops, dense_flops):
+def time_impl(impl, pattern, case, useful_fwd_flops, kernel_flops):
     from triton.testing import do_bench
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     shape_q = (case.batch, case.seq, case.heads, case.dim)
     shape_kv = (case.batch, case.seq, case.kv_heads, case.dim)
-    q, k, v = (torch.randn(s, generator=gen, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    q, k, v = (torch.randn(s, generator=gen, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
                for s in (shape_q, shape_kv, shape_kv))
     run = make_runner(impl, pattern, case, q, k, v)
-    grad = torch.randn(shape_q, generator=gen, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(shape_q, generator=gen, device=DEVICE, dtype=torch.bfloat16)
 
     def fwd_bwd():
         run().backward(grad)
@@ -158,7 +159,7 @@ def time_impl(impl, pattern, case, useful_fwd_flops, dense_flops):
     return dict(impl=impl, case=case.name, fwd_ms=fwd_ms, fwd_bwd_ms=total_ms,
                 fwd_tflops=useful_fwd_flops / fwd_ms * 1e-9,
                 fwd_bwd_tflops=3.5 * useful_fwd_flops / total_ms * 1e-9,
-                fwd_own_tflops=dense_flops / fwd_ms * 1e-9,
+                fwd_kernel_tflops=kernel_flops / fwd_ms * 1e-9,  # the kernel's own work (dense: causal)
                 peak_gib=peak_gib)
 
 
@@ -167,13 +168,13 @@ def layout_build_ms(pattern, case):
     clear_layout_cache()
     s2_kernel._derived.clear()
     start = time.perf_counter()
-    layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device="cuda")
+    layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device=DEVICE)
     s2_kernel.kernel_layout(layout, case.dim, case.heads // case.kv_heads)
     torch.cuda.synchronize()
     cold = (time.perf_counter() - start) * 1e3
     start = time.perf_counter()
     for _ in range(100):
-        layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device="cuda")
+        layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device=DEVICE)
         s2_kernel.kernel_layout(layout, case.dim, case.heads // case.kv_heads)
     cached = (time.perf_counter() - start) * 1e3 / 100
     return cold, cached
@@ -242,7 +243,11 @@ def main(argv=None):
             results.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
+        write_report(args.out, results, layouts, argv)  # after every case: a cut-off run keeps its rows
+    print_table(*write_report(args.out, results, layouts, argv))
 
+
+def write_report(out, results, layouts, argv):
     import triton
 
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
@@ -250,11 +255,15 @@ def main(argv=None):
                 command="python tools/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     tuned = {name: {str(key): str(cfg) for t in launcher.tuned if t is not None for key, cfg in t.cache.items()}
              for name, launcher in (("fwd", s2_kernel._fwd), ("dkdv", s2_kernel._dkdv), ("dq", s2_kernel._dq))}
-    with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
+    with open(os.path.join(out, "bench_attention.json"), "w") as f:
         json.dump(dict(meta=meta, results=results, layouts=layouts, tuned_configs=tuned), f, indent=1)
     ok = [r for r in results if "error" not in r]
     if ok:
-        plot(ok, os.path.join(args.out, "bench_attention.png"))
+        plot(ok, os.path.join(out, "bench_attention.png"))
+    return meta, results, layouts, tuned
+
+
+def print_table(meta, results, layouts, tuned):
     for name, cache in tuned.items():
         for key, cfg in cache.items():
             print(f"tuned {name}: {cfg}  (key {key[:60]})")
@@ -262,13 +271,16 @@ def main(argv=None):
     for lay in layouts:
         print(f"layout {lay['case']:<20} density {lay['density']:.3f}  build cold {lay['layout_cold_ms']:.1f} ms"
               f"  cached {lay['layout_cached_ms'] * 1e3:.1f} us")
-    print(f"{'case':<20} {'impl':<6} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} {'peak GiB':>9}")
+    print(f"{'case':<20} {'impl':<6} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} {'peak GiB':>9}"
+          f" {'S2 f+b x':>9}")
+    s2 = {r["case"]: r for r in results if r["impl"] == "s2" and "error" not in r}
     for r in results:
         if "error" in r:
             print(f"{r['case']:<20} {r['impl']:<6} {r['error'][:80]}")
             continue
+        speedup = r["fwd_bwd_ms"] / s2[r["case"]]["fwd_bwd_ms"] if r["case"] in s2 else float("nan")
         print(f"{r['case']:<20} {r['impl']:<6} {r['fwd_ms']:9.2f} {r['fwd_bwd_ms']:9.2f} "
-              f"{r['fwd_tflops']:9.0f} {r['fwd_bwd_tflops']:9.0f} {r['peak_gib']:9.2f}")
+              f"{r['fwd_tflops']:9.0f} {r['fwd_bwd_tflops']:9.0f} {r['peak_gib']:9.2f} {speedup:9.2f}")
 
 
 if __name__ == "__main__":
