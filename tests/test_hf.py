@@ -108,21 +108,36 @@ def _megatron_logits_tp2(rank, world_size, load_dir, input_ids):
         return tensor_parallel.gather_from_tensor_model_parallel_region(model(input_ids, positions, None))
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
-def test_pretrain_gpt_s2_checkpoint_exports_with_equal_logits(tmp_path, tp, pp):
-    """pretrain_gpt_s2.py trains a GQA hybrid model at TP=2 (or PP=2) and saves; the export gives the
-    logits of Megatron's own TP=2 load of that checkpoint."""
+GQA_FLAGS = ["--group-query-attention", "--num-query-groups", "2"]
+
+
+@pytest.fixture(scope="module")
+def pretrain_dir(tmp_path_factory):
+    """The training helper's tiny hybrid model (layers D S S S) and a small corpus."""
     test_pretrain = pytest.importorskip("tests.test_pretrain")
-    (tmp_path / "s2.yaml").write_text(test_pretrain.S2_YAML)
-    text = tmp_path / "corpus.txt"
+    root = tmp_path_factory.mktemp("pretrain_hf")
+    (root / "s2.yaml").write_text(test_pretrain.S2_YAML)
+    text = root / "corpus.txt"
     text.write_text("\n\n".join(list(test_pretrain.preprocess_data.default_corpus())[:4]))
     test_pretrain.preprocess_data.main(
-        ["--input", str(text), "--line-documents", "--output-prefix", str(tmp_path / "data")])
-    save = str(tmp_path / "ckpt")
-    test_pretrain.launch(tmp_path, "hf_export", [
-        "--train-iters", "2", "--save", save, "--save-interval", "2", "--tensor-model-parallel-size", str(tp),
-        "--pipeline-model-parallel-size", str(pp), "--group-query-attention", "--num-query-groups", "2"],
-        world_size=2).check_ok()
+        ["--input", str(text), "--line-documents", "--output-prefix", str(root / "data")])
+    return root, test_pretrain.launch
+
+
+def train(pretrain_dir, name, tp, pp, extra=()):
+    root, launch = pretrain_dir
+    save = str(root / name)
+    run = launch(root, name, ["--train-iters", "2", "--save", save, "--save-interval", "2",
+                              "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+                              *GQA_FLAGS, *extra], world_size=2).check_ok()
+    return save, run
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_pretrain_gpt_s2_checkpoint_exports_with_equal_logits(pretrain_dir, tmp_path, tp, pp):
+    """pretrain_gpt_s2.py trains a GQA hybrid model at TP=2 (or PP=2) and saves; the export gives the
+    logits of Megatron's own TP=2 load of that checkpoint."""
+    save, _ = train(pretrain_dir, f"tp{tp}pp{pp}", tp, pp)
     in_child(convert_to_hf.main, ["--load", save, "--out", str(tmp_path / "hf")])
     model = load_exported(tmp_path / "hf")
     assert model.config.num_key_value_heads == 2 and model.config.vocab_size == 257
@@ -132,6 +147,23 @@ def test_pretrain_gpt_s2_checkpoint_exports_with_equal_logits(tmp_path, tp, pp):
     with torch.no_grad():
         hf_logits = model(input_ids).logits
     assert (hf_logits - megatron_logits[..., :257]).abs().max() < 1e-4
+
+
+def test_imported_checkpoint_trains_in_pretrain_gpt_s2_like_the_original(pretrain_dir, tmp_path):
+    """Megatron (TP=2) -> HF -> Megatron (--tensor-parallel 2): pretrain_gpt_s2.py --finetune from the
+    converted checkpoint gives the same losses as from the original one."""
+    original = str(pretrain_dir[0] / "tp2pp1")
+    if not os.path.exists(original):
+        original, _ = train(pretrain_dir, "tp2pp1", 2, 1)
+    # Keep Megatron's padded vocabulary rows: its loss normalizes over them too.
+    in_child(convert_to_hf.main, ["--load", original, "--out", str(tmp_path / "hf"), "--vocab-size", "512"])
+    in_child(convert_from_hf.main, ["--hf", str(tmp_path / "hf"), "--save", str(tmp_path / "imported"),
+                                    "--tensor-parallel", "2", "--make-vocab-size-divisible-by", "256"])
+    losses = []
+    for name, load in (("from_original", original), ("from_imported", str(tmp_path / "imported"))):
+        _, run = train(pretrain_dir, name, 2, 1, ["--load", load, "--finetune"])
+        losses.append(run.losses)
+    assert sorted(losses[0]) == [1, 2] and losses[0] == losses[1]
 
 
 def _fill(model, rank):
@@ -282,6 +314,20 @@ def test_dense_export_is_stock_llama(exported, tmp_path):
     short = input_ids[:, :32]
     with torch.no_grad():
         assert (dense(short).logits - load_exported(root / "hf")(short).logits).abs().max() < 1e-4
+
+
+def test_weight_mapping_reads_transformer_engine_norm_names():
+    """TE specs fuse the norms into the next linear (``layer_norm_weight``); both layouts map back."""
+    shape = convert.LlamaShape(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_heads=4, num_kv_heads=2,
+                               head_dim=8, vocab_size=64, tied_embeddings=False)
+    config = S2LlamaConfig(**llama_kwargs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2))
+    torch.manual_seed(4)
+    hf = {k: torch.randn_like(v) for k, v in S2LlamaForCausalLM(config).state_dict().items()}
+    for fused in (False, True):
+        megatron = convert.hf_to_megatron_weights(hf, shape, fused_norms=fused)
+        assert ("decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in megatron) == fused
+        back = convert.megatron_to_hf_weights(megatron, shape)
+        assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)
 
 
 @pytest.mark.parametrize("change, named", [

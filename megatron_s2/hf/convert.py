@@ -485,7 +485,6 @@ def megatron_args_from_hf(config, *, tensor_parallel: int = 1, pipeline_parallel
         add_bias_linear=False,
         add_qkv_bias=False,
         position_embedding_type="rope",
-        add_position_embedding=False,
         rotary_percent=1.0,
         rotary_interleaved=False,
         rotary_base=int(rope["rope_theta"]),
