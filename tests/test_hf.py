@@ -7,6 +7,7 @@ vocabulary that Megatron pads).
 """
 
 import os
+import sys
 import zlib
 
 import pytest
@@ -222,10 +223,20 @@ def test_tp2_megatron_checkpoint_exports_with_equal_logits(exported):
     model = load_exported(root / "hf")
     assert type(model).__name__ == "S2LlamaForCausalLM"
     assert [e is None for e in model.config.s2_layers] == [False, True, False]
-    with torch.no_grad():
-        hf_logits = model(input_ids).logits
+    # Query chunks of the pure path (1024 by default) shortened so that they are exercised too.
+    chunk = sys.modules[type(model).__module__]
+    default_chunk, chunk._QUERY_CHUNK = chunk._QUERY_CHUNK, 40
+    try:
+        with torch.no_grad():
+            hf_logits = model(input_ids).logits
+    finally:
+        chunk._QUERY_CHUNK = default_chunk
     assert hf_logits.shape == megatron_logits.shape
     assert (hf_logits - megatron_logits).abs().max() < 1e-4
+    # Training through the export: the loss is the mean cross-entropy of the next tokens.
+    loss = model(input_ids, labels=input_ids).loss
+    expected = torch.nn.functional.cross_entropy(megatron_logits[:, :-1].reshape(-1, 256), input_ids[:, 1:].reshape(-1))
+    assert abs(loss.item() - expected.item()) < 1e-4
     # The S2 pattern matters here: dense attention on the same weights gives other logits.
     dense = S2LlamaForCausalLM(S2LlamaConfig(**{**model.config.to_dict(), "s2_layers": None})).eval()
     dense.load_state_dict(model.state_dict())
