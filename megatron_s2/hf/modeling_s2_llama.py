@@ -66,9 +66,7 @@ def masked_attention(q, k, v, allowed, scale):
     """q ``[b, h, sq, d]``, k/v ``[b, h_kv, sk, d]``, allowed bool ``[b, 1 or h, sq, sk]``."""
     # A padding query sees no key; let it see all so that softmax stays finite (its output is unused).
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
 
 
 class S2KVCache(DynamicCache):
