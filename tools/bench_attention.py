@@ -116,15 +116,16 @@ def make_runner(impl, pattern, case, q, k, v):
         from torch.nn.attention.flex_attention import flex_attention
 
         block_mask = flex_block_mask(pattern, case)
+        torch._dynamo.reset()  # a fresh compile per case: past the recompile limit flex runs eagerly
         compiled = torch.compile(flex_attention, dynamic=False)
         return lambda: compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=gqa).transpose(1, 2)
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}.get(impl)
 
     def dense():
         if backend is None:
-            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
 
     return dense
 
