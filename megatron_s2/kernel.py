@@ -308,7 +308,7 @@ def _fwd_kernel(
     Q, K, V, O, LSE, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-    num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0,
+    num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
 ):
@@ -423,7 +423,7 @@ def _bwd_dkdv_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-    num_kv_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0,
+    num_kv_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, QSTEP: tl.constexpr,
 ):
@@ -513,7 +513,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
-    num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0,
+    num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
 ):
@@ -562,7 +562,14 @@ def _bwd_dq_kernel(
 # Launch configurations: short autotune lists keyed on the shapes that matter
 # --------------------------------------------------------------------------------------------
 
-_TUNE_KEY = ["HEAD_DIM", "UNIT", "MERGE", "VARLEN"]
+# tune_bucket (length class, unused by the kernels) retunes for long sequences, whose best
+# configs differ, without retuning for every new length.
+_TUNE_KEY = ["HEAD_DIM", "UNIT", "MERGE", "VARLEN", "tune_bucket"]
+
+
+def _tune_bucket(length: int) -> int:
+    """0: up to 8k tokens, 1: up to 32k, 2: longer."""
+    return min(2, max(0, (max(length, 1) - 1).bit_length() - 12) // 2)
 
 
 def _configs(params, triples):
@@ -677,6 +684,7 @@ def forward(q, k, v, prob: Problem):
         *_bsh(q, prob.varlen), *_bsh(k, prob.varlen), *_bsh(v, prob.varlen), *_bsh(out, prob.varlen),
         *_lse_strides(lse, prob.varlen),
         heads, heads // k.shape[2], prob.len_q, prob.len_k, tiles.num_tiles, prob.q_pos0, prob.k_pos0,
+        _tune_bucket(prob.len_q),
         HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.q_merge, VARLEN=prob.varlen,
         DOT_PREC=_dot_precision(q.dtype),
     )
@@ -709,7 +717,7 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
         q, k, v, do, dk, dv, lse, delta, kt.ptr, kt.nfull, kt.entries, kt.units, cu_q, cu_k, qk_scale,
         prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dk, varlen), *_bsh(dv, varlen), *_lse_strides(lse, varlen),
-        kv_heads, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0,
+        kv_heads, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0, _tune_bucket(prob.len_q),
         MERGE=kl.k_merge, **common,
     )
     qt = kl.q_tiles
@@ -717,7 +725,7 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
         q, k, v, do, dq, lse, delta, qt.ptr, qt.nfull, qt.entries, cu_q, cu_k, qk_scale,
         prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dq, varlen), *_lse_strides(lse, varlen),
-        heads, group, prob.len_q, prob.len_k, qt.num_tiles, prob.q_pos0, prob.k_pos0,
+        heads, group, prob.len_q, prob.len_k, qt.num_tiles, prob.q_pos0, prob.k_pos0, _tune_bucket(prob.len_q),
         MERGE=kl.q_merge, **common,
     )
     return dq, dk, dv
