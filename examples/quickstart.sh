@@ -41,16 +41,25 @@ if [ ! -f "$DATA.bin" ]; then
     "$PY" tools/preprocess_data.py --default-corpus --output-prefix "$DATA"
 fi
 
-echo "== training configs/quickstart.yaml for $ITERS steps -> $OUT"
+echo "== training configs/quickstart.yaml for $ITERS steps -> $OUT (full log: $OUT/train.log)"
 rm -rf "$OUT"
-"$PY" -m torch.distributed.run --nproc-per-node 1 --master-port "${MASTER_PORT:-29500}" pretrain_gpt_s2.py \
+mkdir -p "$OUT"
+# Shown here: the S2 layout table, the progress lines and the validation loss; everything else
+# (Megatron's arguments, timers, warnings) stays in the log.
+if ! "$PY" -m torch.distributed.run --nproc-per-node 1 --master-port "${MASTER_PORT:-29500}" pretrain_gpt_s2.py \
     --s2-config configs/quickstart.yaml --data-path "$DATA" \
     --train-iters "$ITERS" --save-interval "$ITERS" --save "$OUT" \
     --tensorboard-dir "$OUT/tensorboard" "${EXTRA[@]}" 2>&1 \
-    | grep -v -E 'UserWarning|warnings.warn|FutureWarning|^\s+return func|class MimoModelConfig'
+    | tee "$OUT/train.log" \
+    | grep --line-buffered -E '^megatron_s2:|^S2 attention|^  (layers  |[0-9])|^\[s2\]|validation loss at|error:'; then
+    echo "== training failed; the end of $OUT/train.log:"
+    tail -n 40 "$OUT/train.log"
+    exit 1
+fi
 
 echo "== sample from the trained model"
 "$PY" examples/generate_sample.py --s2-config configs/quickstart.yaml --load "$OUT" \
-    "${EXTRA[@]}" --prompt "The " --sample-tokens 300 2>&1 \
-    | sed -n '/^----- sample -----$/,/^------------------$/p'
+    "${EXTRA[@]}" --prompt "The " --sample-tokens 300 > "$OUT/sample.log" 2>&1 \
+    || { tail -n 40 "$OUT/sample.log"; exit 1; }
+sed -n '/^----- sample -----$/,/^------------------$/p' "$OUT/sample.log"
 echo "== done. TensorBoard logs: $OUT/tensorboard; checkpoint: $OUT"
