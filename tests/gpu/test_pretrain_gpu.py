@@ -24,6 +24,7 @@ pytest.importorskip("megatron.core")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROGRESS = re.compile(r"^\[s2\] iteration (\d+)/\d+ \| loss (\S+) .*?step ([\d.]+) ms", re.M)
 OUT = os.environ.get("OUT") or tempfile.mkdtemp(prefix="pretrain_gpu_")
+os.makedirs(OUT, exist_ok=True)
 SUMMARY = []
 
 
@@ -53,7 +54,7 @@ def test_tp2_equals_tp1_fp32_and_bf16_learns():
         assert tp2[iteration][0] == pytest.approx(tp1[iteration][0], rel=2e-3), iteration
     bf16 = run("tp2_bf16", 2, "--tensor-model-parallel-size", "2", "--bf16")
     assert bf16[20][0] < bf16[1][0] - 0.5  # it learns the (mock) data
-    assert bf16[20][0] == pytest.approx(tp1[20][0], rel=0.05)
+    assert bf16[20][0] == pytest.approx(tp1[20][0], rel=0.1)  # bf16 follows the fp32 run
 
 
 def test_resume_continues_the_same_run_on_gpu():
