@@ -132,12 +132,15 @@ def test_softmax_scale():
     compare(pattern, q, k, v, seed=15, softmax_scale=0.37)
 
 
-def test_other_launch_configs(monkeypatch):
-    """The untuned defaults take two key units per step; the other configs must agree too."""
-    swap = lambda launcher: [list(reversed(c)) for c in launcher.config_lists]
+@pytest.mark.parametrize("index", range(1, max(len(c[0]) for c in
+                                               (kernel._FWD_CONFIGS, kernel._DKDV_CONFIGS, kernel._DQ_CONFIGS))))
+def test_every_launch_config(monkeypatch, index):
+    """Each config (key units per step, dK/dV query step) computes the same function; config
+    ``index`` of every list is moved to the front, where the launcher takes it from."""
     for launcher in (kernel._fwd, kernel._dkdv, kernel._dq):
-        monkeypatch.setattr(launcher, "config_lists", swap(launcher))
-    q, k, v = draw((1, 333, 2, 32), (1, 333, 1, 32), (1, 333, 1, 32), seed=16)
+        lists = [c[index % len(c):] + c[:index % len(c)] for c in launcher.config_lists]
+        monkeypatch.setattr(launcher, "config_lists", lists)
+    q, k, v = draw((1, 333, 2, 32), (1, 333, 1, 32), (1, 333, 1, 32), seed=16 + index)
     compare(S2Pattern(block_size=64, local_blocks=1, vert_stride=2), q, k, v, seed=17)
 
 

@@ -22,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ.setdefault("S2_AUTOTUNE", "1")  # measure the tuned kernel (S2_AUTOTUNE=0: the fixed defaults)
 
 from megatron_s2 import S2Pattern, get_layout, s2_attention  # noqa: E402
 from megatron_s2 import kernel as s2_kernel  # noqa: E402

@@ -7,7 +7,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
+from megatron_s2 import S2Pattern, kernel, s2_attention  # noqa: E402
 from megatron_s2.reference import s2_attention_reference  # noqa: E402
 
 DEVICE = "cuda"
@@ -125,3 +125,19 @@ def test_context_parallel_chunk_offsets():
     kw = dict(q_start=q_start, head_start=8, num_q_heads=16, num_kv_heads=16)
     check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse, **kw),
                 run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_every_launch_config(monkeypatch, index):
+    """S2_AUTOTUNE=1 may pick any config: each must be right (config ``index`` of every list first,
+    the tuner switched off)."""
+    for launcher in (kernel._fwd, kernel._dkdv, kernel._dq):
+        lists = [c[index % len(c):] + c[:index % len(c)] for c in launcher.config_lists]
+        monkeypatch.setattr(launcher, "config_lists", lists)
+        monkeypatch.setattr(launcher, "tuned", [None] * len(lists))
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
+    q, k, v = inputs((1, 3000, 8, 128), (1, 3000, 2, 128), torch.bfloat16, seed=17 + index)
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn((1, 8, 3000), device=DEVICE)
+    check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse),
+                run_reference(q, k, v, pattern, grad_out, grad_lse), torch.bfloat16)
