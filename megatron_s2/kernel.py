@@ -1,20 +1,27 @@
 """Triton forward and backward kernels of S2 attention over an ``S2Layout``.
 
-The layout lists active (query block, key block) pairs. The kernels work on *tiles*: a query tile
-(forward, dQ) or key tile (dK/dV) is ``MERGE`` consecutive *units* of ``UNIT`` tokens, with
-``UNIT = min(block_size, 64)`` and tiles of 128 rows (64 for head dim 256), because Hopper's tensor
-cores are underused at 64 rows. ``tile_lists`` derives from the layout, once per layout (cached), for
-every tile the union of its units' lists, each entry tagged with a bit per unit saying which units of
-the tile really use it. Entries that need no token mask (every unit uses them and no pair crosses the
-causal diagonal) come first in each list so the hot loop runs without masks; the few diagonal and
-partial entries follow and are masked token by token.
+The layout lists active (query block, key block) pairs. The kernels work on *tiles* of ``MERGE``
+*units* of ``UNIT = min(block_size, 64)`` tokens, 128 rows in all (64 at head dim 256), because
+Hopper's tensor cores are underused at 64 rows. ``kernel_layout`` derives, once per layout (cached),
+for every tile the union of its units' lists, each entry tagged with a bit per unit saying which
+units of the tile really use it:
+
+- query tiles (forward, dQ) are consecutive units, which share almost all their key units;
+- key tiles (dK/dV) pair, per KV head, units whose query lists are alike (a stripe unit with the
+  next stripe unit of the same heads, window-only units with each other): a stripe unit's
+  neighbour is not a stripe, and a tile of neighbours would compute the stripe's long list twice.
+
+Entries that need no token mask (every unit uses them, no pair crosses the causal diagonal) come
+first in each list so the hot loop runs without masks, two key units (128 keys) per step; the few
+diagonal and partial entries follow and are masked token by token.
 
 Backward is deterministic (no atomics): one program per (KV head, key tile) loops over the query heads
 of its GQA group and their transposed lists, accumulating dK/dV in registers; one program per
 (query head, query tile) computes dQ. The gradient of the returned log-sum-exp enters through
-``delta = rowsum(dO * O) - dlse`` (dS = P * (dP - delta)).
+``delta = rowsum(dO * O) - dlse`` (dS = P * (dP - delta)). Packed sequences use the lists of the
+longest one: rows past a sequence's end are skipped, and the ascending transposed lists are cut by
+binary search.
 """
-
 from __future__ import annotations
 
 import collections
