@@ -68,8 +68,9 @@ def megatron_core_attention_flops(args, batch_size: int,
 def sparse_aware_flops(megatron_flops_fn, layer_patterns: Sequence):
     """Wrap Megatron's ``num_floating_point_operations`` so it counts S2 attention as done.
 
-    ``layer_patterns[i]`` is layer i's S2 pattern, ``None`` for dense layers. Packed (THD) batches
-    keep Megatron's own count: their per-document lengths are not known here.
+    ``layer_patterns[i]`` is layer i's S2 pattern, ``None`` for dense layers. Packed (THD) batches,
+    multi-token prediction, MLA and linear-attention variants keep Megatron's own count (its
+    attention term has another form there; S2 layers do not combine with the last two).
     """
     patterns = tuple(layer_patterns)
 
@@ -78,8 +79,10 @@ def sparse_aware_flops(megatron_flops_fn, layer_patterns: Sequence):
         total = megatron_flops_fn(args, batch_size,
                                   seqlen_squared_sum_in_batch=seqlen_squared_sum_in_batch,
                                   total_real_tokens_in_batch=total_real_tokens_in_batch)
-        if seqlen_squared_sum_in_batch is not None or len(patterns) != args.num_layers:
-            return total
+        if (seqlen_squared_sum_in_batch is not None or len(patterns) != args.num_layers
+                or getattr(args, "mtp_num_layers", None) or getattr(args, "multi_latent_attention", False)
+                or getattr(args, "experimental_attention_variant", None)):
+            return total  # Megatron's attention term has another form there; keep its count
         num_kv_heads = args.num_query_groups if args.group_query_attention else args.num_attention_heads
         per_sequence = attention_flops_per_sequence(
             patterns, args.num_attention_heads, num_kv_heads, args.kv_channels, args.seq_length)
