@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .layout import Pattern, get_layout
+from .pattern import BlockMaskPattern
 from .reference import s2_attention_reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -162,7 +163,8 @@ def s2_attention(
     index of the first local head (tensor parallelism); ``q_start``/``k_start`` are the absolute
     positions of the first query/key (context parallelism). Returns ``out`` like ``q`` and, with
     ``return_lse``, the natural-log ``lse`` float32 ``[batch, heads, seq]`` (packed:
-    ``[heads, tokens]``), whose gradient flows.
+    ``[heads, tokens]``), whose gradient flows. With packed input, ``max_seqlen_q`` must be at least
+    the longest sequence (it is not checked, to avoid a device sync; omitted, it is computed).
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     num_q_heads, num_kv_heads = _check_inputs(
@@ -183,6 +185,10 @@ def s2_attention(
         q_len = kv_len = max_len
         num_seqs = cu_q.numel() - 1
         q4, k4, v4 = q[None], k[None], v[None]
+        # The layout of a longer length serves every shorter sequence: round up so that batches
+        # with different longest sequences share a few cached layouts.
+        layout_len = max_len if isinstance(pattern, BlockMaskPattern) else max(
+            16 * pattern.block_size, 1 << (max_len - 1).bit_length())
     else:
         cu_q = cu_k = None
         q_len, kv_len = q.shape[1], k.shape[1]
@@ -191,7 +197,8 @@ def s2_attention(
     _check_kernel_limits(q, q_len, kv_len, q_start, k_start, packed)
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
 
-    layout = get_layout(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start=head_start,
+    layout = get_layout(pattern, num_q_heads, num_kv_heads, layout_len if packed else q_len,
+                        layout_len if packed else kv_len, head_start=head_start,
                         num_local_heads=q.shape[-2], q_start=q_start, k_start=k_start, device=q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     prob = kernel.Problem(

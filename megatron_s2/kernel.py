@@ -43,7 +43,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _MAX_UNIT = 64
 _FLAG_BITS = 8  # an entry stores (unit index << 8) | unit bitmask: up to 8 units per tile
 _LOG2E = 1.4426950408889634
-_DERIVED_CACHE_SIZE = 128
+_DERIVED_CACHE_SIZE = 32
 
 
 # --------------------------------------------------------------------------------------------
