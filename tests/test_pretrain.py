@@ -197,20 +197,36 @@ def test_cp2_losses_equal_cp1(workdir, tp1_run, exchange, tp):
         assert float(cp2[iteration]) == pytest.approx(float(loss), rel=2e-6, abs=0), iteration
 
 
-def test_save_exit_resume_is_bit_identical_and_keeps_s2_settings(workdir, tp1_run):
+@pytest.fixture(scope="module")
+def checkpoint_at_2(workdir):
+    """A run of 4 iterations that saved at iteration 2 and exited there."""
     save = str(workdir / "ckpt")
     first = launch(workdir, "save", ["--train-iters", "4", "--save", save, "--save-interval", "2",
                                      "--exit-interval", "2"]).check_ok()
     assert sorted(first.losses) == [1, 2]
+    return save
+
+
+def test_save_exit_resume_is_bit_identical_and_keeps_s2_settings(workdir, tp1_run, checkpoint_at_2):
     expected = S2AttentionConfig.from_dict(
         {"layers": "DSSS", "defaults": {"block_size": 16, "local_blocks": 2, "vert_stride": 4}}).to_dict()
-    found, saved = checkpoint_layout.read_checkpoint_s2_settings(save)
+    found, saved = checkpoint_layout.read_checkpoint_s2_settings(checkpoint_at_2)
     assert found and saved == expected
-    resumed = launch(workdir, "resume", ["--train-iters", "4", "--load", save, "--save", save,
-                                         "--save-interval", "2"]).check_ok()
+    resumed = launch(workdir, "resume", ["--train-iters", "4", "--load", checkpoint_at_2]).check_ok()
     assert sorted(resumed.losses) == [3, 4]
     for iteration in (3, 4):  # printed with 9 significant digits: exact for float32
         assert resumed.losses[iteration] == tp1_run.losses[iteration], iteration
+
+
+def test_checkpoint_resumes_on_two_pipeline_stages(workdir, tp1_run, checkpoint_at_2):
+    # Megatron seeds each pipeline stage differently, so PP=2 starts from other weights; resuming
+    # the PP=1 checkpoint gives both the same model. Each stage must then build the S2 layers of
+    # its own global layer numbers (stage 0: layers 0-1, stage 1: layers 2-3).
+    pp2 = launch(workdir, "pp2", ["--train-iters", "4", "--load", checkpoint_at_2,
+                                  "--pipeline-model-parallel-size", "2"], world_size=2).check_ok().losses
+    assert sorted(pp2) == [3, 4]
+    for iteration in (3, 4):
+        assert float(pp2[iteration]) == pytest.approx(float(tp1_run.losses[iteration]), rel=2e-6, abs=0)
 
 
 def test_resume_with_other_s2_layout_is_refused_unless_allowed(workdir):
