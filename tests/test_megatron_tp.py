@@ -9,6 +9,7 @@ import pytest
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_s2.config import S2AttentionConfig
@@ -66,11 +67,13 @@ def gathered_grads(model):
 
 
 def loss_and_grads(config, s2_dict, device="cpu", seq=SEQ):
-    model = build_gpt(config, s2_dict, seq=seq).to(device)
+    gpt = build_gpt(config, s2_dict, seq=seq)
+    # Half-precision models run inside Float16Module, as in Megatron's training loop.
+    model = (Float16Module(config, gpt) if config.bf16 or config.fp16 else gpt).to(device)
     tokens, positions, labels = batch(device, seq)
     loss = model(tokens, positions, None, labels=labels).float().mean()
     loss.backward()
-    kinds = [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers]
+    kinds = [type(layer.self_attention.core_attention).__name__ for layer in gpt.decoder.layers]
     return loss.item(), gathered_grads(model), kinds
 
 
