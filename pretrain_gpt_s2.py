@@ -21,6 +21,7 @@ _PROGRAM_START_TIME = time.time()
 
 import json
 import os
+import re
 import socket
 import sys
 from functools import partial
@@ -78,7 +79,19 @@ class TrainingSetupError(ValueError):
 # -- arguments -----------------------------------------------------------------------------------
 
 
+def _escape_stray_percent_signs(parser) -> None:
+    """megatron-core 0.19.2 has a bare '%' in one help text, which makes --help crash."""
+    for action in parser._actions:
+        if not action.help or "%" not in action.help:
+            continue
+        try:
+            action.help % dict(vars(action), prog=parser.prog)
+        except (ValueError, TypeError, KeyError):
+            action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)
+
+
 def add_s2_arguments(parser):
+    _escape_stray_percent_signs(parser)
     group = parser.add_argument_group(title="S2 attention")
     group.add_argument("--s2-config", type=str, default=None, metavar="PATH.yaml",
                        help="YAML file with the per-layer S2 attention settings (and optionally a "
