@@ -463,7 +463,8 @@ def _format_seconds(seconds: float) -> str:
 
 def log_s2_config(args, s2_config: S2AttentionConfig) -> None:
     """Start-up print, and the S2 settings in the TensorBoard text and the wandb run config."""
-    print_rank_0(s2_config.summary(seq_length=args.seq_length))
+    if args.rank == 0:  # before torch.distributed starts, so not print_rank_0
+        print(s2_config.summary(seq_length=args.seq_length), flush=True)
     as_json = json.dumps(s2_config.to_dict())
     writer = get_tensorboard_writer()
     if writer:
@@ -526,9 +527,9 @@ def main(argv: Optional[list] = None) -> None:
     check_schedule(args)
     check_data_inputs(args)
     differences = checkpoint_layout.check_resume(args, s2_config)
-    if differences:
-        print_rank_0("WARNING: --allow-s2-layout-change: resuming with a different S2 layout:\n  "
-                     + "\n  ".join(differences))
+    if differences and args.rank == 0:  # torch.distributed is not up yet: print_rank_0 would not filter
+        print("WARNING: --allow-s2-layout-change: resuming with a different S2 layout:\n  "
+              + "\n  ".join(differences), flush=True)
     checkpoint_layout.attach_to_args(args, s2_config)
     log_s2_config(args, s2_config)
     install_sparse_aware_logging(s2_config)
