@@ -99,9 +99,12 @@ def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str)
     os.dup2(fd, 2)
     # pytest replaces sys.stdout/err with its capture objects; print to the log file instead.
     sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+    # TRITON_INTERPRET=0: S2 layers take the dense-masked reference path on CPU (same layouts,
+    # same head sharding), ~10x faster than the Triton interpreter; the kernel's own numerics are
+    # tested against that reference in the kernel tests.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1")
+                      MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
     torch.set_num_threads(1)
     code = 0
     try:
