@@ -227,15 +227,13 @@ class S2AttentionConfig:
             except S2ConfigError as err:
                 raise _fail(f"{key}.num_dense_heads", pattern.num_dense_heads, str(err),
                             f"use at most {num_attention_heads} dense heads") from None
-            if cp > 1 and seq_length is not None and seq_length % (2 * cp * pattern.block_size):
-                raise _fail(
-                    f"{key}.block_size",
-                    pattern.block_size,
-                    f"context parallelism {cp} splits each sequence into {2 * cp} chunks that must "
-                    f"start on block boundaries, but --seq-length {seq_length} is not a multiple of "
-                    f"2*cp*block_size = {2 * cp * pattern.block_size}",
-                    "make --seq-length a multiple of that, or use a smaller block_size or CP size",
-                )
+            if cp > 1 and seq_length is not None:
+                from .context_parallel import validate_context_parallel
+
+                try:
+                    validate_context_parallel(seq_length, cp, pattern.block_size)
+                except S2ConfigError as err:  # its message already says how to fix it
+                    raise S2ConfigError(f"S2 config key '{key}.block_size' = {pattern.block_size}: {err}") from None
             if not self.allow_partial_coverage:
                 try:
                     pattern.check_coverage(num_attention_heads, num_query_groups, seq_length)

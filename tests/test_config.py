@@ -155,7 +155,7 @@ VALIDATE_ERRORS = [
     (dict(num_attention_heads=6, num_query_groups=4), "--num-query-groups 4", "divide the heads"),
     (dict(tensor_parallel_size=3), "--tensor-model-parallel-size 3", "divides the number of heads"),
     (dict(num_query_groups=4, num_attention_heads=12, tensor_parallel_size=6), "--num-query-groups 4", "one of them"),
-    (dict(context_parallel_size=4, seq_length=192), "'layers[1].block_size'", "2*cp*block_size = 128"),
+    (dict(context_parallel_size=4, seq_length=192), "'layers[1].block_size'", "2 * 4 * 16 = 128"),
     (dict(num_attention_heads=2, num_query_groups=2, seq_length=1024), "layer 1", "allow_partial_coverage"),
 ]
 
