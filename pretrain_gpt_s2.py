@@ -268,10 +268,19 @@ def layer_spec_provider(s2_config: S2AttentionConfig, seq_length: int):
     return spec
 
 
+def move_cpu_initialized_model_to_gpu(model_chunks):
+    """Pre-wrap hook: megatron-core 0.19.2's config-container builder leaves a model built with
+    --use-cpu-initialization on the CPU (its get_model() moved it); put it on this rank's GPU."""
+    device = torch.cuda.current_device()
+    return [chunk.cuda(device) for chunk in model_chunks]
+
+
 def build_model_config(args, s2_config: S2AttentionConfig):
     """Megatron's GPTModelConfig from the flags, with the S2 block spec as its layer spec."""
     model_config = gpt_config_from_args(args)
     model_config.transformer_layer_spec = layer_spec_provider(s2_config, args.seq_length)
+    if args.use_cpu_initialization and not cpu_compat.cpu_mode_requested():
+        model_config.pre_wrap_hooks.append(move_cpu_initialized_model_to_gpu)
     return model_config
 
 
