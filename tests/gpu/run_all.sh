@@ -3,35 +3,36 @@
 #   1. both GPUs: TP=2 vs TP=1 (GPTModel, and pretrain_gpt_s2.py through Megatron's loop), CP=2 vs CP=1;
 #   2. then, side by side: GPU 0 runs tools/bench_training.py (S2 hybrid vs dense), GPU 1 runs the
 #      quickstart, the Hugging Face bf16 parity and the kernel's GPU tests.
-# Logs go to $LOG_DIR (default runs/gpu_checks) and are packed into $LOG_DIR.tgz; a summary is printed last.
+# One log per check goes to $LOG_DIR (default runs/gpu_checks), the runs' own logs to $LOG_DIR/runs;
+# everything is packed into $LOG_DIR.tgz and a summary is printed last.
 set -u
 cd "$(dirname "$0")/../.."
 LOG_DIR=${LOG_DIR:-runs/gpu_checks}
-mkdir -p "$LOG_DIR"
+mkdir -p "$LOG_DIR/runs"
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-# The pretrain GPU test writes its run logs under $OUT.
-OUT="$LOG_DIR" timeout "${TWO_GPU_TIMEOUT:-230}" python -m pytest -q -p no:cacheprovider -s \
+# The two-GPU tests write their tables and run logs under $OUT.
+OUT="$LOG_DIR/runs" timeout "${TWO_GPU_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -s \
     tests/gpu/test_tp_gpu.py tests/gpu/test_cp_gpu.py tests/gpu/test_pretrain_gpu.py \
     -k "two_gpus or tp2" > "$LOG_DIR/two_gpu_tests.log" 2>&1
 echo "two-GPU tests exit $?" >> "$LOG_DIR/two_gpu_tests.log"
 
 (
     export CUDA_VISIBLE_DEVICES=0
-    timeout "${BENCH_TIMEOUT:-330}" python tools/bench_training.py --config configs/hybrid_1b_32k.yaml \
-        --seq-lengths 8192 32768 --output "$LOG_DIR/bench_training.json" > "$LOG_DIR/bench_training.log" 2>&1
+    timeout "${BENCH_TIMEOUT:-270}" python tools/bench_training.py --config configs/hybrid_1b_32k.yaml \
+        --seq-lengths 8192 32768 --output "$LOG_DIR/bench_training.json" --log-dir "$LOG_DIR/runs" > "$LOG_DIR/bench_training.log" 2>&1
     echo "bench_training exit $?" >> "$LOG_DIR/bench_training.log"
 ) &
 (
     export CUDA_VISIBLE_DEVICES=1
-    SKIP_INSTALL=1 RUN_DIR=/tmp/quickstart ITERS=${QUICKSTART_ITERS:-400} timeout 150 \
+    SKIP_INSTALL=1 RUN_DIR=/tmp/quickstart ITERS=${QUICKSTART_ITERS:-400} timeout 120 \
         bash examples/quickstart.sh > "$LOG_DIR/quickstart.log" 2>&1
     echo "quickstart exit $?" >> "$LOG_DIR/quickstart.log"
-    timeout 80 python -m pytest -q -p no:cacheprovider -s tests/gpu/test_hf_gpu.py > "$LOG_DIR/hf_gpu.log" 2>&1
+    timeout 70 python -m pytest -q -p no:cacheprovider -s tests/gpu/test_hf_gpu.py > "$LOG_DIR/hf_gpu.log" 2>&1
     echo "hf exit $?" >> "$LOG_DIR/hf_gpu.log"
-    timeout 100 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernel_gpu.py > "$LOG_DIR/kernel_gpu.log" 2>&1
+    timeout 70 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernel_gpu.py > "$LOG_DIR/kernel_gpu.log" 2>&1
     echo "kernel exit $?" >> "$LOG_DIR/kernel_gpu.log"
 ) &
 wait
@@ -41,4 +42,4 @@ for log in two_gpu_tests quickstart hf_gpu kernel_gpu bench_training; do
     echo "===== $log"
     grep -E "passed|failed|error|exit|^\||iteration +[0-9]+/|TP=|loss" "$LOG_DIR/$log.log" | grep -v Warning | tail -n 14
 done
-cat "$LOG_DIR/tp_gpu.txt" 2>/dev/null
+cat "$LOG_DIR/runs/tp_gpu.txt" 2>/dev/null
