@@ -200,6 +200,18 @@ def test_cp2_losses_equal_cp1(workdir, tp1_run, exchange, tp):
         assert float(cp2[iteration]) == pytest.approx(float(loss), rel=2e-6, abs=0), iteration
 
 
+def test_tp2_cp2_dp2_on_eight_ranks_equals_tp1(workdir, tp1_run):
+    # The 8-GPU layout of a TP x CP x DP run, rehearsed over 8 gloo ranks: each DP replica takes one
+    # of the two micro-batches that TP=1 accumulates, so losses agree up to summation order.
+    run = launch(workdir, "tp2_cp2_dp2", ["--train-iters", "4", "--tensor-model-parallel-size", "2",
+                                          "--context-parallel-size", "2", "--s2-override", "cp_exchange=s2"],
+                 world_size=8).check_ok()
+    assert "data-parallel size: 2" in run.logs[0]
+    assert sorted(run.losses) == [1, 2, 3, 4]
+    for iteration, loss in tp1_run.losses.items():
+        assert float(run.losses[iteration]) == pytest.approx(float(loss), rel=2e-6, abs=0), iteration
+
+
 @pytest.fixture(scope="module")
 def checkpoint_at_2(workdir):
     """A run of 4 iterations that saved at iteration 2 and exited there."""
