@@ -18,9 +18,9 @@ diagonal and partial entries follow and are masked token by token.
 Backward is deterministic (no atomics): one program per (KV head, key tile) loops over the query heads
 of its GQA group and their transposed lists, accumulating dK/dV in registers; one program per
 (query head, query tile) computes dQ. The gradient of the returned log-sum-exp enters through
-``delta = rowsum(dO * O) - dlse`` (dS = P * (dP - delta)). Packed sequences use the lists of the
-longest one: rows past a sequence's end are skipped, and the ascending transposed lists are cut by
-binary search.
+``delta = rowsum(dO * O) - dlse`` (dS = P * (dP - delta)). Packed sequences share the lists of one
+length at least the longest sequence's: rows past a sequence's end are skipped, and the ascending
+transposed lists are cut by binary search.
 """
 from __future__ import annotations
 
@@ -70,7 +70,6 @@ class KernelLayout:
     unit: int
     q_merge: int  # units per query tile (forward, dQ)
     k_merge: int  # units per key tile (dK/dV)
-    num_heads: int
     q_tiles: TileLists  # for the forward and dQ: key units per query tile (consecutive units)
     k_tiles: TileLists  # for dK/dV: query units per key tile (units paired per KV head)
 
@@ -211,8 +210,7 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     k_pairs = _paired_tiles(hk, rk, ck, heads, group, k_merge, k_units, q_units)
     k_tiles = _merge_lists(hk, rk, ck, k_pairs, heads, group, k_units, q_units, k_start, q_start,
                            rows_are_queries=False)
-    derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, num_heads=heads,
-                           q_tiles=q_tiles, k_tiles=k_tiles)
+    derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles)
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
         _derived.popitem(last=False)
