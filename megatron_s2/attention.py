@@ -3,7 +3,8 @@
 Arguments mirror FlashAttention's (``[batch, seq, heads, dim]``, ``softmax_scale``, ``cu_seqlens_*``,
 ``max_seqlen_*``). Layouts come from ``layout.get_layout`` and the kernel's tile lists from
 ``kernel.kernel_layout``, both cached, so a call with a known shape does no host work beyond
-argument checks and never waits for the GPU (pass ``max_seqlen_*`` with packed input for that).
+argument checks and never waits for the GPU (with packed input, pass ``max_seqlen_q`` and give
+``cu_seqlens_k`` as None or the very tensor of ``cu_seqlens_q``: otherwise they are read back).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 
 from .layout import Pattern, get_layout
-from .pattern import BlockMaskPattern
+from .pattern import BlockMaskPattern, S2Pattern
 from .reference import s2_attention_reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -25,7 +26,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check_inputs(q, k, v, pattern, packed, head_start, num_q_heads, num_kv_heads, q_start, k_start):
+def _check_inputs(q, k, v, pattern, packed, num_q_heads, num_kv_heads, q_start, k_start):
+    if not isinstance(pattern, (S2Pattern, BlockMaskPattern)):
+        raise TypeError(f"pattern must be an S2Pattern or BlockMaskPattern, got {type(pattern).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -76,8 +79,6 @@ def _check_kernel_limits(q, q_len, kv_len, q_start, k_start, packed):
     dim = q.shape[-1]
     if dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {dim} is not supported by the S2 kernel; use one of {SUPPORTED_HEAD_DIMS}")
-    if q.stride(-1) != 1:
-        raise ValueError("the last dim of q, k, v must be contiguous")
     if not packed and (k_start > q_start or q_start + q_len > k_start + kv_len):
         raise ValueError(
             f"the keys [{k_start}, {k_start + kv_len}) must cover the query positions "
@@ -106,11 +107,12 @@ def _check_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"packed q has {q.shape[0]} tokens but k has {k.shape[0]}")
     if q_start or k_start:
-        raise ValueError("q_start/k_start are not supported with packed sequences (positions restart at 0)")
+        raise ValueError("q_start/k_start must be 0 with packed sequences (positions restart at 0 in each)")
     if max_seqlen_q is None:  # costs one device sync; callers in a training loop pass it
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     if max_seqlen_k is not None and max_seqlen_k != max_seqlen_q:
-        raise ValueError(f"max_seqlen_k={max_seqlen_k} differs from max_seqlen_q={max_seqlen_q}")
+        raise ValueError(f"max_seqlen_k={max_seqlen_k} differs from max_seqlen_q={max_seqlen_q}: packed S2 "
+                         "attention is self-attention (pass the same value, or leave max_seqlen_k out)")
     if not isinstance(max_seqlen_q, int) or max_seqlen_q < 1:
         raise ValueError(f"max_seqlen_q must be a positive int, got {max_seqlen_q!r}")
     return cu_seqlens_q, cu_seqlens_k, max_seqlen_q
@@ -167,9 +169,7 @@ def s2_attention(
     the longest sequence (it is not checked, to avoid a device sync; omitted, it is computed).
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
-    num_q_heads, num_kv_heads = _check_inputs(
-        q, k, v, pattern, packed, head_start, num_q_heads, num_kv_heads, q_start, k_start
-    )
+    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, packed, num_q_heads, num_kv_heads, q_start, k_start)
     if q.device.type == "cpu" and not _interpreting():
         return s2_attention_reference(
             q, k, v, pattern, softmax_scale=softmax_scale, head_start=head_start,
@@ -189,21 +189,23 @@ def s2_attention(
         # with different longest sequences share a few cached layouts.
         layout_len = max_len if isinstance(pattern, BlockMaskPattern) else max(
             16 * pattern.block_size, 1 << (max_len - 1).bit_length())
+        layout_q_len = layout_k_len = layout_len
     else:
         cu_q = cu_k = None
         q_len, kv_len = q.shape[1], k.shape[1]
+        layout_q_len, layout_k_len = q_len, kv_len
         num_seqs = q.shape[0]
         q4, k4, v4 = q, k, v
     _check_kernel_limits(q, q_len, kv_len, q_start, k_start, packed)
+    # The kernels address rows through strides but need each row's head dim contiguous.
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
 
-    layout = get_layout(pattern, num_q_heads, num_kv_heads, layout_len if packed else q_len,
-                        layout_len if packed else kv_len, head_start=head_start,
+    layout = get_layout(pattern, num_q_heads, num_kv_heads, layout_q_len, layout_k_len, head_start=head_start,
                         num_local_heads=q.shape[-2], q_start=q_start, k_start=k_start, device=q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     prob = kernel.Problem(
-        layout=kernel.kernel_layout(layout, q.shape[-1], q.shape[-2] // k.shape[-2]), num_seqs=num_seqs, len_q=q_len, len_k=kv_len,
-        q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_q, cu_k=cu_k,
+        layout=kernel.kernel_layout(layout, q.shape[-1], q.shape[-2] // k.shape[-2]), num_seqs=num_seqs,
+        len_q=q_len, len_k=kv_len, q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_q, cu_k=cu_k,
     )
     out, lse = _S2AttentionFunction.apply(q4, k4, v4, prob)
     if packed:
