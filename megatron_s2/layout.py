@@ -93,7 +93,8 @@ def _validate(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, num
             )
 
 
-def _layout_key(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, num_local_heads, q_start, k_start, device):
+def _layout_key(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, num_local_heads, q_start, k_start,
+                device):
     kv_len = q_len if kv_len is None else kv_len
     num_local_heads = num_q_heads - head_start if num_local_heads is None else num_local_heads
     _validate(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, num_local_heads, q_start, k_start)
@@ -254,10 +255,12 @@ def _block_mask(key: LayoutKey) -> torch.Tensor:
             raise S2ConfigError(
                 f"BlockMaskPattern has {heads} heads but the model has {key.num_q_heads} query heads"
             )
-        if q_abs[-1] >= q_blocks or k_abs[-1] >= k_blocks:
+        last_q = key.q_block_start + key.num_q_blocks - 1  # from the key: no device read-back
+        last_k = key.k_block_start + key.num_k_blocks - 1
+        if last_q >= q_blocks or last_k >= k_blocks:
             raise S2ConfigError(
                 f"BlockMaskPattern covers {q_blocks} x {k_blocks} blocks; this call needs query "
-                f"blocks up to {int(q_abs[-1])} and key blocks up to {int(k_abs[-1])}: build a larger mask"
+                f"blocks up to {last_q} and key blocks up to {last_k}: build a larger mask"
             )
         local = pattern.mask[key.head_start : key.head_start + key.num_local_heads].to(device)
         return local[:, q_abs][:, :, k_abs] & causal
