@@ -63,6 +63,11 @@ def validate_context_parallel(seq_len: int, cp_size: int, block_size: int) -> No
         )
 
 
+def _check_exchange(exchange: str) -> None:
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+
+
 def chunks_of_rank(cp_rank: int, cp_size: int) -> tuple:
     """The two chunk indices (of ``2*cp_size``) that CP rank ``cp_rank`` holds, in local order."""
     return cp_rank, 2 * cp_size - 1 - cp_rank
@@ -171,7 +176,8 @@ def exchange_plan(pattern: Pattern, *, seq_len: int, cp_size: int, cp_rank: int,
     num_local_kv_heads = num_kv_heads if num_local_kv_heads is None else num_local_kv_heads
     if num_local_heads % num_local_kv_heads:
         raise ValueError(f"{num_local_heads} local query heads are not a multiple of "
-                         f"{num_local_kv_heads} local KV heads")
+                         f"{num_local_kv_heads} local KV heads: pass the heads of one TP rank (query heads / TP "
+                         f"and max(1, KV heads / TP))")
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank={cp_rank} is outside the CP group of size {cp_size}")
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -190,8 +196,7 @@ def kv_exchange_bytes(pattern: Pattern, *, exchange: str, seq_len: int, cp_size:
     second time (so a training step moves 3x this number with ``"allgather"``, 2x with ``"s2"``).
     With TP, pass the heads of one TP rank (``head_start``, ``num_local_*``): the result is per GPU.
     """
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    _check_exchange(exchange)
     validate_context_parallel(seq_len, cp_size, pattern.block_size)
     num_local_kv_heads = num_kv_heads if num_local_kv_heads is None else num_local_kv_heads
     bytes_per_token_head = 2 * batch_size * head_dim * element_size  # K and V
@@ -387,8 +392,7 @@ def exchange_kv(k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, cp_group,
     early chunk (``r``) and late chunk (``2*cp-1-r``), views of one buffer; differentiable. With a
     ``saver``, run the attention inside ``saver.hooks()`` to keep the buffer compact until backward.
     """
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    _check_exchange(exchange)
     cp_size, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     s_local, local_kv_heads = k.shape[1], k.shape[2]
     chunk_len = s_local // 2
@@ -426,8 +430,7 @@ def context_parallel_attention(
     are global head counts and ``head_start`` the global index of the first local query head (all
     ranks of a CP group hold the same heads). Returns ``out [b, s_local, h_local, d]``.
     """
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    _check_exchange(exchange)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [b, s, h, d] and k, v [b, s, h_kv, d] of equal shapes, got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
