@@ -7,7 +7,9 @@
 writes a torch_dist ``release`` checkpoint (model weights only, Megatron's layout) with the chosen S2
 layer settings stored in its arguments, and prints the pretrain_gpt_s2.py flags that describe the
 model. Continue training with ``--load <save> --finetune`` (or ``--no-load-optim --no-load-rng``).
-The S2 settings default to the ``s2_layers`` of an ``s2_llama`` folder, else all layers dense.
+The S2 settings default to the ``s2_layers`` of an ``s2_llama`` folder, else all layers dense. The
+checkpoint folder appears only once complete; an existing non-empty one is replaced only with
+``--overwrite``.
 Supported: Llama (and Mistral without sliding window) with RMSNorm, SwiGLU, RoPE (default or llama3
 scaling), GQA, tied or untied embeddings, no biases, no MoE; anything else is refused, naming why.
 """
@@ -30,6 +32,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="HF model folder (config.json + *.safetensors)")
     parser.add_argument("--save", required=True, help="Megatron checkpoint directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --save if it already holds files")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="TP size of the training run")
     parser.add_argument("--pipeline-parallel", type=int, default=1, help="PP size of the training run")
     parser.add_argument("--s2-config", default=None, help="per-layer S2 YAML (see docs/megatron.md)")
@@ -40,6 +43,9 @@ def parse_args(argv=None):
 
 
 def read_hf_config(folder):
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"--hf {folder}: no config.json. Fix: give a Hugging Face model folder "
+                                "(config.json + *.safetensors), e.g. one saved with save_pretrained()")
     with open(os.path.join(folder, "config.json")) as f:
         raw = json.load(f)
     if raw.get("model_type") == "s2_llama":
@@ -69,7 +75,8 @@ def choose_s2_config(args, config):
                                            num_attention_heads=config.num_attention_heads,
                                            overrides=args.s2_override)
     if getattr(config, "s2_layers", None) is not None:
-        return convert.s2_config_from_hf_layers(config.s2_layers, allow_partial_coverage=True)
+        return convert.s2_config_from_hf_layers(config.s2_layers, allow_partial_coverage=True,
+                                                overrides=args.s2_override)
     print("no --s2-config: all layers dense (pass an S2 YAML to continue training with S2)")
     return S2AttentionConfig.from_dict({"layers": "D" * config.num_hidden_layers}, overrides=args.s2_override)
 
@@ -97,6 +104,7 @@ def training_flags(margs):
 
 def main(argv=None):
     args = parse_args(argv)
+    convert.check_output_folder(args.save, "--save", args.overwrite)
     config = read_hf_config(args.hf)
     s2_config = choose_s2_config(args, config)
     margs = convert.megatron_args_from_hf(
@@ -110,10 +118,19 @@ def main(argv=None):
         raise convert.UnsupportedArchitectureError("tie_word_embeddings=False but the folder has no lm_head.weight")
     weights = {k: v.to(torch.float32) for k, v in convert.resize_vocab(weights, shape.vocab_size).items()}
     state = convert.hf_to_megatron_weights(weights, shape)
-    directory = convert.save_megatron_checkpoint(args.save, state, margs, s2_config)
+    with convert.writing_folder(args.save) as partial:
+        convert.save_megatron_checkpoint(partial, state, margs, s2_config)
+    directory = os.path.join(args.save, "release")
     print(f"wrote {directory} (model weights only, {len(s2_config.sparse_layers)} S2 layers of {margs.num_layers})")
     print("pretrain_gpt_s2.py model flags: " + training_flags(margs) + f" --load {args.save}")
 
 
+def cli():
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: the message says the fix
+        sys.exit(f"convert_from_hf.py: error: {err}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

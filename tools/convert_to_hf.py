@@ -8,6 +8,7 @@ Llama fields plus the per-layer S2 settings), the configuration/modeling files i
 ``auto_map`` (load with ``trust_remote_code=True``) and the tokenizer when the run used a Hugging Face
 one. ``--dense`` instead writes a stock ``LlamaForCausalLM`` whose S2 layers attend densely: NOT the
 trained model (its outputs differ wherever S2 skipped blocks), for tools that only know Llama.
+The folder appears only once complete; an existing non-empty one is replaced only with ``--overwrite``.
 Runs on CPU in one process; see docs/hf.md.
 """
 
@@ -34,7 +35,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="Megatron --save directory, or one iter_NNNNNNN directory")
     parser.add_argument("--iteration", type=int, default=None, help="default: latest_checkpointed_iteration.txt")
-    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (created; it appears only once the export is complete)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     parser.add_argument("--dense", action="store_true", help="stock Llama export; NOT equivalent for S2 layers")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
     parser.add_argument("--vocab-size", type=int, default=None,
@@ -61,6 +64,7 @@ def export_tokenizer(args, megatron_args, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    convert.check_output_folder(args.out, "--out", args.overwrite)
     megatron_args, state, s2_config = convert.load_megatron_checkpoint(args.load, args.iteration)
     shape = convert.shape_from_args(megatron_args)
     vocab = args.vocab_size or getattr(megatron_args, "vocab_size", None) or shape.vocab_size
@@ -68,34 +72,34 @@ def main(argv=None):
     weights = convert.resize_vocab(convert.megatron_to_hf_weights(state, shape), vocab)
     weights = {k: v.to(dtype) for k, v in weights.items()}
 
-    os.makedirs(args.out, exist_ok=True)
-    tokenizer = export_tokenizer(args, megatron_args, args.out)
-    special = {}
-    if tokenizer is not None:
-        special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    kwargs = convert.hf_config_kwargs(megatron_args, None if args.dense else s2_config, vocab)
-    kwargs.update(special, dtype=str(dtype).removeprefix("torch."))
-    if args.dense:
-        from transformers import LlamaConfig
+    with convert.writing_folder(args.out) as out:
+        tokenizer = export_tokenizer(args, megatron_args, out)
+        special = {}
+        if tokenizer is not None:
+            special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        kwargs = convert.hf_config_kwargs(megatron_args, None if args.dense else s2_config, vocab)
+        kwargs.update(special, dtype=str(dtype).removeprefix("torch."))
+        if args.dense:
+            from transformers import LlamaConfig
 
-        config = LlamaConfig(**kwargs, architectures=["LlamaForCausalLM"])
-        config.s2_export_note = DENSE_NOTE
-        print("WARNING: " + DENSE_NOTE)
-    else:
-        from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+            config = LlamaConfig(**kwargs, architectures=["LlamaForCausalLM"])
+            config.s2_export_note = DENSE_NOTE
+            print("WARNING: " + DENSE_NOTE)
+        else:
+            from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
 
-        config = S2LlamaConfig(**kwargs, architectures=["S2LlamaForCausalLM"])
-        config.auto_map = {
-            "AutoConfig": "configuration_s2_llama.S2LlamaConfig",
-            "AutoModelForCausalLM": "modeling_s2_llama.S2LlamaForCausalLM",
-        }
-        for name in REMOTE_CODE_FILES:
-            shutil.copy(os.path.join(HF_DIR, name), os.path.join(args.out, name))
-    config.save_pretrained(args.out)
+            config = S2LlamaConfig(**kwargs, architectures=["S2LlamaForCausalLM"])
+            config.auto_map = {
+                "AutoConfig": "configuration_s2_llama.S2LlamaConfig",
+                "AutoModelForCausalLM": "modeling_s2_llama.S2LlamaForCausalLM",
+            }
+            for name in REMOTE_CODE_FILES:
+                shutil.copy(os.path.join(HF_DIR, name), os.path.join(out, name))
+        config.save_pretrained(out)
 
-    from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
-    save_file(weights, os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     summary = {
         "out": args.out,
         "layers": ["dense" if e is None else "s2" for e in kwargs.get("s2_layers", [None] * shape.num_layers)],
@@ -106,5 +110,12 @@ def main(argv=None):
     print(json.dumps(summary))
 
 
+def cli():
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: the message says the fix
+        sys.exit(f"convert_to_hf.py: error: {err}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

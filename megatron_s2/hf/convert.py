@@ -19,13 +19,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import tempfile
 from argparse import Namespace
-from typing import Optional
+from typing import Optional, Sequence
 from unittest import mock
 
 import torch
 
+from .. import checkpoint_layout
 from ..config import S2AttentionConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -177,7 +179,7 @@ def shape_from_args(args: Namespace) -> LlamaShape:
 
 def s2_config_from_args(args: Namespace) -> S2AttentionConfig:
     """The per-layer settings stored with the checkpoint; all dense for a plain Megatron checkpoint."""
-    settings = getattr(args, "s2_attention", None)
+    settings = getattr(args, checkpoint_layout.ARGS_ATTRIBUTE, None)
     if settings is None:
         return S2AttentionConfig.from_dict({"layers": "D" * args.num_layers})
     return S2AttentionConfig.from_dict(settings)
@@ -242,7 +244,11 @@ def build_gpt_model(args: Namespace, s2_config: S2AttentionConfig, tensor_parall
 @contextlib.contextmanager
 def cpu_without_cuda():
     """On a machine without CUDA, turn the two CUDA calls that checkpoint saving and RoPE make
-    (``synchronize``, ``current_device``) into CPU no-ops, for the duration of the block only."""
+    (``synchronize``, ``current_device``) into CPU no-ops, for the duration of the block only.
+
+    Not ``megatron_s2.cpu_compat``: that layer is for ``megatron.training`` and changes the whole
+    process for good (a torch function mode on every call, torch.cuda replaced); the conversion
+    functions are library calls and must leave the caller's process as they found it."""
     if torch.cuda.is_available():
         yield
         return
@@ -305,6 +311,45 @@ def _sharded_metadata():
 
 
 # -- checkpoint directories --------------------------------------------------------------------
+
+
+def check_output_folder(path: str, flag: str, overwrite: bool) -> None:
+    """Refuse, before any work, to write into a folder that already holds files, unless ``overwrite``
+    (an empty folder counts as new)."""
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(f"{flag} {path} already exists and is not empty. Fix: choose a new folder, "
+                              "or pass --overwrite to replace it (it is replaced only once the new one is "
+                              "complete)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{flag} {path} is a file, not a folder. Fix: choose a folder path")
+
+
+@contextlib.contextmanager
+def writing_folder(path: str):
+    """Yield a new temporary folder beside ``path`` to write into; it becomes ``path`` only when the
+    block succeeds (replacing an earlier ``path``), else it is deleted and ``path`` is left as it was.
+    A failed conversion thus never leaves a half-written or half-replaced output."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o777 & ~umask)  # the permissions os.makedirs gives, not mkdtemp's 0700
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    previous = None
+    if os.path.isdir(path) and os.listdir(path):
+        previous = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.previous-", dir=parent)
+        os.rename(path, os.path.join(previous, "old"))
+    elif os.path.isdir(path):
+        os.rmdir(path)
+    os.rename(partial, path)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def resolve_checkpoint_dir(path: str, iteration: Optional[int] = None) -> str:
@@ -395,12 +440,16 @@ def s2_layers_for_hf(s2_config: S2AttentionConfig, num_heads: int, num_kv_heads:
     return layers
 
 
-def s2_config_from_hf_layers(s2_layers: list, allow_partial_coverage: bool = False) -> S2AttentionConfig:
+def s2_config_from_hf_layers(s2_layers: list, allow_partial_coverage: bool = False,
+                             overrides: Sequence[str] = ()) -> S2AttentionConfig:
+    """The S2 config of ``S2LlamaConfig.s2_layers`` (``overrides``: ``key=value`` strings, as in
+    ``S2AttentionConfig.from_dict``)."""
     entries = [
         {"type": "dense"} if e is None else {"type": "s2", **{k: v for k, v in e.items() if k != "head_offsets"}}
         for e in s2_layers
     ]
-    return S2AttentionConfig.from_dict({"layers": entries, "allow_partial_coverage": allow_partial_coverage})
+    return S2AttentionConfig.from_dict({"layers": entries, "allow_partial_coverage": allow_partial_coverage},
+                                       overrides=overrides)
 
 
 def rope_parameters_from_args(args: Namespace) -> dict:
@@ -469,7 +518,7 @@ def megatron_args_from_hf(config, *, tensor_parallel: int = 1, pipeline_parallel
         s2_config = S2AttentionConfig.from_dict({"layers": "D" * config.num_hidden_layers})
     s2_config.validate(num_layers=config.num_hidden_layers, num_attention_heads=heads,
                        num_query_groups=kv_heads, tensor_parallel_size=tensor_parallel)
-    return Namespace(
+    args = Namespace(
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         ffn_hidden_size=config.intermediate_size,
@@ -498,8 +547,9 @@ def megatron_args_from_hf(config, *, tensor_parallel: int = 1, pipeline_parallel
         pipeline_model_parallel_size=pipeline_parallel,
         params_dtype=torch.float32,
         ckpt_format="torch_dist",
-        s2_attention=s2_config.to_dict(),
     )
+    checkpoint_layout.attach_to_args(args, s2_config)
+    return args
 
 
 def check_hf_llama_config(config) -> None:
