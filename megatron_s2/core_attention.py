@@ -26,25 +26,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from .attention import s2_attention
+from .context_parallel import context_parallel_attention
 from .pattern import S2ConfigError, S2Pattern
 
 # With THD input Megatron (and TE) describe causal attention as ``padding_causal``.
 _CAUSAL_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
-
-
-def s2_attention_function():
-    """The S2 attention implementation: the Triton kernel if present, else the PyTorch reference."""
-    try:
-        from .attention import s2_attention
-    except ImportError:
-        from .reference import s2_attention_reference as s2_attention
-    return s2_attention
-
-
-def _context_parallel_attention():
-    from .context_parallel import context_parallel_attention
-
-    return context_parallel_attention
 
 
 class _CoreAttentionBase(MegatronModule):
@@ -205,7 +192,7 @@ class S2CoreAttention(_CoreAttentionBase):
                      num_kv_heads=self.kernel_num_kv_heads)
         if packed:
             cu_q, cu_k = self._sequence_bounds(packed_seq_params)
-            out = s2_attention_function()(
+            out = s2_attention(
                 query, key, value, self.kernel_pattern, softmax_scale=self.softmax_scale,
                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=packed_seq_params.max_seqlen_q,
                 max_seqlen_k=packed_seq_params.max_seqlen_kv, **heads,
@@ -217,7 +204,7 @@ class S2CoreAttention(_CoreAttentionBase):
             if q.shape[1] != k.shape[1]:
                 raise S2ConfigError("S2 attention with context parallelism needs equal query and key lengths "
                                     "(training); decode with --context-parallel-size 1")
-            out = _context_parallel_attention()(
+            out = context_parallel_attention(
                 q, k, v, self.kernel_pattern, cp_group=self.cp_group, exchange=self.cp_exchange,
                 softmax_scale=self.softmax_scale, **heads,
             )
@@ -232,8 +219,8 @@ class S2CoreAttention(_CoreAttentionBase):
         pad = q_start % self.kernel_pattern.block_size
         if pad:
             q = torch.cat([q.new_zeros(q.shape[0], pad, *q.shape[2:]), q], 1)
-        out = s2_attention_function()(q, k, v, self.kernel_pattern, softmax_scale=self.softmax_scale,
-                                      q_start=q_start - pad, **heads)
+        out = s2_attention(q, k, v, self.kernel_pattern, softmax_scale=self.softmax_scale,
+                           q_start=q_start - pad, **heads)
         return out[:, pad:]
 
 
@@ -271,7 +258,7 @@ class SDPACoreAttention(_CoreAttentionBase):
             return out.reshape(out.shape[0], -1)
         if self.cp_size > 1:
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))
-            out = _context_parallel_attention()(
+            out = context_parallel_attention(
                 q, k, v, _dense_pattern(q.shape[1]), cp_group=self.cp_group, exchange="allgather",
                 softmax_scale=self.softmax_scale, head_start=self.head_start,
                 num_q_heads=self.num_q_heads, num_kv_heads=self.kernel_num_kv_heads,
