@@ -19,7 +19,6 @@ import time
 
 _PROGRAM_START_TIME = time.time()
 
-import json
 import os
 import re
 import socket
@@ -470,18 +469,11 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-def log_s2_config(args, s2_config: S2AttentionConfig) -> None:
-    """Start-up print, and the S2 settings in the TensorBoard text and the wandb run config."""
+def print_s2_config(args, s2_config: S2AttentionConfig) -> None:
+    """Start-up table of the S2 layout. TensorBoard (as text) and wandb (in the run config) get the
+    settings from Megatron itself: both record every argument, ``args.s2_attention`` included."""
     if args.rank == 0:  # before torch.distributed starts, so not print_rank_0
         print(s2_config.summary(seq_length=args.seq_length), flush=True)
-    as_json = json.dumps(s2_config.to_dict())
-    writer = get_tensorboard_writer()
-    if writer:
-        writer.add_text("s2_attention", s2_config.summary(seq_length=args.seq_length).replace("\n", "  \n"))
-        writer.add_text("s2_attention_json", as_json)
-    wandb_writer = get_wandb_writer()
-    if wandb_writer:
-        wandb_writer.config.update({"s2_attention": s2_config.to_dict()}, allow_val_change=True)
 
 
 def install_sparse_aware_logging(s2_config: S2AttentionConfig) -> None:
@@ -540,7 +532,7 @@ def main(argv: Optional[list] = None) -> None:
         print("WARNING: --allow-s2-layout-change: resuming with a different S2 layout:\n  "
               + "\n  ".join(differences), flush=True)
     checkpoint_layout.attach_to_args(args, s2_config)
-    log_s2_config(args, s2_config)
+    print_s2_config(args, s2_config)
     install_sparse_aware_logging(s2_config)
     use_shipped_dataset_helpers()
 
