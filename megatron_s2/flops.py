@@ -11,7 +11,7 @@ layers, dense heads, the diagonal blocks' token mask and a ragged last block are
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -56,13 +56,11 @@ def attention_flops_per_sequence(layer_patterns: Sequence, num_q_heads: int, num
     return FORWARD_AND_BACKWARD_FACTOR * 4.0 * head_dim * pairs
 
 
-def megatron_core_attention_flops(args, batch_size: int,
-                                  seqlen_squared_sum: Optional[float] = None) -> float:
-    """The core-attention term inside Megatron's own count (3 x 4 x D x S^2 / 2 per head)."""
-    if seqlen_squared_sum is None:
-        seqlen_squared_sum = batch_size * args.seq_length * args.seq_length
+def megatron_core_attention_flops(args, batch_size: int) -> float:
+    """The core-attention term inside Megatron's own count of unpacked batches
+    (3 x 4 x D x S^2 / 2 per head)."""
     query_projection = args.kv_channels * args.num_attention_heads
-    return seqlen_squared_sum * 6.0 * query_projection * args.num_layers
+    return batch_size * args.seq_length * args.seq_length * 6.0 * query_projection * args.num_layers
 
 
 def sparse_aware_flops(megatron_flops_fn, layer_patterns: Sequence):
@@ -88,5 +86,4 @@ def sparse_aware_flops(megatron_flops_fn, layer_patterns: Sequence):
             patterns, args.num_attention_heads, num_kv_heads, args.kv_channels, args.seq_length)
         return total - megatron_core_attention_flops(args, batch_size) + batch_size * per_sequence
 
-    num_floating_point_operations.megatron_s2_sparse_aware = True
     return num_floating_point_operations
