@@ -40,7 +40,7 @@ def read_checkpoint_s2_settings(load_dir: str, args=None) -> tuple:
     ``found`` is False when there is no checkpoint; ``settings`` is None for a checkpoint saved
     without S2 settings, else the dict of ``S2AttentionConfig.to_dict()``. ``args`` are the run's
     Megatron arguments (default: Megatron's defaults). Reads only the common (rank-0) part, with or
-    without torch.distributed: the Hugging Face export can use it too.
+    without torch.distributed, so it runs before the training processes start.
     """
     from megatron.training.checkpointing import _load_base_checkpoint, checkpoint_exists
 

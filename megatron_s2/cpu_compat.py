@@ -144,10 +144,6 @@ def _constant(value):
     return stand_in
 
 
-def _noop(*args, **kwargs):
-    return None
-
-
 def _cuda_stand_ins() -> dict:
     """The torch.cuda attributes Megatron's training path touches, as CPU stand-ins."""
     return {
@@ -209,8 +205,8 @@ def _patch_megatron_start_up() -> None:
         wrapped._megatron_s2_cpu = True
         mt_training.initialize_megatron = wrapped
     # The warm-up runs fused kernels on random inputs: on CPU it only shifts the random stream.
-    mt_training.set_jit_fusion_options = _noop
-    mt_initialize.set_jit_fusion_options = _noop
+    mt_training.set_jit_fusion_options = _constant(None)
+    mt_initialize.set_jit_fusion_options = _constant(None)
 
 
 def activate() -> None:
