@@ -107,24 +107,37 @@ def read_documents(path: str, json_key: str, line_documents: bool) -> Iterator[s
 
 
 def write_indexed_dataset(documents: Iterable[str], tokenizer, output_prefix: str) -> dict:
-    """Tokenize ``documents`` into OUTPUT_PREFIX.bin/.idx; returns counts."""
+    """Tokenize ``documents`` into OUTPUT_PREFIX.bin/.idx; returns counts.
+
+    Both files are written under temporary names and renamed at the end, so a failed run (a bad
+    input line, an interrupt) never leaves a .bin that does not match its .idx.
+    """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     directory = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(directory, exist_ok=True)
-    builder = IndexedDatasetBuilder(output_prefix + ".bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
-    num_documents = num_tokens = 0
-    for text in documents:
-        ids = tokenizer.encode(text)
-        if not ids:
-            continue
-        ids.append(tokenizer.eod)
-        builder.add_document(numpy.asarray(ids, dtype=numpy.int64), [len(ids)])
-        num_documents += 1
-        num_tokens += len(ids)
-    if num_documents == 0:
-        raise SystemExit("error: no non-empty documents in the input")
-    builder.finalize(output_prefix + ".idx")
+    partial = f"{output_prefix}.partial-{os.getpid()}"
+    builder = IndexedDatasetBuilder(partial + ".bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    try:
+        num_documents = num_tokens = 0
+        for text in documents:
+            ids = tokenizer.encode(text)
+            if not ids:
+                continue
+            ids.append(tokenizer.eod)
+            builder.add_document(numpy.asarray(ids, dtype=numpy.int64), [len(ids)])
+            num_documents += 1
+            num_tokens += len(ids)
+        if num_documents == 0:
+            raise SystemExit("error: no non-empty documents in the input")
+        builder.finalize(partial + ".idx")
+        os.replace(partial + ".bin", output_prefix + ".bin")
+        os.replace(partial + ".idx", output_prefix + ".idx")
+    finally:
+        builder.data_file.close()  # finalize() closed it already unless the run failed
+        for leftover in (partial + ".bin", partial + ".idx"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return {"documents": num_documents, "tokens": num_tokens}
 
 
