@@ -27,7 +27,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: 
 from megatron.training import get_args, get_tokenizer  # noqa: E402
 from megatron.training.checkpointing import load_checkpoint  # noqa: E402
 from megatron.training.initialize import initialize_megatron  # noqa: E402
-from megatron_s2 import cpu_compat  # noqa: E402
+from megatron_s2 import checkpoint_layout, cpu_compat  # noqa: E402
 
 
 def add_sample_arguments(parser):
@@ -87,7 +87,10 @@ def main(argv=None) -> None:
     if not args.load:
         raise SystemExit("error: --load CHECKPOINT_DIR is required")
     s2_config = pretrain_gpt_s2.resolve_s2_config(args, s2_section)
-    pretrain_gpt_s2.checkpoint_layout.check_resume(args, s2_config)
+    # Megatron would go on from random weights when --load holds no checkpoint: refuse instead.
+    if checkpoint_layout.check_resume(args, s2_config) is None:
+        raise SystemExit(f"error: --load {args.load} holds no checkpoint. Fix: give the --save folder "
+                         "of a finished pretrain_gpt_s2.py run")
     pretrain_gpt_s2.use_shipped_dataset_helpers()
     initialize_megatron(allow_no_cuda=cpu)
 

@@ -43,6 +43,12 @@ if [ ! -f "$DATA.bin" ]; then
 fi
 
 echo "== training configs/quickstart.yaml for $ITERS steps -> $RUN_DIR (full log: $RUN_DIR/train.log)"
+# Each run starts fresh in RUN_DIR; delete only what an earlier quickstart wrote (it has train.log).
+if [ -d "$RUN_DIR" ] && [ -n "$(ls -A "$RUN_DIR")" ] && [ ! -f "$RUN_DIR/train.log" ]; then
+    echo "error: RUN_DIR=$RUN_DIR holds files that an earlier quickstart did not write, and quickstart" \
+        "replaces its RUN_DIR. Fix: set RUN_DIR to a new folder, or move that one away" >&2
+    exit 1
+fi
 rm -rf "$RUN_DIR"
 mkdir -p "$RUN_DIR"
 # Shown here: the S2 layout table, the progress lines and the validation loss; everything else
