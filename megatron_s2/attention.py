@@ -170,6 +170,9 @@ def s2_attention(
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, packed, num_q_heads, num_kv_heads, q_start, k_start)
+    if packed:  # checked before the CPU fallback too, so that CPU runs refuse what the GPU would
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q = _check_packed(
+            q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start)
     if q.device.type == "cpu" and not _interpreting():
         return s2_attention_reference(
             q, k, v, pattern, softmax_scale=softmax_scale, head_start=head_start,
@@ -180,18 +183,14 @@ def s2_attention(
     from . import kernel
 
     if packed:
-        cu_q, cu_k, max_len = _check_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                            q_start, k_start)
-        q_len = kv_len = max_len
-        num_seqs = cu_q.numel() - 1
+        q_len = kv_len = max_seqlen_q
+        num_seqs = cu_seqlens_q.numel() - 1
         q4, k4, v4 = q[None], k[None], v[None]
         # The layout of a longer length serves every shorter sequence: round up so that batches
         # with different longest sequences share a few cached layouts.
-        layout_len = max_len if isinstance(pattern, BlockMaskPattern) else max(
-            16 * pattern.block_size, 1 << (max_len - 1).bit_length())
-        layout_q_len = layout_k_len = layout_len
+        layout_q_len = layout_k_len = q_len if isinstance(pattern, BlockMaskPattern) else max(
+            16 * pattern.block_size, 1 << (q_len - 1).bit_length())
     else:
-        cu_q = cu_k = None
         q_len, kv_len = q.shape[1], k.shape[1]
         layout_q_len, layout_k_len = q_len, kv_len
         num_seqs = q.shape[0]
@@ -205,7 +204,8 @@ def s2_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     prob = kernel.Problem(
         layout=kernel.kernel_layout(layout, q.shape[-1], q.shape[-2] // k.shape[-2]), num_seqs=num_seqs,
-        len_q=q_len, len_k=kv_len, q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_q, cu_k=cu_k,
+        len_q=q_len, len_k=kv_len, q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_seqlens_q,
+        cu_k=cu_seqlens_k,
     )
     out, lse = _S2AttentionFunction.apply(q4, k4, v4, prob)
     if packed:
