@@ -125,12 +125,5 @@ def main(argv=None):
     print("pretrain_gpt_s2.py model flags: " + training_flags(margs) + f" --load {args.save}")
 
 
-def cli():
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: the message says the fix
-        sys.exit(f"convert_from_hf.py: error: {err}")
-
-
 if __name__ == "__main__":
-    cli()
+    convert.run_tool(main)

@@ -110,12 +110,5 @@ def main(argv=None):
     print(json.dumps(summary))
 
 
-def cli():
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: the message says the fix
-        sys.exit(f"convert_to_hf.py: error: {err}")
-
-
 if __name__ == "__main__":
-    cli()
+    convert.run_tool(main)

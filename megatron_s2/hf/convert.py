@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 from argparse import Namespace
 from typing import Optional, Sequence
@@ -311,6 +312,15 @@ def _sharded_metadata():
 
 
 # -- checkpoint directories --------------------------------------------------------------------
+
+
+def run_tool(main) -> None:
+    """Run a converter's ``main()``; bad input (the message says the fix) ends it with one line, not
+    a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {err}")
 
 
 def check_output_folder(path: str, flag: str, overwrite: bool) -> None:
