@@ -104,7 +104,7 @@ def training_flags(margs):
 
 def main(argv=None):
     args = parse_args(argv)
-    convert.check_output_folder(args.save, "--save", args.overwrite)
+    convert.check_output_folder(args.save, "--save", args.overwrite, inputs=[args.hf])
     config = read_hf_config(args.hf)
     s2_config = choose_s2_config(args, config)
     margs = convert.megatron_args_from_hf(

@@ -64,7 +64,7 @@ def export_tokenizer(args, megatron_args, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    convert.check_output_folder(args.out, "--out", args.overwrite)
+    convert.check_output_folder(args.out, "--out", args.overwrite, inputs=[args.load])
     megatron_args, state, s2_config = convert.load_megatron_checkpoint(args.load, args.iteration)
     shape = convert.shape_from_args(megatron_args)
     vocab = args.vocab_size or getattr(megatron_args, "vocab_size", None) or shape.vocab_size

@@ -323,9 +323,14 @@ def run_tool(main) -> None:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {err}")
 
 
-def check_output_folder(path: str, flag: str, overwrite: bool) -> None:
+def check_output_folder(path: str, flag: str, overwrite: bool, inputs: Sequence[str] = ()) -> None:
     """Refuse, before any work, to write into a folder that already holds files, unless ``overwrite``
-    (an empty folder counts as new)."""
+    (an empty folder counts as new), and ever to replace a folder holding one of ``inputs``."""
+    out = os.path.realpath(path)
+    for source in inputs:
+        source = os.path.realpath(source)
+        if source == out or source.startswith(out + os.sep):
+            raise FileExistsError(f"{flag} {path} would replace the input {source}. Fix: write to another folder")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise FileExistsError(f"{flag} {path} already exists and is not empty. Fix: choose a new folder, "
                               "or pass --overwrite to replace it (it is replaced only once the new one is "
