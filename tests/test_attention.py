@@ -205,6 +205,10 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
     q, k, v = draw((1, 40, 2, 32), (1, 40, 2, 32), (1, 40, 2, 32), seed=22)
     assert torch.equal(s2_attention(q, k, v, pattern), s2_attention_reference(q, k, v, pattern))
+    # The fallback checks packed arguments as the kernel path does.
+    packed = [t[0] for t in (q, k, v)]
+    with pytest.raises(ValueError, match="int32"):
+        s2_attention(*packed, pattern, cu_seqlens_q=torch.tensor([0, 15, 40]))
 
 
 PATTERN = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
