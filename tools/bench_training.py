@@ -118,6 +118,8 @@ def main(argv=None) -> list:
     extra = [a for a in extra if a != "--"]
     if args.warmup >= args.iters:
         parser.error("--warmup must be smaller than --iters")
+    if not os.path.isfile(args.config):
+        parser.error(f"--config {args.config}: no such file (the S2 configs are in configs/)")
     log_dir = args.log_dir or os.path.dirname(os.path.abspath(args.output or "bench_training.json"))
     os.makedirs(log_dir, exist_ok=True)
 

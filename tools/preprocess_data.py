@@ -85,8 +85,6 @@ def default_corpus() -> Iterator[str]:
 
 def read_documents(path: str, json_key: str, line_documents: bool) -> Iterator[str]:
     """Documents of one input file: JSONL by extension (.jsonl/.json), else plain text."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --input {path}: no such file")
     with open(path, encoding="utf-8") as f:
         if path.endswith((".jsonl", ".json")):
             for number, line in enumerate(f, 1):
@@ -161,6 +159,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    missing = [path for path in args.input or [] if not os.path.isfile(path)]
+    if missing:  # all of them, before any tokenizing
+        raise SystemExit(f"error: --input: no such file: {', '.join(missing)}")
     tokenizer = build_tokenizer(args.tokenizer)
     if args.default_corpus:
         documents = default_corpus()
