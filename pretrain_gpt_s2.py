@@ -542,12 +542,14 @@ def main(argv: Optional[list] = None) -> None:
              forward_step)
 
 
-def cli() -> None:
+def cli(entry=main) -> None:
+    """Run ``entry``; input errors (their messages say the fix) end it with one line per job, not a
+    traceback per rank."""
     try:
-        main()
+        entry()
     except (S2ConfigError, TrainingSetupError, checkpoint_layout.S2LayoutMismatchError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"pretrain_gpt_s2.py: error: {err}", file=sys.stderr, flush=True)
+            print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

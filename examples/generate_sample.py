@@ -114,4 +114,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    pretrain_gpt_s2.cli(main)

@@ -306,8 +306,10 @@ def parse_override(text: str) -> tuple:
     if len(path) == 1 and path[0] in PATTERN_KEYS:
         path = ("defaults", path[0])
     if path[0] not in TOP_LEVEL_KEYS or (path[0] == "defaults") != (len(path) == 2) or len(path) > 2:
+        close = difflib.get_close_matches(path[-1], PATTERN_KEYS + TOP_LEVEL_KEYS, n=1)
         raise S2ConfigError(
-            f"S2 override key {key!r} is not settable from the command line. Fix: use a top-level key "
+            f"S2 override key {key!r} is not settable from the command line"
+            f"{f' (did you mean {close[0]!r}?)' if close else ''}. Fix: use a top-level key "
             f"({', '.join(k for k in TOP_LEVEL_KEYS if k not in ('defaults', 'overrides', 'version'))}), "
             f"an S2 parameter ({', '.join(PATTERN_KEYS)}) or defaults.<parameter>; per-layer "
             f"overrides belong in the YAML file"
