@@ -1,8 +1,8 @@
 """Run ``megatron.training.pretrain()`` on a machine without a GPU.
 
 This is for smoke tests, CI and demos only: training on CPU is slow (a tiny model takes seconds per
-step). It is switched on by ``pretrain_gpt_s2.py`` when no CUDA device exists (or when
-``MEGATRON_S2_CPU=1`` asks for it) and announces itself in the log.
+step). ``pretrain_gpt_s2.py`` and ``examples/generate_sample.py`` switch it on when no CUDA device
+exists (``MEGATRON_S2_CPU=1`` forces it on, ``=0`` off) and it announces itself in the log.
 
 megatron-core 0.19.2 assumes CUDA in dozens of places (``device='cuda'``, ``.cuda()``,
 ``torch.cuda.current_device()``, streams, events, memory statistics, CUDA RNG states). Patching each
@@ -45,7 +45,8 @@ BANNER = (
 
 
 def cpu_mode_requested() -> bool:
-    """True when the run should use the CPU layer: asked for with MEGATRON_S2_CPU=1, or no GPU."""
+    """True when the run should use the CPU layer: MEGATRON_S2_CPU=1 (or true/yes), or no GPU and
+    MEGATRON_S2_CPU not set to 0 (or false/no)."""
     flag = os.environ.get("MEGATRON_S2_CPU", "").strip().lower()
     if flag in ("1", "true", "yes"):
         return True

@@ -68,7 +68,8 @@ def sparse_aware_flops(megatron_flops_fn, layer_patterns: Sequence):
 
     ``layer_patterns[i]`` is layer i's S2 pattern, ``None`` for dense layers. Packed (THD) batches,
     multi-token prediction, MLA and linear-attention variants keep Megatron's own count (its
-    attention term has another form there; S2 layers do not combine with the last two).
+    attention term has another form there; S2 layers do not combine with the last two), as does a
+    model whose layer count differs from ``len(layer_patterns)``.
     """
     patterns = tuple(layer_patterns)
 
