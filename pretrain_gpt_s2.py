@@ -62,7 +62,7 @@ from megatron.training.utils import (
 )
 
 from megatron_s2 import checkpoint_layout, cpu_compat
-from megatron_s2.config import S2AttentionConfig
+from megatron_s2.config import S2AttentionConfig, split_config_file
 from megatron_s2.flops import sparse_aware_flops
 from megatron_s2.pattern import S2ConfigError
 
@@ -104,11 +104,7 @@ def add_s2_arguments(parser):
 
 
 def read_config_file(path: str) -> tuple:
-    """``(megatron flag defaults, S2 section)`` of a config file.
-
-    A file with top-level ``megatron:`` and/or ``s2:`` keys is split into the two; any other file is
-    an S2 config alone (the format of ``megatron_s2.config``).
-    """
+    """``(megatron flag defaults, S2 section)`` of a config file (``split_config_file``)."""
     if not os.path.isfile(path):
         raise TrainingSetupError(f"--s2-config {path}: no such file. Fix: give the path of a YAML "
                                  "file, e.g. configs/quickstart.yaml")
@@ -119,17 +115,10 @@ def read_config_file(path: str) -> tuple:
             raise TrainingSetupError(f"--s2-config {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise TrainingSetupError(f"--s2-config {path}: expected a YAML mapping at the top level")
-    if "megatron" in data or "s2" in data:
-        unknown = sorted(set(data) - {"megatron", "s2"})
-        if unknown:
-            raise TrainingSetupError(
-                f"--s2-config {path}: unknown top-level key(s) {unknown}. Fix: a file with a "
-                "'megatron:' section holds only 'megatron:' and 's2:'")
-        flags = data.get("megatron") or {}
-        if not isinstance(flags, dict):
-            raise TrainingSetupError(f"--s2-config {path}: 'megatron:' must map flag names to values")
-        return flags, data.get("s2") or {}
-    return {}, data
+    try:
+        return split_config_file(data)
+    except S2ConfigError as err:
+        raise TrainingSetupError(f"--s2-config {path}: {err}") from None
 
 
 def flags_to_argv(flags: dict) -> list:

@@ -105,7 +105,8 @@ class S2AttentionConfig:
 
     @classmethod
     def from_yaml(cls, path, **kwargs) -> "S2AttentionConfig":
-        """Read a YAML file; keyword arguments as in ``from_dict``."""
+        """Read a YAML file (an S2 config, or a training config's ``s2:`` section, see
+        ``split_config_file``); keyword arguments as in ``from_dict``."""
         import yaml
 
         with open(path) as f:
@@ -113,7 +114,7 @@ class S2AttentionConfig:
         if data is None:
             data = {}
         try:
-            return cls.from_dict(data, **kwargs)
+            return cls.from_dict(split_config_file(data)[1], **kwargs)
         except S2ConfigError as err:
             raise S2ConfigError(f"{path}: {err}") from None
 
@@ -280,6 +281,26 @@ class S2AttentionConfig:
         for row in [header] + rows:
             lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
         return "\n".join(lines)
+
+
+def split_config_file(data: Mapping) -> tuple:
+    """``(megatron flag defaults, S2 section)`` of a config file's contents.
+
+    A mapping with top-level ``megatron:`` and/or ``s2:`` keys is a training config (the form of
+    ``configs/*.yaml``: ``pretrain_gpt_s2.py`` flags plus the S2 settings); any other is an S2 config
+    alone.
+    """
+    data = _check_mapping(data, "<top level>")
+    if "megatron" not in data and "s2" not in data:
+        return {}, data
+    unknown = sorted(set(data) - {"megatron", "s2"})
+    if unknown:
+        raise S2ConfigError(f"unknown top-level key(s) {unknown}. Fix: a file with a 'megatron:' section "
+                            "holds only 'megatron:' and 's2:'")
+    flags = data.get("megatron") or {}
+    if not isinstance(flags, Mapping):
+        raise S2ConfigError("'megatron:' must map flag names to values")
+    return dict(flags), data.get("s2") or {}
 
 
 def load_s2_config(path, **kwargs) -> S2AttentionConfig:
