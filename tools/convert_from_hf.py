@@ -35,7 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace --save if it already holds files")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="TP size of the training run")
     parser.add_argument("--pipeline-parallel", type=int, default=1, help="PP size of the training run")
-    parser.add_argument("--s2-config", default=None, help="the training run's --s2-config (configs/*.yaml) or an S2-only YAML (docs/megatron.md)")
+    parser.add_argument("--s2-config", default=None,
+                        help="the training run's --s2-config (configs/*.yaml) or an S2-only YAML (docs/megatron.md)")
     parser.add_argument("--s2-override", action="append", default=[], help="key=value override of the S2 config")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="as in the training run; the vocabulary is padded like Megatron pads it")
@@ -77,7 +78,8 @@ def choose_s2_config(args, config):
     if getattr(config, "s2_layers", None) is not None:
         return convert.s2_config_from_hf_layers(config.s2_layers, allow_partial_coverage=True,
                                                 overrides=args.s2_override)
-    print("no --s2-config: all layers dense (pass an S2 YAML to continue training with S2)")
+    if not args.s2_override:
+        print("no --s2-config: all layers dense (pass an S2 YAML to continue training with S2)")
     return S2AttentionConfig.from_dict({"layers": "D" * config.num_hidden_layers}, overrides=args.s2_override)
 
 
