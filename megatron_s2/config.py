@@ -145,6 +145,7 @@ class S2AttentionConfig:
             base.setdefault("preset", data["preset"])
         entries = _layer_entries(data, num_layers)
         _apply_layer_overrides(entries, data.get("overrides", []))
+        _check_defaults_overrides_apply(overrides, entries)
         # Precedence: defaults < the layer's own entry < overrides (already merged into the entry).
         entries = [{**base, **e} if e["type"] == "s2" else e for e in entries]
         layers = tuple(
@@ -504,6 +505,20 @@ def _apply_layer_overrides(entries: list, overrides) -> None:
                 raise _fail(f"{key}.layers", override["layers"], f"sets S2 parameters on layer {index}, "
                             "which is dense", "exclude that layer, or add type: s2 to make it sparse")
             entries[index] = {**entry, **params}
+
+
+def _check_defaults_overrides_apply(overrides: Iterable[str], entries: list) -> None:
+    """A command-line override of an S2 parameter sets its default, which a layer's own value wins
+    over: refuse one that no S2 layer would take (e.g. on the explicit per-layer form that checkpoints
+    and Hugging Face configs store) instead of ignoring it."""
+    sparse = [e for e in entries if e["type"] == "s2"]
+    for text in overrides:
+        path, _ = parse_override(text)
+        if path[0] == "defaults" and sparse and all(path[1] in e for e in sparse):
+            raise S2ConfigError(
+                f"S2 override {text!r} changes nothing: every S2 layer sets {path[1]} itself (an explicit "
+                f"per-layer config). Fix: set it per layer in the YAML file, or give a config whose "
+                f"layers take {path[1]} from 'defaults'")
 
 
 def _build_pattern(entry: Mapping, index: int, num_attention_heads: Optional[int]) -> Optional[S2Pattern]:
