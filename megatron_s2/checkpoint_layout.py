@@ -86,13 +86,13 @@ def _describe_layer(layer: dict) -> str:
     return f"{layer.get('type')} ({params})" if params else str(layer.get("type"))
 
 
-def check_resume(args, s2_config, *, load_dir: Optional[str] = None) -> Optional[list]:
-    """Compare this run's S2 layout with the checkpoint it resumes; raise on a change.
+def check_resume(args, s2_config) -> Optional[list]:
+    """Compare this run's S2 layout with the checkpoint ``--load`` resumes; raise on a change.
 
     Returns the list of differences that ``--allow-s2-layout-change`` let through (empty when equal),
     or None when there is nothing to resume.
     """
-    load_dir = load_dir if load_dir is not None else getattr(args, "load", None)
+    load_dir = getattr(args, "load", None)
     if not load_dir:
         return None
     found, saved = read_checkpoint_s2_settings(load_dir, args)
