@@ -59,7 +59,7 @@ def validate_context_parallel(seq_len: int, cp_size: int, block_size: int) -> No
             f"= 2 * {cp_size} * {block_size} = {unit}: context parallelism cuts the sequence into "
             f"{2 * cp_size} chunks that must start on S2 block boundaries. Use a sequence length "
             f"such as {upper}" + (f" or {lower}" if lower else "") + ", a smaller block_size or a "
-            f"smaller context-parallel size."
+            "smaller context-parallel size."
         )
 
 

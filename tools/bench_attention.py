@@ -27,6 +27,7 @@ os.environ.setdefault("S2_AUTOTUNE", "1")  # measure the tuned kernel (S2_AUTOTU
 from megatron_s2 import S2Pattern, get_layout, s2_attention  # noqa: E402
 from megatron_s2 import kernel as s2_kernel  # noqa: E402
 from megatron_s2.layout import clear_layout_cache  # noqa: E402
+from megatron_s2.flops import attended_pairs  # noqa: E402
 
 DEVICE = "cuda"
 IMPLS = ("s2", "flex", "sdpa", "flash", "cudnn")
@@ -53,19 +54,6 @@ def default_cases(seqs, dims):
     if 8192 in seqs:
         cases.append(Case(seq=8192, batch=4))
     return cases
-
-
-def attended_pairs(pattern, case) -> int:
-    """Attended (query, key) token pairs of one batch row, summed over heads."""
-    layout = get_layout(pattern, case.heads, case.kv_heads, case.seq, device=DEVICE)
-    mask = layout.to_block_mask()
-    bs = pattern.block_size
-    blocks = torch.arange(layout.num_q_blocks, device=DEVICE)
-    tokens = torch.clamp(case.seq - blocks * bs, max=bs)
-    pairs = tokens[:, None] * tokens[None, :]
-    diag = tokens * (tokens + 1) // 2
-    pairs = torch.where(blocks[:, None] == blocks[None, :], diag[:, None].expand_as(pairs), pairs)
-    return int((mask.long() * pairs[None]).sum())
 
 
 def flex_block_mask(pattern, case):
@@ -227,7 +215,7 @@ def main(argv=None):
     for case in cases:
         kw = dict(block_size=args.block_size, local_blocks=args.local_blocks, vert_stride=args.vert_stride)
         pattern = S2Pattern.dkernel(case.heads, **kw) if args.dkernel else S2Pattern(**kw)
-        pairs = attended_pairs(pattern, case)
+        pairs = attended_pairs(pattern, case.heads, case.kv_heads, case.seq)
         density = pairs / (case.heads * case.seq * case.seq)
         useful = 4.0 * case.dim * pairs * case.batch
         cold, cached = layout_build_ms(pattern, case)
