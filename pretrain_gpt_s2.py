@@ -94,7 +94,8 @@ def add_s2_arguments(parser):
     group = parser.add_argument_group(title="S2 attention")
     group.add_argument("--s2-config", type=str, default=None, metavar="PATH.yaml",
                        help="YAML file with the per-layer S2 attention settings (and optionally a "
-                       "'megatron:' section of default flags). Without it every layer is dense.")
+                       "'megatron:' section of default flags). Without it every layer is dense, unless "
+                       "--s2-override is given: overrides alone apply to S2 on every layer with the defaults.")
     group.add_argument("--s2-override", action="append", default=[], metavar="KEY=VALUE",
                        help="Override one key of the S2 config, e.g. vert_stride=8 or layers=DSSS "
                        "(repeatable; applied in order).")
