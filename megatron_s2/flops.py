@@ -38,14 +38,14 @@ def attended_pairs(pattern, num_q_heads: int, num_kv_heads: int, seq_len: int) -
     num_blocks = -(-seq_len // block)
     sizes = torch.full((num_blocks,), block, dtype=torch.float64)
     sizes[-1] = seq_len - block * (num_blocks - 1)
-    total = 0
+    # Every head computes every diagonal block (token-causal inside it).
+    total = num_q_heads * sum(dense_causal_pairs(int(n)) for n in sizes.tolist())
     # One head at a time keeps memory at one [blocks, blocks] mask even at 128k tokens.
     for head in range(num_q_heads):
         mask = s2_block_mask(pattern, num_q_heads, num_kv_heads, seq_len,
                              head_start=head, num_local_heads=1)[0].to(torch.float64)
         mask.fill_diagonal_(0.0)
         total += int((sizes @ mask @ sizes).item())
-        total += int(sum(dense_causal_pairs(int(n)) for n in sizes.tolist()))
     return total
 
 

@@ -125,8 +125,9 @@ def _head_stripe_params(key: LayoutKey, device):
     return period, residue
 
 
-def _row_counts(key: LayoutKey, device):
-    """Closed-form stripe and window extents of every (head, query block) row."""
+def _row_counts(key: LayoutKey):
+    """Closed-form stripe and window extents of every (head, query block) row, on the host."""
+    device = torch.device("cpu")
     period, residue = _head_stripe_params(key, device)
     period, residue = period[:, None], residue[:, None]
     q_abs = key.q_block_start + torch.arange(key.num_q_blocks, device=device)[None, :]
@@ -151,8 +152,9 @@ def _row_counts(key: LayoutKey, device):
     )
 
 
-def _column_ranges(key: LayoutKey, device):
-    """Closed-form query-block range of every (head, key block) column: always contiguous."""
+def _column_ranges(key: LayoutKey):
+    """Closed-form query-block range of every (head, key block) column (always contiguous), on the host."""
+    device = torch.device("cpu")
     period, residue = _head_stripe_params(key, device)
     k_abs = key.k_block_start + torch.arange(key.num_k_blocks, device=device)[None, :]
     q_lo = key.q_block_start
@@ -181,36 +183,34 @@ def _rank_in_row(ptr: torch.Tensor, rows: torch.Tensor, nnz: int) -> torch.Tenso
 
 
 def _pattern_layout(key: LayoutKey) -> S2Layout:
-    device = key.device
-    cpu = torch.device("cpu")
-    # Sizes come from the same closed form evaluated on the host (O(rows)), so that the device
-    # builds every list with known output sizes and never syncs.
-    _, stripe_count_h, _, _, window_count_h = _row_counts(key, cpu)
-    q2k_counts_h = stripe_count_h + window_count_h
-    _, k2q_counts_h = _column_ranges(key, cpu)
-    nnz = int(q2k_counts_h.sum())
+    # Per-row and per-column extents are O(rows) closed forms: evaluate them once on the host, where
+    # sizes are known without a sync, then expand them to the O(nnz) lists on the inputs' device.
+    rows_h = _row_counts(key)
+    cols_h = _column_ranges(key)
+    q2k_counts, k2q_counts = rows_h[1] + rows_h[4], cols_h[1]
+    nnz = int(q2k_counts.sum())
+    stripe_first, stripe_count, period, window_first, window_count = (
+        t.reshape(-1).to(key.device) for t in rows_h)
+    col_first, col_count = (t.reshape(-1).to(key.device) for t in cols_h)
 
-    stripe_first, stripe_count, period, window_first, window_count = _row_counts(key, device)
     q2k_ptr = _ptr(stripe_count + window_count)
     rows = _rows_of_entries(q2k_ptr, nnz)
     rank = _rank_in_row(q2k_ptr, rows, nnz)
-    s_first, s_count = stripe_first.reshape(-1)[rows], stripe_count.reshape(-1)[rows]
+    s_count = stripe_count[rows]
     # Stripes lie before the window, so stripes-then-window keeps every row ascending.
     k_abs = torch.where(
         rank < s_count,
-        s_first + rank * period.reshape(-1)[rows],
-        window_first.reshape(-1)[rows] + rank - s_count,
+        stripe_first[rows] + rank * period[rows],
+        window_first[rows] + rank - s_count,
     )
     q2k_idx = k_abs - key.k_block_start
 
-    col_first, col_count = _column_ranges(key, device)
     k2q_ptr = _ptr(col_count)
     cols = _rows_of_entries(k2q_ptr, nnz)
-    col_rank = _rank_in_row(k2q_ptr, cols, nnz)
-    k2q_idx = col_first.reshape(-1)[cols] + col_rank - key.q_block_start
+    k2q_idx = col_first[cols] + _rank_in_row(k2q_ptr, cols, nnz) - key.q_block_start
 
     return _make_layout(key, q2k_ptr, q2k_idx, k2q_ptr, k2q_idx,
-                        int(q2k_counts_h.max()), int(k2q_counts_h.max()), nnz)
+                        int(q2k_counts.max()), int(k2q_counts.max()), nnz)
 
 
 def _mask_layout(key: LayoutKey) -> S2Layout:
