@@ -17,7 +17,7 @@ import torch
 
 from .layout import Pattern, get_layout
 from .pattern import BlockMaskPattern, S2Pattern
-from .reference import s2_attention_reference
+from .reference import s2_attention_reference, s2_attention_reference_backward
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -73,18 +73,22 @@ def _check_inputs(q, k, v, pattern, packed, num_q_heads, num_kv_heads, q_start, 
     return num_q_heads, num_kv_heads
 
 
-def _check_kernel_limits(q, q_len, kv_len, q_start, k_start, packed):
+def _check_key_range(q_len, kv_len, q_start, k_start):
+    if k_start > q_start or q_start + q_len > k_start + kv_len:
+        raise ValueError(
+            f"the keys [{k_start}, {k_start + kv_len}) must cover the query positions "
+            f"[{q_start}, {q_start + q_len}) so that every query sees itself: check q_start/k_start "
+            f"and the key length, or pass return_lse=True to compute one part of a softmax split "
+            f"by key ranges (rows without keys then give out 0 and lse -inf; merge parts by lse)"
+        )
+
+
+def _check_head_dim(q):
     from .kernel import SUPPORTED_HEAD_DIMS
 
     dim = q.shape[-1]
     if dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {dim} is not supported by the S2 kernel; use one of {SUPPORTED_HEAD_DIMS}")
-    if not packed and (k_start > q_start or q_start + q_len > k_start + kv_len):
-        raise ValueError(
-            f"the keys [{k_start}, {k_start + kv_len}) must cover the query positions "
-            f"[{q_start}, {q_start + q_len}) so that every query sees itself: check q_start/k_start "
-            f"and the key length (context parallelism all-gathers keys up to the last query)"
-        )
 
 
 def _check_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start):
@@ -116,6 +120,29 @@ def _check_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if not isinstance(max_seqlen_q, int) or max_seqlen_q < 1:
         raise ValueError(f"max_seqlen_q must be a positive int, got {max_seqlen_q!r}")
     return cu_seqlens_q, cu_seqlens_k, max_seqlen_q
+
+
+def _uses_reference(q) -> bool:
+    return q.device.type == "cpu" and not _interpreting()
+
+
+def _kernel_problem(q, k, pattern, num_seqs, q_len, kv_len, layout_q_len, layout_k_len, softmax_scale,
+                    head_start, num_q_heads, num_kv_heads, q_start, k_start, cu_seqlens_q, cu_seqlens_k):
+    from . import kernel
+
+    layout = get_layout(pattern, num_q_heads, num_kv_heads, layout_q_len, layout_k_len, head_start=head_start,
+                        num_local_heads=q.shape[-2], q_start=q_start, k_start=k_start, device=q.device)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return kernel.Problem(
+        layout=kernel.kernel_layout(layout, q.shape[-1], q.shape[-2] // k.shape[-2]), num_seqs=num_seqs,
+        len_q=q_len, len_k=kv_len, q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_seqlens_q,
+        cu_k=cu_seqlens_k,
+    )
+
+
+def _last_dim_contiguous(*tensors):
+    """The kernels address rows through strides but need each row's head dim contiguous."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
 class _S2AttentionFunction(torch.autograd.Function):
@@ -165,7 +192,9 @@ def s2_attention(
     index of the first local head (tensor parallelism); ``q_start``/``k_start`` are the absolute
     positions of the first query/key (context parallelism). Returns ``out`` like ``q`` and, with
     ``return_lse``, the natural-log ``lse`` float32 ``[batch, heads, seq]`` (packed:
-    ``[heads, tokens]``), whose gradient flows. With packed input, ``max_seqlen_q`` must be at least
+    ``[heads, tokens]``), whose gradient flows. The keys must cover the queries' positions unless
+    ``return_lse`` is set: a key range may then end before some queries (context parallelism splits
+    a softmax by key ranges); rows without keys give out 0 and lse -inf. With packed input, ``max_seqlen_q`` must be at least
     the longest sequence (it is not checked, to avoid a device sync; omitted, it is computed).
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -173,15 +202,16 @@ def s2_attention(
     if packed:  # checked before the CPU fallback too, so that CPU runs refuse what the GPU would
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q = _check_packed(
             q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start)
-    if q.device.type == "cpu" and not _interpreting():
+    if not packed and not return_lse:
+        _check_key_range(q.shape[1], k.shape[1], q_start, k_start)
+    if _uses_reference(q):
         return s2_attention_reference(
             q, k, v, pattern, softmax_scale=softmax_scale, head_start=head_start,
             num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, return_lse=return_lse,
         )
-    from . import kernel
-
+    _check_head_dim(q)
     if packed:
         q_len = kv_len = max_seqlen_q
         num_seqs = cu_seqlens_q.numel() - 1
@@ -195,19 +225,56 @@ def s2_attention(
         layout_q_len, layout_k_len = q_len, kv_len
         num_seqs = q.shape[0]
         q4, k4, v4 = q, k, v
-    _check_kernel_limits(q, q_len, kv_len, q_start, k_start, packed)
-    # The kernels address rows through strides but need each row's head dim contiguous.
-    q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
-
-    layout = get_layout(pattern, num_q_heads, num_kv_heads, layout_q_len, layout_k_len, head_start=head_start,
-                        num_local_heads=q.shape[-2], q_start=q_start, k_start=k_start, device=q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    prob = kernel.Problem(
-        layout=kernel.kernel_layout(layout, q.shape[-1], q.shape[-2] // k.shape[-2]), num_seqs=num_seqs,
-        len_q=q_len, len_k=kv_len, q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_seqlens_q,
-        cu_k=cu_seqlens_k,
-    )
+    q4, k4, v4 = _last_dim_contiguous(q4, k4, v4)
+    prob = _kernel_problem(q, k, pattern, num_seqs, q_len, kv_len, layout_q_len, layout_k_len, softmax_scale,
+                           head_start, num_q_heads, num_kv_heads, q_start, k_start, cu_seqlens_q, cu_seqlens_k)
     out, lse = _S2AttentionFunction.apply(q4, k4, v4, prob)
     if packed:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
+
+
+def s2_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pattern: Pattern,
+    *,
+    softmax_scale: Optional[float] = None,
+    head_start: int = 0,
+    num_q_heads: Optional[int] = None,
+    num_kv_heads: Optional[int] = None,
+    q_start: int = 0,
+    k_start: int = 0,
+):
+    """``(dq, dk, dv)`` of one key range of a softmax that was split by key ranges.
+
+    ``q, k, v`` and the position/head arguments are those of one ``s2_attention(...,
+    return_lse=True)`` call; ``out`` and ``lse`` are the merged results over *all* key ranges and
+    ``grad_out`` the gradient of the merged output. Summing ``dq`` over the ranges (and taking
+    ``dk, dv`` of each) gives the gradient of the whole softmax, as in FlashAttention's backward,
+    which needs only the final output and lse. For one range alone, pass its own ``out`` and
+    ``lse``. Unpacked input only (``[batch, seq, heads, dim]``).
+    """
+    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads, q_start, k_start)
+    if grad_out.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must have q's shape "
+                         f"{tuple(q.shape)}")
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    if lse.shape != lse_shape or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 {lse_shape} ([batch, heads, seq]), got {lse.dtype} {tuple(lse.shape)}")
+    heads = dict(softmax_scale=softmax_scale, head_start=head_start, num_q_heads=num_q_heads,
+                 num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start)
+    if _uses_reference(q):
+        return s2_attention_reference_backward(grad_out, q, k, v, out, lse, pattern, **heads)
+    from . import kernel
+
+    _check_head_dim(q)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
+    prob = _kernel_problem(q, k, pattern, q.shape[0], q_len, kv_len, q_len, kv_len, softmax_scale, head_start,
+                           num_q_heads, num_kv_heads, q_start, k_start, None, None)
+    return kernel.backward(grad_out, q, k, v, out, lse.contiguous(), None, prob)

@@ -1,25 +1,30 @@
-"""Context parallelism (CP) for S2 attention: exact CP=1 results with two K/V exchanges.
+"""Context parallelism (CP) for S2 attention: exact CP=1 results, communication hidden behind compute.
 
-Megatron's CP splits every sequence into ``2*cp`` equal chunks; CP rank ``r`` holds chunks ``r``
-and ``2*cp-1-r`` (load balancing under the causal mask), concatenated. Queries keep their absolute
-positions, so each local chunk runs the ordinary S2 kernel with ``q_start = chunk * chunk_len``
-against keys laid out at their absolute positions ``0..end of the chunk``.
+Megatron's CP splits every sequence into ``2*cp`` equal chunks; CP rank ``r`` holds chunks
+``e = r`` and ``l = 2*cp-1-r`` (load balancing under the causal mask), concatenated. Queries keep
+their absolute positions. Each local chunk's softmax is split by key ranges, and the parts are
+merged by their log-sum-exp:
 
-Two ways to bring the keys there:
+- *diagonal*: the chunk's queries against the chunk's own keys (the window and the stripes inside
+  the chunk). It needs nothing from other ranks, so it runs while K/V are exchanged.
+- *earlier*: the same queries against every key before the chunk, read from a key buffer at
+  absolute positions ``[0, l*chunk_len)`` that holds this rank's chunk ``e`` and what the exchange
+  brought.
 
-- ``"allgather"``: all-gather K/V over the CP group, reduce-scatter dK/dV in backward. Simple,
+Two exchanges fill the buffer (and send its gradients back to the owners):
+
+- ``"allgather"``: all-gather K/V over the CP group, reduce-scatter the gradients. Simple,
   pattern-independent, moves ``(cp-1)/cp`` of the whole sequence's K/V to every rank.
-- ``"s2"``: every rank receives only the (KV head, key block) pairs that its local query chunks
-  attend (window halo plus its heads' stripes) through one ``all_to_all``, and sends back gradients
-  only for those. All ranks of a CP group hold the same heads (same TP rank), so each rank derives
-  every other rank's needs from the pattern: no metadata is exchanged, and the index lists are
-  cached per (pattern, heads, sequence length, CP size, rank).
+- ``"s2"``: every rank receives only the (KV head, key block) pairs that its queries attend (window
+  halo plus its heads' stripes) through one ``all_to_all``, and sends back gradients only for
+  those. All ranks of a CP group hold the same heads (same TP rank), so each rank derives every
+  other rank's needs from the pattern: no metadata is exchanged, and the index lists are cached per
+  (pattern, heads, sequence length, CP size, rank).
 
-Both exchanges place K/V in a buffer as long as the keys the rank reads (blocks it does not need
-stay zero and are never read by its layout), so the attention calls are identical and so are the
-results. Between forward and backward a layer keeps only this rank's K/V (plus, for the S2
-exchange, the received blocks) and rebuilds the buffer in backward (``KeyBufferSaver``); the
-all-gather gathers a second time for that.
+Backward runs the same parts in the order that hides communication: the early chunk's diagonal
+part while the buffer is rebuilt (all-gather: gathered again; S2: from the kept received blocks),
+then the earlier parts, then the late chunk's diagonal part while the buffer's gradients travel
+back. Between forward and backward a layer keeps q, k, v, out and lse (S2: plus the received blocks).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .attention import s2_attention
+from .attention import s2_attention, s2_attention_backward
 from .layout import Pattern, s2_block_mask
 from .pattern import S2ConfigError, check_head_counts
 
@@ -213,15 +218,27 @@ def kv_exchange_bytes(pattern: Pattern, *, exchange: str, seq_len: int, cp_size:
     ]
 
 
-# -- exchanges as autograd functions -----------------------------------------------------------
+# -- exchanges ---------------------------------------------------------------------------------
 #
-# K/V travel together in sequence-major buffers ``[seq, 2 (K, V), batch, heads, dim]``: a range of
-# positions is then one contiguous slab, so collectives write straight into place and chunks move
-# with plain copies. The kernel reads K and V as strided ``[batch, seq, heads, dim]`` views.
+# Both fill the same key buffer and return its gradient; ``start_*`` launch collectives
+# asynchronously, ``finish_*`` wait for them, so that attention can run in between.
+
+
+class _Exchange:
+    def __init__(self, group, chunk_len: int):
+        self.group, self.chunk_len = group, chunk_len
+        self.cp_size, self.cp_rank = dist.get_world_size(group), dist.get_rank(group)
+        self.early, self.late = chunks_of_rank(self.cp_rank, self.cp_size)
+
+    @property
+    def buffer_len(self) -> int:
+        """Keys before the late chunk: the earlier part of both local chunks reads a prefix."""
+        return self.late * self.chunk_len
 
 
 def _pack(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``[b, s, h, d]`` K and V -> one contiguous ``[s, 2, b, h, d]`` buffer."""
+    """``[b, s, h, d]`` K and V -> one contiguous sequence-major ``[s, 2, b, h, d]`` buffer, in which a
+    range of positions is one slab that collectives write into place."""
     return torch.stack([k.transpose(0, 1), v.transpose(0, 1)], 1)
 
 
@@ -230,181 +247,219 @@ def _unpack(kv: torch.Tensor):
     return kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)
 
 
-def _key_views(full: torch.Tensor, key_ends):
-    """K/V views of the two local chunks' key ranges (prefixes of one buffer)."""
-    k, v = _unpack(full)
-    early, late = key_ends
-    return k[:, :early], v[:, :early], k[:, :late], v[:, :late]
+class AllGatherExchange(_Exchange):
+    """All-gather K/V into absolute order; the buffer's gradients are reduce-scattered to their owners."""
+
+    def start(self, k, v):
+        local = _pack(k, v)
+        cp, chunk = self.cp_size, self.chunk_len
+        kv = local.new_empty(self.buffer_len, *local.shape[1:])
+        late = local.new_empty(cp * chunk, *local.shape[1:])
+        # Chunks 0..cp-1 are the first halves of ranks 0..cp-1: gathered straight into place.
+        works = [_all_gather_tensor(kv[: cp * chunk], local[:chunk], group=self.group, async_op=True),
+                 _all_gather_tensor(late, local[chunk:], group=self.group, async_op=True)]
+        return works, local, kv, late
+
+    start_rebuild = start  # backward gathers again instead of keeping every rank's K/V
+
+    def finish(self, pending, k, v):
+        works, _, kv, late = pending
+        for work in works:
+            work.wait()
+        # Chunks cp..late-1 are the second halves of ranks cp-1..rank+1.
+        cp, chunk = self.cp_size, self.chunk_len
+        kv[cp * chunk :].view(-1, chunk, *kv.shape[1:]).copy_(
+            late.view(cp, chunk, *kv.shape[1:])[self.cp_rank + 1 :].flip(0))
+        return _unpack(kv)
+
+    finish_rebuild = finish
+
+    def start_grads(self, dk_buf, dv_buf):
+        cp, chunk = self.cp_size, self.chunk_len
+        grads = dk_buf.new_zeros(2 * cp * chunk, 2, dk_buf.shape[0], *dk_buf.shape[2:])
+        grads[: self.buffer_len, 0] = dk_buf.transpose(0, 1)
+        grads[: self.buffer_len, 1] = dv_buf.transpose(0, 1)
+        late = grads[cp * chunk :].view(cp, chunk, *grads.shape[1:]).flip(0).reshape(cp * chunk, *grads.shape[1:])
+        mine = grads.new_empty(2 * chunk, *grads.shape[1:])
+        works = [_reduce_scatter_tensor(mine[:chunk], grads[: cp * chunk], group=self.group, async_op=True),
+                 _reduce_scatter_tensor(mine[chunk:], late, group=self.group, async_op=True)]
+        return works, grads, late, mine
+
+    def finish_grads(self, pending, dk, dv):
+        works, _, _, mine = pending
+        for work in works:
+            work.wait()
+        dk_mine, dv_mine = _unpack(mine)
+        dk += dk_mine
+        dv += dv_mine
 
 
-def _sum_key_grads(grads, key_ends, length: int) -> torch.Tensor:
-    """Gradients of the two chunks' key views -> ``[length, 2, b, h, d]`` (zero past the keys read)."""
-    dk_early, dv_early, dk_late, dv_late = grads
-    early, late = key_ends
-    packed = _pack(dk_late, dv_late)
-    if late < length:
-        packed = torch.cat([packed, packed.new_zeros(length - late, *packed.shape[1:])])
-    packed[:early] += _pack(dk_early, dv_early)
-    return packed
+def _by_block(t: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[b, s, h, d]`` -> view ``[b, blocks, block_size, h, d]``. Indexed ``[:, blocks, :, heads]`` it
+    reads or writes (block, head) pairs as ``[pairs, b, block_size, d]``."""
+    return t.unflatten(1, (t.shape[1] // block_size, block_size))
 
 
-def _blocks(kv: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``[s, 2, b, h, d]`` -> view ``[blocks, h, block, 2, b, d]`` for (block, head) indexing."""
-    s, two, b, h, d = kv.shape
-    return kv.view(s // block_size, block_size, two, b, h, d).permute(0, 4, 1, 2, 3, 5)
+class S2Exchange(_Exchange):
+    """Receive only the (KV head, block) pairs of the plan; return gradients for those only."""
+
+    def __init__(self, group, chunk_len: int, plan: ExchangePlan, block_size: int):
+        super().__init__(group, chunk_len)
+        self.plan, self.block_size = plan, block_size
+        self.received = None  # kept for backward
+
+    def _pairs(self, t, blocks, heads):
+        return _by_block(t, self.block_size)[:, blocks, :, heads]
+
+    def start(self, k, v):
+        plan = self.plan
+        send = torch.stack([self._pairs(k, plan.send_blocks, plan.send_heads),
+                            self._pairs(v, plan.send_blocks, plan.send_heads)], 1)
+        recv = send.new_empty(sum(plan.recv_splits), *send.shape[1:])
+        work = dist.all_to_all_single(recv, send, plan.recv_splits, plan.send_splits, group=self.group,
+                                      async_op=True)
+        return work, send, recv
+
+    def finish(self, pending, k, v):
+        work, _, self.received = pending
+        work.wait()
+        return self._buffer(k, v)
+
+    def start_rebuild(self, k, v):
+        return None
+
+    def finish_rebuild(self, pending, k, v):
+        return self._buffer(k, v)
+
+    def _buffer(self, k, v):
+        """Received blocks and this rank's early chunk at absolute positions. Other blocks stay zero:
+        the kernels read only listed blocks, but dK/dV tiles load whole units of any block."""
+        chunk, plan = self.chunk_len, self.plan
+        start = self.early * chunk
+        buffers = []
+        for local, which in ((k, 0), (v, 1)):
+            buf = local.new_zeros(local.shape[0], self.buffer_len, *local.shape[2:])
+            _by_block(buf, self.block_size)[:, plan.recv_blocks, :, plan.recv_heads] = self.received[:, which]
+            buf[:, start : start + chunk] = local[:, :chunk]
+            buffers.append(buf)
+        return buffers
+
+    def start_grads(self, dk_buf, dv_buf):
+        plan = self.plan
+        send = torch.stack([self._pairs(dk_buf, plan.recv_blocks, plan.recv_heads),
+                            self._pairs(dv_buf, plan.recv_blocks, plan.recv_heads)], 1)
+        recv = send.new_empty(sum(plan.send_splits), *send.shape[1:])
+        work = dist.all_to_all_single(recv, send, plan.send_splits, plan.recv_splits, group=self.group,
+                                      async_op=True)
+        # This rank's early chunk, read through the buffer (copied so the buffer's gradient can go).
+        rows = slice(self.early * self.chunk_len, (self.early + 1) * self.chunk_len)
+        own = (dk_buf[:, rows].clone(), dv_buf[:, rows].clone())
+        return work, send, recv, own
+
+    def finish_grads(self, pending, dk, dv):
+        work, _, recv, (dk_own, dv_own) = pending
+        dk[:, : self.chunk_len] += dk_own
+        dv[:, : self.chunk_len] += dv_own
+        work.wait()
+        # Pairs from one rank are distinct; a block read by several ranks gets the sum of theirs.
+        first = 0
+        for count in self.plan.send_splits:
+            if count:
+                blocks = self.plan.send_blocks[first : first + count]
+                heads = self.plan.send_heads[first : first + count]
+                _by_block(dk, self.block_size)[:, blocks, :, heads] += recv[first : first + count, 0]
+                _by_block(dv, self.block_size)[:, blocks, :, heads] += recv[first : first + count, 1]
+                first += count
 
 
-class KeyBufferSaver:
-    """Saved-tensor hooks that keep an exchange's key buffer compact between forward and backward.
-
-    The attention kernel saves its K/V inputs, views of a buffer as long as every key the rank reads.
-    Inside ``hooks()`` those views are saved as a description only, and the buffer is rebuilt once
-    per backward from what built it: this rank's K/V and the received blocks (S2 exchange), or this
-    rank's K/V and a second all-gather (all-gather exchange). A layer then keeps about its own K/V
-    for backward instead of the whole prefix.
-    """
-
-    def __init__(self):
-        self._storage, self._rebuild = None, None
-        self._full, self._num_saved, self._remaining = None, 0, 0
-
-    def track(self, full: torch.Tensor, rebuild) -> None:
-        self._storage, self._rebuild = full.untyped_storage().data_ptr(), rebuild
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def _pack(self, tensor):
-        if self._storage is None or tensor.untyped_storage().data_ptr() != self._storage:
-            return tensor
-        self._num_saved += 1
-        return _BufferView(tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
-
-    def _unpack(self, packed):
-        if not isinstance(packed, _BufferView):
-            return packed
-        if self._full is None:
-            self._full, self._remaining = self._rebuild(), self._num_saved
-        view = self._full.as_strided(packed.size, packed.stride, packed.offset)
-        self._remaining -= 1
-        if self._remaining == 0:  # every saved view is out: the kernels' backward holds the buffer
-            self._full = None
-        return view
+# -- attention split by key ranges -------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class _BufferView:
-    size: tuple
-    stride: tuple
-    offset: int
+class _Attention:
+    """The fixed arguments of a layer's S2 attention calls."""
+
+    pattern: Pattern
+    softmax_scale: Optional[float]
+    head_start: int
+    num_q_heads: int
+    num_kv_heads: int
+
+    def _args(self):
+        return dict(softmax_scale=self.softmax_scale, head_start=self.head_start,
+                    num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads)
+
+    def forward(self, q, k, v, q_start, k_start):
+        """(out, lse) of the queries at ``q_start`` over the keys at ``k_start``."""
+        return s2_attention(q, k, v, self.pattern, q_start=q_start, k_start=k_start, return_lse=True,
+                            **self._args())
+
+    def backward(self, grad_out, q, k, v, out, lse, q_start, k_start):
+        return s2_attention_backward(grad_out, q, k, v, out, lse, self.pattern, q_start=q_start,
+                                     k_start=k_start, **self._args())
 
 
-def _gathered_key_buffer(local, group):
-    """All ranks' K/V ``[seq, 2, b, h, d]`` in sequence order, from this rank's ``local``."""
-    cp_size = dist.get_world_size(group)
-    chunk_len = local.shape[0] // 2
-    full = local.new_empty(2 * cp_size * chunk_len, *local.shape[1:])
-    # Chunks 0..cp-1 are the first halves of ranks 0..cp-1: gathered straight into place.
-    _all_gather_tensor(full[: cp_size * chunk_len], local[:chunk_len], group=group)
-    # Chunks cp..2cp-1 are the second halves of ranks cp-1..0: gathered, then reversed.
-    late = local.new_empty(cp_size, chunk_len, *local.shape[1:])
-    _all_gather_tensor(late.view(-1, *local.shape[1:]), local[chunk_len:], group=group)
-    full[cp_size * chunk_len :].view_as(late).copy_(late.flip(0))
-    return full
+def _merge(part_a, part_b):
+    """One softmax over two key ranges from each range's (out, lse)."""
+    (out_a, lse_a), (out_b, lse_b) = part_a, part_b
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - lse).transpose(1, 2).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - lse).transpose(1, 2).unsqueeze(-1)
+    return (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype), lse
 
 
-class _AllGatherKV(torch.autograd.Function):
-    """All-gather K/V to absolute order; backward reduce-scatters dK/dV to the owners."""
+class _ContextParallelAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, exchange, attention):
+        chunk = exchange.chunk_len
+        early, late = exchange.early * chunk, exchange.late * chunk
+        pending = exchange.start(k, v)
+        # While K/V travel: each chunk against its own keys.
+        diag_early = attention.forward(q[:, :chunk], k[:, :chunk], v[:, :chunk], early, early)
+        diag_late = attention.forward(q[:, chunk:], k[:, chunk:], v[:, chunk:], late, late)
+        k_buf, v_buf = exchange.finish(pending, k, v)
+        del pending
+        out_late, lse_late = _merge(diag_late, attention.forward(q[:, chunk:], k_buf, v_buf, late, 0))
+        out_early, lse_early = diag_early
+        if early:  # chunk 0 has no earlier keys
+            out_early, lse_early = _merge(diag_early, attention.forward(
+                q[:, :chunk], k_buf[:, :early], v_buf[:, :early], early, 0))
+        del k_buf, v_buf
+        out = torch.cat([out_early, out_late], 1)
+        ctx.save_for_backward(q, k, v, out, torch.cat([lse_early, lse_late], 2))
+        ctx.exchange, ctx.attention = exchange, attention
+        return out
 
     @staticmethod
-    def forward(ctx, k, v, group, key_ends, saver):
-        local = _pack(k, v)
-        full = _gathered_key_buffer(local, group)
-        if saver is not None:  # backward gathers again instead of keeping every rank's K/V
-            saver.track(full, functools.partial(_gathered_key_buffer, local, group))
-        ctx.group, ctx.key_ends, ctx.chunk_len = group, key_ends, local.shape[0] // 2
-        return _key_views(full, key_ends)
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        exchange, attention = ctx.exchange, ctx.attention
+        chunk = exchange.chunk_len
+        early, late = exchange.early * chunk, exchange.late * chunk
+        rows_early, rows_late = slice(0, chunk), slice(chunk, 2 * chunk)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        cp_size, chunk_len = dist.get_world_size(ctx.group), ctx.chunk_len
-        full = _sum_key_grads(grads, ctx.key_ends, 2 * cp_size * chunk_len)
-        local = full.new_empty(2 * chunk_len, *full.shape[1:])
-        _reduce_scatter_tensor(local[:chunk_len], full[: cp_size * chunk_len], group=ctx.group)
-        late = full[cp_size * chunk_len :].view(cp_size, chunk_len, *full.shape[1:]).flip(0)
-        _reduce_scatter_tensor(local[chunk_len:], late.reshape(-1, *full.shape[1:]), group=ctx.group)
-        return (*_unpack(local), None, None, None)
+        def part(rows, k_part, v_part, q_start, k_start):
+            return attention.backward(grad_out[:, rows], q[:, rows], k_part, v_part, out[:, rows],
+                                      lse[:, :, rows], q_start, k_start)
 
-
-def _s2_key_buffer(local, recv, plan, length, block_size, cp_rank, cp_size):
-    """The S2 exchange's key buffer ``[length, 2, b, h, d]`` from this rank's K/V and the received
-    blocks. Blocks the rank does not read stay zero: a kernel tile that spans them adds 0, not NaN."""
-    full = local.new_zeros(length, *local.shape[1:])
-    _blocks(full, block_size)[plan.recv_blocks, plan.recv_heads] = recv
-    chunk_len = local.shape[0] // 2
-    for half, chunk in enumerate(chunks_of_rank(cp_rank, cp_size)):
-        full[chunk * chunk_len : (chunk + 1) * chunk_len] = local[half * chunk_len : (half + 1) * chunk_len]
-    return full
-
-
-class _S2ExchangeKV(torch.autograd.Function):
-    """Receive only the (KV head, block) pairs of the plan into an absolute-position buffer."""
-
-    @staticmethod
-    def forward(ctx, k, v, group, key_ends, plan, block_size, saver):
-        cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
-        local = _pack(k, v)
-        send = _blocks(local, block_size)[plan.send_blocks, plan.send_heads].contiguous()
-        recv = send.new_empty(sum(plan.recv_splits), *send.shape[1:])
-        dist.all_to_all_single(recv, send, plan.recv_splits, plan.send_splits, group=group)
-        build = functools.partial(_s2_key_buffer, local, recv, plan, key_ends[1], block_size,
-                                  cp_rank, cp_size)
-        full = build()
-        if saver is not None:
-            saver.track(full, build)
-        ctx.group, ctx.key_ends, ctx.plan, ctx.block_size = group, key_ends, plan, block_size
-        ctx.chunk_len = local.shape[0] // 2
-        return _key_views(full, key_ends)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        plan, block_size, chunk_len = ctx.plan, ctx.block_size, ctx.chunk_len
-        full = _sum_key_grads(grads, ctx.key_ends, ctx.key_ends[1])
-        send = _blocks(full, block_size)[plan.recv_blocks, plan.recv_heads].contiguous()
-        recv = send.new_empty(sum(plan.send_splits), *send.shape[1:])
-        dist.all_to_all_single(recv, send, plan.send_splits, plan.recv_splits, group=ctx.group)
-
-        chunks = chunks_of_rank(dist.get_rank(ctx.group), dist.get_world_size(ctx.group))
-        local = torch.cat([full[c * chunk_len : (c + 1) * chunk_len] for c in chunks])
-        # A block read by several ranks gets the sum of their gradients.
-        _blocks(local, block_size).index_put_((plan.send_blocks, plan.send_heads), recv, accumulate=True)
-        return (*_unpack(local), None, None, None, None, None)
-
-
-def exchange_kv(k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, cp_group, exchange: str,
-                head_start: int, num_q_heads: int, num_kv_heads: int, num_local_heads: int,
-                saver: Optional[KeyBufferSaver] = None):
-    """Bring the keys this rank's queries read to their absolute positions.
-
-    ``k, v [b, s_local, h_kv_local, d]`` hold this rank's chunks; the head arguments are those of
-    ``context_parallel_attention`` plus the number of local query heads. Returns ``(k_early, v_early,
-    k_late, v_late)``: K/V ``[b, key_end, h_kv_local, d]`` from position 0 to the end of the local
-    early chunk (``r``) and late chunk (``2*cp-1-r``), views of one buffer; differentiable. With a
-    ``saver``, run the attention inside ``saver.hooks()`` to keep the buffer compact until backward.
-    """
-    _check_exchange(exchange)
-    cp_size, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
-    s_local, local_kv_heads = k.shape[1], k.shape[2]
-    chunk_len = s_local // 2
-    key_ends = tuple((chunk + 1) * chunk_len for chunk in chunks_of_rank(cp_rank, cp_size))
-    if exchange == "allgather":
-        return _AllGatherKV.apply(k, v, cp_group, key_ends, saver)
-    plan = exchange_plan(
-        pattern, seq_len=s_local * cp_size, cp_size=cp_size, cp_rank=cp_rank,
-        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
-        num_local_heads=num_local_heads, num_local_kv_heads=local_kv_heads, device=k.device,
-    )
-    return _S2ExchangeKV.apply(k, v, cp_group, key_ends, plan, pattern.block_size, saver)
+        pending = exchange.start_rebuild(k, v)
+        dq_early, dk_early, dv_early = part(rows_early, k[:, :chunk], v[:, :chunk], early, early)
+        k_buf, v_buf = exchange.finish_rebuild(pending, k, v)
+        del pending
+        dq_late, dk_buf, dv_buf = part(rows_late, k_buf, v_buf, late, 0)
+        if early:
+            dq_part, dk_part, dv_part = part(rows_early, k_buf[:, :early], v_buf[:, :early], early, 0)
+            dq_early += dq_part
+            dk_buf[:, :early] += dk_part
+            dv_buf[:, :early] += dv_part
+        del k_buf, v_buf
+        pending = exchange.start_grads(dk_buf, dv_buf)
+        del dk_buf, dv_buf
+        dq_part, dk_late, dv_late = part(rows_late, k[:, chunk:], v[:, chunk:], late, late)
+        dq_late += dq_part
+        dk, dv = torch.cat([dk_early, dk_late], 1), torch.cat([dv_early, dv_late], 1)
+        exchange.finish_grads(pending, dk, dv)
+        return torch.cat([dq_early, dq_late], 1), dk, dv, None, None
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -440,22 +495,32 @@ def context_parallel_attention(
     s_local, local_heads = q.shape[1], q.shape[2]
     num_q_heads = local_heads if num_q_heads is None else num_q_heads
     num_kv_heads = k.shape[2] if num_kv_heads is None else num_kv_heads
-    heads = dict(head_start=head_start, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
-    cp_size, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    cp_size = dist.get_world_size(cp_group)
     if cp_size == 1:
-        return s2_attention(q, k, v, pattern, softmax_scale=softmax_scale, **heads)
+        return s2_attention(q, k, v, pattern, softmax_scale=softmax_scale, head_start=head_start,
+                            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
     validate_context_parallel(s_local * cp_size, cp_size, pattern.block_size)
+    check_head_counts(num_q_heads, num_kv_heads)
+    attention = _Attention(pattern, softmax_scale, head_start, num_q_heads, num_kv_heads)
+    mover = make_exchange(exchange, pattern, cp_group=cp_group, seq_len=s_local * cp_size,
+                          num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
+                          num_local_heads=local_heads, num_local_kv_heads=k.shape[2], device=k.device)
+    return _ContextParallelAttention.apply(q, k, v, mover, attention)
 
-    saver = KeyBufferSaver()
-    k_early, v_early, k_late, v_late = exchange_kv(
-        k, v, pattern, cp_group=cp_group, exchange=exchange, num_local_heads=local_heads,
-        saver=saver, **heads)
-    chunk_len = s_local // 2
-    early, late = chunks_of_rank(cp_rank, cp_size)
-    with saver.hooks():
-        # Each chunk reads keys from position 0 to its own end (causal), at its absolute position.
-        out_early = s2_attention(q[:, :chunk_len], k_early, v_early, pattern,
-                                 softmax_scale=softmax_scale, q_start=early * chunk_len, **heads)
-        out_late = s2_attention(q[:, chunk_len:], k_late, v_late, pattern,
-                                softmax_scale=softmax_scale, q_start=late * chunk_len, **heads)
-    return torch.cat([out_early, out_late], 1)
+
+def make_exchange(exchange: str, pattern: Pattern, *, cp_group, seq_len: int, num_q_heads: int,
+                  num_kv_heads: int, head_start: int, num_local_heads: int, num_local_kv_heads: int,
+                  device) -> _Exchange:
+    """The K/V exchange of one layer call (``seq_len`` is the whole sequence): ``start(k, v)`` then
+    ``finish(pending, k, v)`` give the key buffer ``(k_buf, v_buf)``; ``start_grads(dk_buf, dv_buf)``
+    then ``finish_grads(pending, dk, dv)`` add the buffer's gradients into the local ``dk, dv``."""
+    _check_exchange(exchange)
+    chunk_len = seq_len // (2 * dist.get_world_size(cp_group))
+    if exchange == "allgather":
+        return AllGatherExchange(cp_group, chunk_len)
+    plan = exchange_plan(
+        pattern, seq_len=seq_len, cp_size=dist.get_world_size(cp_group), cp_rank=dist.get_rank(cp_group),
+        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
+        num_local_heads=num_local_heads, num_local_kv_heads=num_local_kv_heads, device=device,
+    )
+    return S2Exchange(cp_group, chunk_len, plan, pattern.block_size)

@@ -355,11 +355,15 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
                                    e_mid, e_hi, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
                                    offs_d, UNIT, 1, True, DOT_PREC)
-        out = acc / l_i[:, None]
+        # A row that reads no key (a key range that ends before it) gives out 0 and lse -inf, so
+        # partial results merge by lse; masked scores are -1e6, so m_i stays there for such rows.
+        has_key = m_i > -1.0e6
+        l_i = tl.where(has_key, l_i, 1.0)
+        out = tl.where(has_key[:, None], acc / l_i[:, None], 0.0)
         o_base = O + b64 * stride_ob + (q_tok0 + row0).to(tl.int64) * stride_os + h * stride_oh
         tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
-        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+        lse = tl.where(has_key, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, float("-inf"))
         l_base = LSE + b64 * stride_lb + h * stride_lh + q_tok0 + row0
         tl.store(l_base + offs_m, lse, mask=row_ok)
 

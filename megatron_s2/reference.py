@@ -36,12 +36,14 @@ def _dense_masked_attention(q, k, v, mask, scale):
     kh = k.to(compute_dtype).transpose(1, 2).repeat_interleave(group, 1)
     vh = v.to(compute_dtype).transpose(1, 2).repeat_interleave(group, 1)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    # Rows without any key (possible only for key ranges that end early) give zeros, not NaN.
-    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    # Rows without any key (key ranges that end before them) give out 0 and lse -inf; their scores
+    # are made finite first so that no gradient through them is NaN.
+    has_key = mask.any(-1, keepdim=True)
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~has_key, 0.0)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse).masked_fill(~mask, 0.0)
     out = torch.matmul(probs, vh).transpose(1, 2).to(q.dtype)
-    return out, lse.float()
+    return out, lse.masked_fill(~has_key, float("-inf"))[..., 0].float()
 
 
 def s2_attention_reference(
@@ -91,3 +93,18 @@ def s2_attention_reference(
             lses.append(l[0])
         out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
     return (out, lse) if return_lse else out
+
+
+def s2_attention_reference_backward(grad_out, q, k, v, out, lse, pattern, **kwargs):
+    """Same signature and result as ``megatron_s2.attention.s2_attention_backward``: the gradients
+    of one key range of a split softmax, given the merged ``out`` and ``lse``. By autograd through
+    the reference: the range's share of the merged output is ``exp(lse_range - lse) * out_range``,
+    and the merged lse's dependence on this range's scores adds ``-delta * exp(lse_range - lse)``
+    with ``delta = rowsum(grad_out * out)``."""
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        part_out, part_lse = s2_attention_reference(*inputs, pattern, return_lse=True, **kwargs)
+        share = torch.exp(part_lse - lse).transpose(1, 2)  # [b, s, h]
+        delta = (grad_out.to(part_out.dtype) * out.to(part_out.dtype)).sum(-1)
+        objective = (grad_out.to(part_out.dtype) * part_out * share[..., None]).sum() - (delta * share).sum()
+        return torch.autograd.grad(objective, inputs)

@@ -12,8 +12,9 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a @triton.jit mo
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention  # noqa: E402
+from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention, s2_block_mask  # noqa: E402
 from megatron_s2 import kernel  # noqa: E402
+from megatron_s2.attention import s2_attention_backward  # noqa: E402
 from megatron_s2.reference import s2_attention_reference  # noqa: E402
 
 ATOL = 2e-5  # float32 kernel vs float64 reference, values of order 1
@@ -103,6 +104,55 @@ def test_key_offset_chunk():
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=2)
     q, k, v = draw((1, 40, 2, 32), (1, 56, 1, 32), (1, 56, 1, 32), seed=7)
     compare(pattern, q, k, v, seed=8, q_start=32, k_start=16)
+
+
+def _split_by_keys(pattern, q, k, v, grad_out, q_start, split, dtype):
+    """Queries at ``q_start`` over keys ``[0, split)`` and ``[split, end)`` in two calls, merged by
+    lse (written out here), with gradients from ``s2_attention_backward`` given the merged result."""
+    q, k, v, grad_out = (t.to(dtype) for t in (q, k, v, grad_out))
+    ranges = [(k[:, :split], v[:, :split], 0), (k[:, split:], v[:, split:], split)]
+    parts = [s2_attention(q, kr, vr, pattern, q_start=q_start, k_start=start, return_lse=True)
+             for kr, vr, start in ranges]
+    lse = torch.logaddexp(parts[0][1], parts[1][1])
+    out = sum(o.double() * torch.exp(l - lse).transpose(1, 2)[..., None] for o, l in parts).to(dtype)
+    grads = [s2_attention_backward(grad_out, q, kr, vr, out, lse, pattern, q_start=q_start, k_start=start)
+             for kr, vr, start in ranges]
+    dq = grads[0][0] + grads[1][0]
+    dk, dv = (torch.cat([grads[0][i], grads[1][i]], 1) for i in (1, 2))
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_softmax_split_by_key_ranges_equals_one_call(monkeypatch, path):
+    """Context parallelism's building block: partial key ranges merged by lse, and their backward
+    from the merged output, equal one call over all keys (float64 reference, autograd)."""
+    if path == "reference":
+        monkeypatch.delenv("TRITON_INTERPRET")
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=4)
+    q, k, v, grad_out = draw((2, 48, 4, 32), (2, 112, 2, 32), (2, 112, 2, 32), (2, 48, 4, 32), seed=30)
+    # Keys [0, 32) end before every query: some heads have no stripe there (rows without keys).
+    got = _split_by_keys(pattern, q, k, v, grad_out, q_start=64, split=32, dtype=torch.float32)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = s2_attention_reference(*ref, pattern, q_start=64, return_lse=True)
+    ref_out.backward(grad_out.double())
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, (ref_out, ref_lse, *(t.grad for t in ref))):
+        assert torch.isfinite(g).all(), name
+        err = (g.double() - w).abs().max().item()
+        assert err < ATOL * max(1.0, w.abs().max().item()), f"{name}: max error {err:.2e}"
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_rows_without_keys_give_zero_and_minus_infinity(monkeypatch, path):
+    if path == "reference":
+        monkeypatch.delenv("TRITON_INTERPRET")
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=8)
+    q, k, v = draw((1, 64, 4, 16), (1, 32, 4, 16), (1, 32, 4, 16), seed=31)
+    out, lse = s2_attention(q, k, v, pattern, q_start=64, k_start=0, return_lse=True)
+    reads = s2_block_mask(pattern, 4, 4, 64, 32, q_start=64).any(-1)  # [heads, query blocks]
+    empty = ~reads.repeat_interleave(16, 1)  # [heads, queries]
+    assert empty.any() and not empty.all()
+    assert torch.equal(out.transpose(1, 2)[0][empty], torch.zeros(int(empty.sum()), 16))
+    assert torch.isneginf(lse[0][empty]).all() and torch.isfinite(lse[0][~empty]).all()
 
 
 def test_packed_sequences():

@@ -9,15 +9,12 @@ import os
 import random
 import subprocess
 import sys
-import weakref
 
 import pytest
 import torch
 
 from megatron_s2 import BlockMaskPattern, S2Pattern
 from megatron_s2.context_parallel import (
-    KeyBufferSaver,
-    _unpack,
     context_parallel_attention,
     kv_exchange_bytes,
     validate_context_parallel,
@@ -247,28 +244,3 @@ def test_entry_point_rejects_bad_input():
         context_parallel_attention(q, q, q, SPARSE, cp_group=None, exchange="ring")
     with pytest.raises(ValueError, match="equal shapes"):
         context_parallel_attention(q, q, q[:, :, :1], SPARSE, cp_group=None)
-
-
-def test_key_buffer_saver_keeps_a_description_and_rebuilds_once():
-    source = torch.randn(8, 2, 1, 2, 4)  # [seq, K/V, batch, heads, dim]
-    full = source.clone()
-    rebuilds = []
-
-    def rebuild():
-        rebuilds.append(1)
-        return source.clone()
-
-    saver = KeyBufferSaver()
-    saver.track(full, rebuild)
-    weight = torch.randn(1, 8, 2, 4, requires_grad=True)
-    k, v = _unpack(full)
-    with saver.hooks():  # mul saves its other operand: views of the buffer
-        loss = (k[:, :5] * weight[:, :5]).sum() + (v * weight).sum()
-    buffer_alive = weakref.ref(full)
-    del full, k, v
-    assert buffer_alive() is None, "autograd kept the whole key buffer"
-    loss.backward()
-    assert rebuilds == [1]
-    expected = source[:, 1].transpose(0, 1).clone()
-    expected[:, :5] += source[:5, 0].transpose(0, 1)
-    torch.testing.assert_close(weight.grad, expected)

@@ -4,9 +4,10 @@
     torchrun --nproc-per-node 2 tools/bench_cp.py --seqs 4096 --heads 4 --iters 2 --out /tmp/cp  # smoke
 
 Each CP rank holds Megatron's load-balanced chunks (r and 2*cp-1-r) of a bf16 sequence. For every
-exchange it times the layer's forward and forward+backward (attention plus exchange), and the
-exchange alone (forward+backward of the K/V movement); a step waits for the slowest rank, so every
-time is the maximum over ranks, then the median over iterations. Memory: the peak, and what
+exchange it times the layer's forward and forward+backward (attention plus exchange), the same with
+every collective waited for at once (``serialized``: no overlap of communication with attention),
+and the exchange alone (filling the key buffer and returning its gradients); a step waits for the
+slowest rank, so every time is the maximum over ranks, then the median over iterations. Memory: the peak, and what
 one layer keeps for its backward (both the maximum over ranks). ``--cp1`` also times the CP=1 layer
 on one GPU for the whole sequence. Bytes are K/V bytes received per rank in the forward pass
 (backward returns the same amount of gradient). "Useful TFLOP/s per GPU" counts attended pairs only
@@ -17,6 +18,7 @@ Without CUDA it runs on CPU over gloo (the reference attention: tiny shapes only
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -30,11 +32,12 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
+from megatron_s2 import context_parallel  # noqa: E402
 from megatron_s2.context_parallel import (  # noqa: E402
     EXCHANGES,
     context_parallel_attention,
-    exchange_kv,
     kv_exchange_bytes,
+    make_exchange,
 )
 from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
 
@@ -94,6 +97,29 @@ def measure(fn, timer, args, device) -> float:
     return slowest_rank_median(times, device)
 
 
+@contextlib.contextmanager
+def serialized_collectives():
+    """Every collective of the CP exchanges is waited for as soon as it is launched, so attention
+    cannot run while data moves: the no-overlap baseline."""
+    def waited(collective):
+        def call(*args, **kwargs):
+            work = collective(*args, **kwargs)
+            if work is not None:
+                work.wait()
+            return work
+        return call
+
+    saved = (context_parallel._all_gather_tensor, context_parallel._reduce_scatter_tensor,
+             dist.all_to_all_single)
+    context_parallel._all_gather_tensor, context_parallel._reduce_scatter_tensor = map(waited, saved[:2])
+    dist.all_to_all_single = waited(saved[2])
+    try:
+        yield
+    finally:
+        context_parallel._all_gather_tensor, context_parallel._reduce_scatter_tensor = saved[:2]
+        dist.all_to_all_single = saved[2]
+
+
 def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
     cp_size, cp_rank = dist.get_world_size(), dist.get_rank()
     gen = torch.Generator(device=device).manual_seed(1234 + cp_rank)
@@ -117,10 +143,11 @@ def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
         out.backward(grad_out)
 
     def exchange_only():
-        k.grad = v.grad = None
-        views = exchange_kv(k, v, pattern, cp_group=None, exchange=exchange, head_start=0,
-                            num_local_heads=heads, **common)
-        torch.autograd.backward(views, [torch.ones_like(t) for t in views])
+        with torch.no_grad():
+            mover = make_exchange(exchange, pattern, cp_group=None, seq_len=seq, head_start=0,
+                                  num_local_heads=heads, num_local_kv_heads=kv_heads, device=device, **common)
+            k_buf, v_buf = mover.finish(mover.start(k, v), k, v)
+            mover.finish_grads(mover.start_grads(k_buf, v_buf), torch.zeros_like(k), torch.zeros_like(v))
 
     kept = None
     if device.type == "cuda":  # memory that one layer keeps for its backward
@@ -130,10 +157,13 @@ def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
         kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
         del out
         torch.cuda.reset_peak_memory_stats()
+    with serialized_collectives():
+        serialized_fwd_bwd_ms = measure(forward_backward, timer, args, device)
     row = dict(
         seq=seq, exchange=exchange,
         fwd_ms=measure(forward, timer, args, device),
         fwd_bwd_ms=measure(forward_backward, timer, args, device),
+        serialized_fwd_bwd_ms=serialized_fwd_bwd_ms,
         exchange_fwd_bwd_ms=measure(exchange_only, timer, args, device),
         recv_bytes_per_rank=kv_exchange_bytes(
             pattern, exchange=exchange, seq_len=seq, cp_size=cp_size, num_q_heads=heads,
@@ -220,12 +250,13 @@ def main(argv=None):
             json.dump(report, f, indent=2)
         print(f"\n{report['device']}, CP={cp_size}, {pattern.describe()}, heads {args.heads}/"
               f"{args.kv_heads}, dim {args.head_dim}, batch {args.batch}  -> {path}")
-        print(f"{'seq':>7} {'exchange':<22} {'fwd ms':>8} {'fwd+bwd ms':>10} {'xchg ms':>8} "
+        print(f"{'seq':>7} {'exchange':<22} {'fwd ms':>8} {'fwd+bwd ms':>10} {'serial ms':>9} {'xchg ms':>8} "
               f"{'MiB/rank (max)':>14} {'TF/s/GPU':>9} {'peak GiB':>8} {'kept GiB':>8}")
         for r in rows:
             recv = r.get("recv_bytes_per_rank")
             print(f"{r['seq']:>7} {r['exchange']:<22} {r.get('fwd_ms', float('nan')):>8.2f} "
-                  f"{r['fwd_bwd_ms']:>10.2f} {r.get('exchange_fwd_bwd_ms', float('nan')):>8.2f} "
+                  f"{r['fwd_bwd_ms']:>10.2f} {r.get('serialized_fwd_bwd_ms', float('nan')):>9.2f} "
+                  f"{r.get('exchange_fwd_bwd_ms', float('nan')):>8.2f} "
                   f"{(max(recv) / 2**20 if recv else 0):>14.1f} "
                   f"{r['fwd_bwd_useful_tflops_per_gpu']:>9.1f} {r.get('peak_mem_gib', float('nan')):>8.2f} "
                   f"{r.get('kept_for_backward_gib', float('nan')):>8.2f}")

@@ -1,6 +1,6 @@
-"""pretrain_gpt_s2.py on GPUs: TP=2 equals TP=1 through Megatron's whole training loop (float32),
-a bf16 TP=2 run learns, and a resumed run continues the uninterrupted one, all with the Triton S2
-kernel and NCCL.
+"""pretrain_gpt_s2.py on GPUs: TP=2 and CP=2 (both K/V exchanges) equal one GPU through Megatron's
+whole training loop (float32), a bf16 TP=2 run learns, and a resumed run continues the
+uninterrupted one, all with the Triton S2 kernel and NCCL.
 
     python -m pytest -q -s tests/gpu/test_pretrain_gpu.py     # needs 2 GPUs; skipped otherwise
 
@@ -55,6 +55,25 @@ def test_tp2_equals_tp1_fp32_and_bf16_learns():
     bf16 = run("tp2_bf16", 2, "--tensor-model-parallel-size", "2", "--bf16")
     assert bf16[20][0] < bf16[1][0] - 0.5  # it learns the (mock) data
     assert bf16[20][0] == pytest.approx(tp1[20][0], rel=0.1)  # bf16 follows the fp32 run
+
+
+# Context parallelism through the whole loop: a longer sequence so that windows and stripes cross
+# the four CP chunks, and the dense first layer runs the all-gather path.
+CP_FLAGS = ("--seq-length", "2048", "--max-position-embeddings", "2048", "--micro-batch-size", "4",
+            "--global-batch-size", "4")
+_CP1 = {}  # the one-GPU run, shared by both exchanges
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "s2"])
+def test_cp2_equals_cp1_fp32_on_two_gpus(exchange):
+    if "cp1" not in _CP1:
+        _CP1["cp1"] = run("cp1_fp32", 1, *CP_FLAGS)
+    cp1 = _CP1["cp1"]
+    cp2 = run(f"cp2_{exchange}_fp32", 2, *CP_FLAGS, "--context-parallel-size", "2",
+              "--s2-override", f"cp_exchange={exchange}")
+    assert sorted(cp2) == sorted(cp1) == list(range(1, 21))
+    for iteration in cp1:
+        assert cp2[iteration][0] == pytest.approx(cp1[iteration][0], rel=2e-3), iteration
 
 
 def test_resume_continues_the_same_run_on_gpu():
