@@ -17,7 +17,7 @@ import torch
 
 from .layout import Pattern, get_layout
 from .pattern import BlockMaskPattern, S2Pattern
-from .reference import s2_attention_reference, s2_attention_reference_backward
+from .reference import merge_by_lse, s2_attention_reference, s2_attention_reference_backward
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -234,6 +234,57 @@ def s2_attention(
     return (out, lse) if return_lse else out
 
 
+def s2_attention_into(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    resume: bool,
+    softmax_scale: Optional[float] = None,
+    head_start: int = 0,
+    num_q_heads: Optional[int] = None,
+    num_kv_heads: Optional[int] = None,
+    q_start: int = 0,
+    k_start: int = 0,
+) -> None:
+    """``s2_attention(..., return_lse=True)`` written into ``out [b, s, h, d]`` and ``lse [b, h, s]``
+    (float32; views allowed), without autograd. With ``resume`` the keys join the softmax that
+    ``out``/``lse`` already hold over other keys (rows with lse -inf hold none), as if one call had
+    read both key ranges: context parallelism builds a chunk's softmax from key ranges that become
+    available at different times, and its backward uses ``s2_attention_backward``. Unpacked input only.
+    """
+    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads, q_start, k_start)
+    _check_result_shapes(q, out, lse)
+    heads = dict(softmax_scale=softmax_scale, head_start=head_start, num_q_heads=num_q_heads,
+                 num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start)
+    if _uses_reference(q):
+        part = s2_attention_reference(q, k, v, pattern, return_lse=True, **heads)
+        merged = merge_by_lse((out, lse), part) if resume else part
+        out.copy_(merged[0])
+        lse.copy_(merged[1])
+        return
+    from . import kernel
+
+    _check_head_dim(q)
+    if out.stride(-1) != 1 or lse.stride(-1) != 1:
+        raise ValueError("out and lse must be contiguous in their last dimension")
+    q, k, v = _last_dim_contiguous(q, k, v)
+    prob = _kernel_problem(q, k, pattern, q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1],
+                           softmax_scale, head_start, num_q_heads, num_kv_heads, q_start, k_start, None, None)
+    kernel.forward(q, k, v, prob, out=out, lse=lse, resume=resume)
+
+
+def _check_result_shapes(q, out, lse):
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} like q, got {out.dtype} {tuple(out.shape)}")
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    if lse.shape != lse_shape or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 {lse_shape} ([batch, heads, seq]), got {lse.dtype} {tuple(lse.shape)}")
+
+
 def s2_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -260,12 +311,9 @@ def s2_attention_backward(
     ``lse``. Unpacked input only (``[batch, seq, heads, dim]``).
     """
     num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads, q_start, k_start)
-    if grad_out.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must have q's shape "
-                         f"{tuple(q.shape)}")
-    lse_shape = (q.shape[0], q.shape[2], q.shape[1])
-    if lse.shape != lse_shape or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 {lse_shape} ([batch, heads, seq]), got {lse.dtype} {tuple(lse.shape)}")
+    if grad_out.shape != q.shape:
+        raise ValueError(f"grad_out {tuple(grad_out.shape)} must have q's shape {tuple(q.shape)}")
+    _check_result_shapes(q, out, lse)
     heads = dict(softmax_scale=softmax_scale, head_start=head_start, num_q_heads=num_q_heads,
                  num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start)
     if _uses_reference(q):

@@ -36,11 +36,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .attention import s2_attention, s2_attention_backward
+from .attention import s2_attention, s2_attention_backward, s2_attention_into
 from .layout import Pattern, s2_block_mask
 from .pattern import S2ConfigError, check_head_counts
 
 EXCHANGES = ("allgather", "s2")
+# Whether each exchange hides its communication behind the chunks' attention to their own keys by
+# default: that splits each chunk's attention into two kernel calls, which pays where the exchange
+# moves a lot (all-gather) and costs more than it hides where it moves little (S2). BENCHMARKS.md.
+OVERLAP_DEFAULTS = {"allgather": True, "s2": False}
 
 # torch >= 2.14 renamed the tensor collectives; the GPU image (torch 2.11) has only the old names.
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -220,20 +224,34 @@ def kv_exchange_bytes(pattern: Pattern, *, exchange: str, seq_len: int, cp_size:
 
 # -- exchanges ---------------------------------------------------------------------------------
 #
-# Both fill the same key buffer and return its gradient; ``start_*`` launch collectives
-# asynchronously, ``finish_*`` wait for them, so that attention can run in between.
+# Both fill a key buffer at absolute positions ``[0, buffer_len)`` (with this rank's own chunks
+# where the buffer covers them) and add its gradient back to the owners; ``start_*`` launch
+# collectives asynchronously, ``finish_*`` wait for them, so that attention can run in between.
 
 
 class _Exchange:
-    def __init__(self, group, chunk_len: int):
-        self.group, self.chunk_len = group, chunk_len
+    def __init__(self, group, chunk_len: int, overlap: bool):
+        self.group, self.chunk_len, self.overlap = group, chunk_len, overlap
         self.cp_size, self.cp_rank = dist.get_world_size(group), dist.get_rank(group)
         self.early, self.late = chunks_of_rank(self.cp_rank, self.cp_size)
+        # With overlap the late chunk's own keys are read from the local K/V, not from the buffer.
+        self.buffer_len = (self.late + (0 if overlap else 1)) * chunk_len
 
-    @property
-    def buffer_len(self) -> int:
-        """Keys before the late chunk: the earlier part of both local chunks reads a prefix."""
-        return self.late * self.chunk_len
+    def chunks(self):
+        """Local rows, absolute start and end of the keys read from the buffer, per local chunk: up to
+        the chunk's start with overlap (its own keys come from the local K/V), else its end."""
+        chunk = self.chunk_len
+        rows = (slice(0, chunk), slice(chunk, 2 * chunk))
+        starts = (self.early * chunk, self.late * chunk)
+        return rows, starts, (starts[0] + (0 if self.overlap else chunk), self.buffer_len)
+
+    def own_slots(self):
+        """(local rows, buffer rows) of this rank's chunks that lie inside the buffer."""
+        chunk = self.chunk_len
+        slots = [(slice(0, chunk), slice(self.early * chunk, (self.early + 1) * chunk))]
+        if not self.overlap:
+            slots.append((slice(chunk, 2 * chunk), slice(self.late * chunk, (self.late + 1) * chunk)))
+        return slots
 
 
 def _pack(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -266,10 +284,11 @@ class AllGatherExchange(_Exchange):
         works, _, kv, late = pending
         for work in works:
             work.wait()
-        # Chunks cp..late-1 are the second halves of ranks cp-1..rank+1.
+        # Chunks cp, cp+1, ... are the second halves of ranks cp-1, cp-2, ...
         cp, chunk = self.cp_size, self.chunk_len
-        kv[cp * chunk :].view(-1, chunk, *kv.shape[1:]).copy_(
-            late.view(cp, chunk, *kv.shape[1:])[self.cp_rank + 1 :].flip(0))
+        count = self.buffer_len // chunk - cp
+        kv[cp * chunk :].view(count, chunk, *kv.shape[1:]).copy_(
+            late.view(cp, chunk, *kv.shape[1:])[cp - count :].flip(0))
         return _unpack(kv)
 
     finish_rebuild = finish
@@ -286,6 +305,7 @@ class AllGatherExchange(_Exchange):
         return works, grads, late, mine
 
     def finish_grads(self, pending, dk, dv):
+        """Add the buffer's gradients (every rank's, own slots included) into ``dk, dv``."""
         works, _, _, mine = pending
         for work in works:
             work.wait()
@@ -303,8 +323,8 @@ def _by_block(t: torch.Tensor, block_size: int) -> torch.Tensor:
 class S2Exchange(_Exchange):
     """Receive only the (KV head, block) pairs of the plan; return gradients for those only."""
 
-    def __init__(self, group, chunk_len: int, plan: ExchangePlan, block_size: int):
-        super().__init__(group, chunk_len)
+    def __init__(self, group, chunk_len: int, overlap: bool, plan: ExchangePlan, block_size: int):
+        super().__init__(group, chunk_len, overlap)
         self.plan, self.block_size = plan, block_size
         self.received = None  # kept for backward
 
@@ -332,15 +352,14 @@ class S2Exchange(_Exchange):
         return self._buffer(k, v)
 
     def _buffer(self, k, v):
-        """Received blocks and this rank's early chunk at absolute positions. Other blocks stay zero:
-        the kernels read only listed blocks, but dK/dV tiles load whole units of any block."""
-        chunk, plan = self.chunk_len, self.plan
-        start = self.early * chunk
-        buffers = []
+        """Received blocks and own chunks at absolute positions. Other blocks stay zero: the kernels
+        read only listed blocks, but dK/dV tiles load whole units of any block."""
+        plan, buffers = self.plan, []
         for local, which in ((k, 0), (v, 1)):
             buf = local.new_zeros(local.shape[0], self.buffer_len, *local.shape[2:])
             _by_block(buf, self.block_size)[:, plan.recv_blocks, :, plan.recv_heads] = self.received[:, which]
-            buf[:, start : start + chunk] = local[:, :chunk]
+            for local_rows, buffer_rows in self.own_slots():
+                buf[:, buffer_rows] = local[:, local_rows]
             buffers.append(buf)
         return buffers
 
@@ -351,15 +370,17 @@ class S2Exchange(_Exchange):
         recv = send.new_empty(sum(plan.send_splits), *send.shape[1:])
         work = dist.all_to_all_single(recv, send, plan.send_splits, plan.recv_splits, group=self.group,
                                       async_op=True)
-        # This rank's early chunk, read through the buffer (copied so the buffer's gradient can go).
-        rows = slice(self.early * self.chunk_len, (self.early + 1) * self.chunk_len)
-        own = (dk_buf[:, rows].clone(), dv_buf[:, rows].clone())
+        # Own chunks read through the buffer (copied, so that the buffer's gradient can go).
+        own = [(rows, dk_buf[:, buffer_rows].clone(), dv_buf[:, buffer_rows].clone())
+               for rows, buffer_rows in self.own_slots()]
         return work, send, recv, own
 
     def finish_grads(self, pending, dk, dv):
-        work, _, recv, (dk_own, dv_own) = pending
-        dk[:, : self.chunk_len] += dk_own
-        dv[:, : self.chunk_len] += dv_own
+        """Add the buffer's gradients (own slots and what other ranks return) into ``dk, dv``."""
+        work, _, recv, own = pending
+        for rows, dk_own, dv_own in own:
+            dk[:, rows] += dk_own
+            dv[:, rows] += dv_own
         work.wait()
         # Pairs from one rank are distinct; a block read by several ranks gets the sum of theirs.
         first = 0
@@ -372,7 +393,7 @@ class S2Exchange(_Exchange):
                 first += count
 
 
-# -- attention split by key ranges -------------------------------------------------------------
+# -- one chunk's softmax over key ranges -------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,44 +410,36 @@ class _Attention:
         return dict(softmax_scale=self.softmax_scale, head_start=self.head_start,
                     num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads)
 
-    def forward(self, q, k, v, q_start, k_start):
-        """(out, lse) of the queries at ``q_start`` over the keys at ``k_start``."""
-        return s2_attention(q, k, v, self.pattern, q_start=q_start, k_start=k_start, return_lse=True,
-                            **self._args())
+    def forward(self, q, k, v, out, lse, q_start, k_start, resume):
+        s2_attention_into(q, k, v, self.pattern, out, lse, resume=resume, q_start=q_start,
+                          k_start=k_start, **self._args())
 
     def backward(self, grad_out, q, k, v, out, lse, q_start, k_start):
         return s2_attention_backward(grad_out, q, k, v, out, lse, self.pattern, q_start=q_start,
                                      k_start=k_start, **self._args())
 
 
-def _merge(part_a, part_b):
-    """One softmax over two key ranges from each range's (out, lse)."""
-    (out_a, lse_a), (out_b, lse_b) = part_a, part_b
-    lse = torch.logaddexp(lse_a, lse_b)
-    weight_a = torch.exp(lse_a - lse).transpose(1, 2).unsqueeze(-1)
-    weight_b = torch.exp(lse_b - lse).transpose(1, 2).unsqueeze(-1)
-    return (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype), lse
-
-
 class _ContextParallelAttention(torch.autograd.Function):
+    """Each local chunk attends to the buffer's keys up to its own start (overlap) or end; with
+    overlap, it first attends to its own keys from the local K/V while the exchange runs."""
+
     @staticmethod
     def forward(ctx, q, k, v, exchange, attention):
-        chunk = exchange.chunk_len
-        early, late = exchange.early * chunk, exchange.late * chunk
+        rows, starts, buffer_ends = exchange.chunks()
+        overlap = exchange.overlap
+        out = q.new_empty(q.shape)
+        lse = q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
         pending = exchange.start(k, v)
-        # While K/V travel: each chunk against its own keys.
-        diag_early = attention.forward(q[:, :chunk], k[:, :chunk], v[:, :chunk], early, early)
-        diag_late = attention.forward(q[:, chunk:], k[:, chunk:], v[:, chunk:], late, late)
+        if overlap:  # while K/V travel: each chunk against its own keys
+            for r, start in zip(rows, starts):
+                attention.forward(q[:, r], k[:, r], v[:, r], out[:, r], lse[:, :, r], start, start, False)
         k_buf, v_buf = exchange.finish(pending, k, v)
         del pending
-        out_late, lse_late = _merge(diag_late, attention.forward(q[:, chunk:], k_buf, v_buf, late, 0))
-        out_early, lse_early = diag_early
-        if early:  # chunk 0 has no earlier keys
-            out_early, lse_early = _merge(diag_early, attention.forward(
-                q[:, :chunk], k_buf[:, :early], v_buf[:, :early], early, 0))
-        del k_buf, v_buf
-        out = torch.cat([out_early, out_late], 1)
-        ctx.save_for_backward(q, k, v, out, torch.cat([lse_early, lse_late], 2))
+        for r, start, end in zip(rows, starts, buffer_ends):
+            if end:  # chunk 0 has no earlier keys
+                attention.forward(q[:, r], k_buf[:, :end], v_buf[:, :end], out[:, r], lse[:, :, r], start, 0,
+                                  overlap)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.exchange, ctx.attention = exchange, attention
         return out
 
@@ -434,32 +447,42 @@ class _ContextParallelAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         exchange, attention = ctx.exchange, ctx.attention
-        chunk = exchange.chunk_len
-        early, late = exchange.early * chunk, exchange.late * chunk
-        rows_early, rows_late = slice(0, chunk), slice(chunk, 2 * chunk)
+        rows, starts, buffer_ends = exchange.chunks()
+        overlap = exchange.overlap
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
-        def part(rows, k_part, v_part, q_start, k_start):
-            return attention.backward(grad_out[:, rows], q[:, rows], k_part, v_part, out[:, rows],
-                                      lse[:, :, rows], q_start, k_start)
+        def own_keys(i):  # chunk i against its own keys, from the local K/V
+            grads = attention.backward(grad_out[:, rows[i]], q[:, rows[i]], k[:, rows[i]], v[:, rows[i]],
+                                       out[:, rows[i]], lse[:, :, rows[i]], starts[i], starts[i])
+            for total, grad in zip((dq, dk, dv), grads):
+                total[:, rows[i]] += grad
 
         pending = exchange.start_rebuild(k, v)
-        dq_early, dk_early, dv_early = part(rows_early, k[:, :chunk], v[:, :chunk], early, early)
+        if overlap:
+            own_keys(0)  # while the buffer is gathered again
         k_buf, v_buf = exchange.finish_rebuild(pending, k, v)
         del pending
-        dq_late, dk_buf, dv_buf = part(rows_late, k_buf, v_buf, late, 0)
-        if early:
-            dq_part, dk_part, dv_part = part(rows_early, k_buf[:, :early], v_buf[:, :early], early, 0)
-            dq_early += dq_part
-            dk_buf[:, :early] += dk_part
-            dv_buf[:, :early] += dv_part
+
+        def buffer_keys(i):  # chunk i against the buffer's keys
+            end = buffer_ends[i]
+            dq_part, dk_part, dv_part = attention.backward(
+                grad_out[:, rows[i]], q[:, rows[i]], k_buf[:, :end], v_buf[:, :end], out[:, rows[i]],
+                lse[:, :, rows[i]], starts[i], 0)
+            dq[:, rows[i]] += dq_part
+            return dk_part, dv_part
+
+        dk_buf, dv_buf = buffer_keys(1)  # the late chunk reads the whole buffer
+        if buffer_ends[0]:  # chunk 0 has no earlier keys
+            dk_part, dv_part = buffer_keys(0)
+            dk_buf[:, : buffer_ends[0]] += dk_part
+            dv_buf[:, : buffer_ends[0]] += dv_part
         del k_buf, v_buf
         pending = exchange.start_grads(dk_buf, dv_buf)
         del dk_buf, dv_buf
-        dq_part, dk_late, dv_late = part(rows_late, k[:, chunk:], v[:, chunk:], late, late)
-        dq_late += dq_part
-        dk, dv = torch.cat([dk_early, dk_late], 1), torch.cat([dv_early, dv_late], 1)
+        if overlap:
+            own_keys(1)  # while the buffer's gradients travel to their owners
         exchange.finish_grads(pending, dk, dv)
-        return torch.cat([dq_early, dq_late], 1), dk, dv, None, None
+        return dq, dk, dv, None, None
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -473,6 +496,7 @@ def context_parallel_attention(
     *,
     cp_group,
     exchange: str = "allgather",
+    overlap: Optional[bool] = None,
     softmax_scale: Optional[float] = None,
     head_start: int = 0,
     num_q_heads: Optional[int] = None,
@@ -483,7 +507,9 @@ def context_parallel_attention(
     ``q [b, s_local, h_local, d]``, ``k, v [b, s_local, h_kv_local, d]`` hold this rank's two
     load-balanced chunks (``r`` and ``2*cp-1-r``) concatenated; ``num_q_heads``/``num_kv_heads``
     are global head counts and ``head_start`` the global index of the first local query head (all
-    ranks of a CP group hold the same heads). Returns ``out [b, s_local, h_local, d]``.
+    ranks of a CP group hold the same heads). ``overlap`` hides the exchange behind each chunk's
+    attention to its own keys (None: ``OVERLAP_DEFAULTS[exchange]``). Returns ``out [b, s_local,
+    h_local, d]``.
     """
     _check_exchange(exchange)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -502,7 +528,7 @@ def context_parallel_attention(
     validate_context_parallel(s_local * cp_size, cp_size, pattern.block_size)
     check_head_counts(num_q_heads, num_kv_heads)
     attention = _Attention(pattern, softmax_scale, head_start, num_q_heads, num_kv_heads)
-    mover = make_exchange(exchange, pattern, cp_group=cp_group, seq_len=s_local * cp_size,
+    mover = make_exchange(exchange, pattern, cp_group=cp_group, seq_len=s_local * cp_size, overlap=overlap,
                           num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
                           num_local_heads=local_heads, num_local_kv_heads=k.shape[2], device=k.device)
     return _ContextParallelAttention.apply(q, k, v, mover, attention)
@@ -510,17 +536,18 @@ def context_parallel_attention(
 
 def make_exchange(exchange: str, pattern: Pattern, *, cp_group, seq_len: int, num_q_heads: int,
                   num_kv_heads: int, head_start: int, num_local_heads: int, num_local_kv_heads: int,
-                  device) -> _Exchange:
+                  device, overlap: Optional[bool] = None) -> _Exchange:
     """The K/V exchange of one layer call (``seq_len`` is the whole sequence): ``start(k, v)`` then
     ``finish(pending, k, v)`` give the key buffer ``(k_buf, v_buf)``; ``start_grads(dk_buf, dv_buf)``
     then ``finish_grads(pending, dk, dv)`` add the buffer's gradients into the local ``dk, dv``."""
     _check_exchange(exchange)
+    overlap = OVERLAP_DEFAULTS[exchange] if overlap is None else overlap
     chunk_len = seq_len // (2 * dist.get_world_size(cp_group))
     if exchange == "allgather":
-        return AllGatherExchange(cp_group, chunk_len)
+        return AllGatherExchange(cp_group, chunk_len, overlap)
     plan = exchange_plan(
         pattern, seq_len=seq_len, cp_size=dist.get_world_size(cp_group), cp_rank=dist.get_rank(cp_group),
         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
         num_local_heads=num_local_heads, num_local_kv_heads=num_local_kv_heads, device=device,
     )
-    return S2Exchange(cp_group, chunk_len, plan, pattern.block_size)
+    return S2Exchange(cp_group, chunk_len, overlap, plan, pattern.block_size)

@@ -317,7 +317,7 @@ def _fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
     num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, RESUME: tl.constexpr, STEP: tl.constexpr,
 ):
     TILE: tl.constexpr = UNIT * MERGE
     # Tiles vary fastest, so the programs running together share one head's K/V in L2; late
@@ -346,9 +346,20 @@ def _fwd_kernel(
         e_hi = tl.load(T_PTR + row + 1)
         q_pos = q_pos0 + row0 + offs_m
         unit_of_row = offs_m // UNIT
-        m_i = tl.full([TILE], float("-inf"), tl.float32)
-        l_i = tl.zeros([TILE], tl.float32)
-        acc = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        o_ptrs = (O + b64 * stride_ob + (q_tok0 + row0).to(tl.int64) * stride_os + h * stride_oh
+                  + offs_m[:, None] * stride_os + offs_d[None, :])
+        l_ptrs = LSE + b64 * stride_lb + h * stride_lh + q_tok0 + row0 + offs_m
+        if RESUME:
+            # Continue the softmax already in O/LSE (earlier keys): normalized out with l = 1.
+            lse_prev = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+            started = lse_prev > float("-inf")
+            m_i = tl.where(started, lse_prev * 1.4426950408889634, float("-inf"))
+            l_i = tl.where(started, 1.0, 0.0)
+            acc = tl.load(o_ptrs, mask=row_ok[:, None] & started[:, None], other=0.0).to(tl.float32)
+        else:
+            m_i = tl.full([TILE], float("-inf"), tl.float32)
+            l_i = tl.zeros([TILE], tl.float32)
+            acc = tl.zeros([TILE, HEAD_DIM], tl.float32)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
                                    e_lo, e_mid, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
                                    offs_d, UNIT, STEP, False, DOT_PREC)
@@ -360,12 +371,9 @@ def _fwd_kernel(
         has_key = m_i > -1.0e6
         l_i = tl.where(has_key, l_i, 1.0)
         out = tl.where(has_key[:, None], acc / l_i[:, None], 0.0)
-        o_base = O + b64 * stride_ob + (q_tok0 + row0).to(tl.int64) * stride_os + h * stride_oh
-        tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=row_ok[:, None])
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
         lse = tl.where(has_key, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, float("-inf"))
-        l_base = LSE + b64 * stride_lb + h * stride_lh + q_tok0 + row0
-        tl.store(l_base + offs_m, lse, mask=row_ok)
+        tl.store(l_ptrs, lse, mask=row_ok)
 
 
 @triton.jit
@@ -681,11 +689,14 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward(q, k, v, prob: Problem):
+def forward(q, k, v, prob: Problem, out=None, lse=None, resume=False):
+    """``(out, lse)``; into the given ``out``/``lse`` (views allowed), and with ``resume`` continuing
+    the softmax they hold over earlier keys (rows with lse -inf hold none yet)."""
     batch, _, heads, dim = q.shape
     kl = prob.layout
-    out = new_output(q.shape, q.dtype, q.device)
-    lse = new_output((batch, heads, q.shape[1]), torch.float32, q.device)
+    if out is None:
+        out = new_output(q.shape, q.dtype, q.device)
+        lse = new_output((batch, heads, q.shape[1]), torch.float32, q.device)
     tiles = kl.q_tiles
     cu_q = prob.cu_q if prob.varlen else lse  # unused pointer when not packed
     cu_k = prob.cu_k if prob.varlen else lse
@@ -697,7 +708,7 @@ def forward(q, k, v, prob: Problem):
         heads, heads // k.shape[2], prob.len_q, prob.len_k, tiles.num_tiles, prob.q_pos0, prob.k_pos0,
         _tune_bucket(prob.len_q),
         HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.q_merge, VARLEN=prob.varlen,
-        DOT_PREC=_dot_precision(q.dtype),
+        DOT_PREC=_dot_precision(q.dtype), RESUME=resume,
     )
     return out, lse
 

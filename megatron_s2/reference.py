@@ -108,3 +108,13 @@ def s2_attention_reference_backward(grad_out, q, k, v, out, lse, pattern, **kwar
         delta = (grad_out.to(part_out.dtype) * out.to(part_out.dtype)).sum(-1)
         objective = (grad_out.to(part_out.dtype) * part_out * share[..., None]).sum() - (delta * share).sum()
         return torch.autograd.grad(objective, inputs)
+
+
+def merge_by_lse(part_a, part_b):
+    """One softmax over two key ranges from each range's ``(out [b, s, h, d], lse [b, h, s])``."""
+    (out_a, lse_a), (out_b, lse_b) = part_a, part_b
+    lse = torch.logaddexp(lse_a, lse_b)
+    weights = [torch.exp(part - lse).nan_to_num(0.0).transpose(1, 2)[..., None] for part in (lse_a, lse_b)]
+    wide = torch.promote_types(out_a.dtype, torch.float32)
+    out = out_a.to(wide) * weights[0] + out_b.to(wide) * weights[1]
+    return out.to(out_a.dtype), lse

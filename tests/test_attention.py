@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention, s2_block_mask  # noqa: E402
 from megatron_s2 import kernel  # noqa: E402
-from megatron_s2.attention import s2_attention_backward  # noqa: E402
+from megatron_s2.attention import s2_attention_backward, s2_attention_into  # noqa: E402
 from megatron_s2.reference import s2_attention_reference  # noqa: E402
 
 ATOL = 2e-5  # float32 kernel vs float64 reference, values of order 1
@@ -139,6 +139,28 @@ def test_softmax_split_by_key_ranges_equals_one_call(monkeypatch, path):
         assert torch.isfinite(g).all(), name
         err = (g.double() - w).abs().max().item()
         assert err < ATOL * max(1.0, w.abs().max().item()), f"{name}: max error {err:.2e}"
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_resumed_softmax_into_views_equals_one_call(monkeypatch, path):
+    """s2_attention_into: a first key range written into views of larger buffers, then a second
+    range resumed into them (rows the first range does not reach start there), equals one call."""
+    if path == "reference":
+        monkeypatch.delenv("TRITON_INTERPRET")
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=4)
+    q, k, v = draw((1, 48, 4, 32), (1, 112, 2, 32), (1, 112, 2, 32), seed=32)
+    out = torch.full((1, 80, 4, 32), float("nan"))
+    lse = torch.full((1, 4, 80), float("nan"))
+    rows = slice(16, 64)  # strided views of the buffers
+    s2_attention_into(q, k[:, :32], v[:, :32], pattern, out[:, rows], lse[:, :, rows], resume=False,
+                      q_start=64)
+    s2_attention_into(q, k[:, 32:], v[:, 32:], pattern, out[:, rows], lse[:, :, rows], resume=True,
+                      q_start=64, k_start=32)
+    want_out, want_lse = s2_attention_reference(q.double(), k.double(), v.double(), pattern, q_start=64,
+                                                return_lse=True)
+    assert (out[:, rows].double() - want_out).abs().max() < ATOL
+    assert (lse[:, :, rows].double() - want_lse).abs().max() < ATOL
+    assert out[:, :16].isnan().all() and lse[:, :, 64:].isnan().all()  # nothing outside the views
 
 
 @pytest.mark.parametrize("path", ["kernel", "reference"])

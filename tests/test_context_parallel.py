@@ -56,7 +56,7 @@ CASES = [
 ]
 
 
-def _check_case(case, exchange, cp_rank, cp_size, cp_group, seed, dim=8, tolerance=1e-5):
+def _check_case(case, exchange, overlap, cp_rank, cp_size, cp_group, seed, dim=8, tolerance=1e-5):
     name, pattern, num_q, num_kv, head_start, local_q, local_kv = case
     kv_start = head_start // (num_q // num_kv)
     gen = torch.Generator().manual_seed(seed)
@@ -75,10 +75,11 @@ def _check_case(case, exchange, cp_rank, cp_size, cp_group, seed, dim=8, toleran
 
     cp_inputs = [_local_chunks(t, cp_rank, cp_size).clone().requires_grad_() for t in (q, k, v)]
     out = context_parallel_attention(*cp_inputs, pattern, cp_group=cp_group, exchange=exchange,
-                                     head_start=head_start, num_q_heads=num_q, num_kv_heads=num_kv)
+                                     overlap=overlap, head_start=head_start, num_q_heads=num_q,
+                                     num_kv_heads=num_kv)
     out.backward(_local_chunks(grad_out, cp_rank, cp_size))
 
-    label = f"{name}/{exchange}/cp_rank{cp_rank}"
+    label = f"{name}/{exchange}/overlap={overlap}/cp_rank{cp_rank}"
 
     def expect(mine, ref, what):  # float32 against the float64 reference
         torch.testing.assert_close(mine.double(), _local_chunks(ref, cp_rank, cp_size),
@@ -107,26 +108,27 @@ def _cp_body(rank, world_size, cases, exchanges):
             local_q, local_kv = num_q // tp_size, num_kv // tp_size
             case = (name, pattern, num_q, num_kv, tp_rank * local_q, local_q, local_kv)
         for exchange in exchanges:
-            _check_case(case, exchange, cp_rank, cp_size, group, seed=index)
-            checked.append((case[0], exchange))
+            for overlap in (True, False):
+                _check_case(case, exchange, overlap, cp_rank, cp_size, group, seed=index)
+                checked.append((case[0], exchange, overlap))
     return checked
 
 
 def test_cp2_matches_cp1_both_exchanges():
     results = run_distributed(2, _cp_body, CASES, ("allgather", "s2"), cp=2)
-    assert all(len(r) == 2 * len(CASES) for r in results)
+    assert all(len(r) == 4 * len(CASES) for r in results)
 
 
 def test_tp2_cp2_matches_cp1():
     cases = [CASES[0], CASES[1], CASES[3]]  # TP splits the global heads; head_start comes from TP
     results = run_distributed(4, _cp_body, cases, ("allgather", "s2"), tp=2, cp=2)
-    assert all(len(r) == 2 * len(cases) for r in results)
+    assert all(len(r) == 4 * len(cases) for r in results)
 
 
 def test_cp4_matches_cp1():
     """Four CP ranks: blocks read by several ranks get the sum of their gradients."""
     results = run_distributed(4, _cp_body, [CASES[0], CASES[1]], ("allgather", "s2"), cp=4)
-    assert all(len(r) == 4 for r in results)
+    assert all(len(r) == 8 for r in results)
 
 
 def _interpreted_kernel_body(rank, world_size):
@@ -136,8 +138,9 @@ def _interpreted_kernel_body(rank, world_size):
     case = ("gqa_tp_slice", SPARSE, 4, 2, 2, 2, 1)
     group = parallel_state.get_context_parallel_group()
     for exchange in ("allgather", "s2"):
-        _check_case(case, exchange, parallel_state.get_context_parallel_rank(), 2, group, seed=7,
-                    dim=16, tolerance=1e-4)
+        for overlap in (True, False):
+            _check_case(case, exchange, overlap, parallel_state.get_context_parallel_rank(), 2, group,
+                        seed=7, dim=16, tolerance=1e-4)
 
 
 def test_cp2_with_interpreted_kernel():

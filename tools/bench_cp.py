@@ -4,10 +4,11 @@
     torchrun --nproc-per-node 2 tools/bench_cp.py --seqs 4096 --heads 4 --iters 2 --out /tmp/cp  # smoke
 
 Each CP rank holds Megatron's load-balanced chunks (r and 2*cp-1-r) of a bf16 sequence. For every
-exchange it times the layer's forward and forward+backward (attention plus exchange), the same with
-every collective waited for at once (``serialized``: no overlap of communication with attention),
-and the exchange alone (filling the key buffer and returning its gradients); a step waits for the
-slowest rank, so every time is the maximum over ranks, then the median over iterations. Memory: the peak, and what
+exchange, with and without overlap (each chunk's attention to its own keys while K/V travel), it
+times the layer's forward and forward+backward (attention plus exchange); with overlap also the same
+with every collective waited for at once (``serialized``: what the overlap hides), and the exchange
+alone (filling the key buffer and returning its gradients); a step waits for the slowest rank, so
+every time is the maximum over ranks, then the median over iterations. Memory: the peak, and what
 one layer keeps for its backward (both the maximum over ranks). ``--cp1`` also times the CP=1 layer
 on one GPU for the whole sequence. Bytes are K/V bytes received per rank in the forward pass
 (backward returns the same amount of gradient). "Useful TFLOP/s per GPU" counts attended pairs only
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--vert-stride", type=int, default=16)
     parser.add_argument("--head-pattern", default="heterogeneous")
     parser.add_argument("--exchanges", nargs="+", default=list(EXCHANGES), choices=EXCHANGES)
+    parser.add_argument("--overlap", nargs="+", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--cp1", action="store_true", help="also time CP=1 on one GPU")
@@ -120,7 +122,7 @@ def serialized_collectives():
         dist.all_to_all_single = saved[2]
 
 
-def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
+def bench_exchange(exchange, overlap, pattern, seq, args, device, dtype, timer, common):
     cp_size, cp_rank = dist.get_world_size(), dist.get_rank()
     gen = torch.Generator(device=device).manual_seed(1234 + cp_rank)
     s_local, heads, kv_heads, dim = seq // cp_size, args.heads, args.kv_heads, args.head_dim
@@ -135,16 +137,18 @@ def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
 
     def forward():
         with torch.no_grad():
-            context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, **common)
+            context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, overlap=overlap,
+                                       **common)
 
     def forward_backward():
         q.grad = k.grad = v.grad = None  # no gradient accumulation in the timing
-        out = context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, **common)
+        out = context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, overlap=overlap,
+                                         **common)
         out.backward(grad_out)
 
     def exchange_only():
         with torch.no_grad():
-            mover = make_exchange(exchange, pattern, cp_group=None, seq_len=seq, head_start=0,
+            mover = make_exchange(exchange, pattern, cp_group=None, seq_len=seq, overlap=overlap, head_start=0,
                                   num_local_heads=heads, num_local_kv_heads=kv_heads, device=device, **common)
             k_buf, v_buf = mover.finish(mover.start(k, v), k, v)
             mover.finish_grads(mover.start_grads(k_buf, v_buf), torch.zeros_like(k), torch.zeros_like(v))
@@ -153,14 +157,17 @@ def bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common):
     if device.type == "cuda":  # memory that one layer keeps for its backward
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        out = context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, **common)
+        out = context_parallel_attention(q, k, v, pattern, cp_group=None, exchange=exchange, overlap=overlap,
+                                         **common)
         kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
         del out
         torch.cuda.reset_peak_memory_stats()
-    with serialized_collectives():
-        serialized_fwd_bwd_ms = measure(forward_backward, timer, args, device)
+    serialized_fwd_bwd_ms = None
+    if overlap:
+        with serialized_collectives():
+            serialized_fwd_bwd_ms = measure(forward_backward, timer, args, device)
     row = dict(
-        seq=seq, exchange=exchange,
+        seq=seq, exchange=f"{exchange}, overlap" if overlap else exchange, overlap=overlap,
         fwd_ms=measure(forward, timer, args, device),
         fwd_bwd_ms=measure(forward_backward, timer, args, device),
         serialized_fwd_bwd_ms=serialized_fwd_bwd_ms,
@@ -225,9 +232,10 @@ def main(argv=None):
         useful = (FORWARD_AND_BACKWARD_FACTOR * 4.0 * args.head_dim * args.batch
                   * attended_pairs(pattern, args.heads, args.kv_heads, seq))
         for exchange in args.exchanges:
-            row = bench_exchange(exchange, pattern, seq, args, device, dtype, timer, common)
-            row["fwd_bwd_useful_tflops_per_gpu"] = useful / cp_size / row["fwd_bwd_ms"] * 1e-9
-            rows.append(row)
+            for overlap in args.overlap:
+                row = bench_exchange(exchange, overlap == "on", pattern, seq, args, device, dtype, timer, common)
+                row["fwd_bwd_useful_tflops_per_gpu"] = useful / cp_size / row["fwd_bwd_ms"] * 1e-9
+                rows.append(row)
         if args.cp1:
             row = bench_cp1(pattern, seq, args, device, dtype, timer, common)
             if row is not None:
@@ -255,7 +263,7 @@ def main(argv=None):
         for r in rows:
             recv = r.get("recv_bytes_per_rank")
             print(f"{r['seq']:>7} {r['exchange']:<22} {r.get('fwd_ms', float('nan')):>8.2f} "
-                  f"{r['fwd_bwd_ms']:>10.2f} {r.get('serialized_fwd_bwd_ms', float('nan')):>9.2f} "
+                  f"{r['fwd_bwd_ms']:>10.2f} {r.get('serialized_fwd_bwd_ms') or float('nan'):>9.2f} "
                   f"{r.get('exchange_fwd_bwd_ms', float('nan')):>8.2f} "
                   f"{(max(recv) / 2**20 if recv else 0):>14.1f} "
                   f"{r['fwd_bwd_useful_tflops_per_gpu']:>9.1f} {r.get('peak_mem_gib', float('nan')):>8.2f} "

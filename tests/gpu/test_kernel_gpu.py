@@ -8,6 +8,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from megatron_s2 import S2Pattern, kernel, s2_attention  # noqa: E402
+from megatron_s2.attention import s2_attention_backward, s2_attention_into  # noqa: E402
 from megatron_s2.reference import s2_attention_reference  # noqa: E402
 
 DEVICE = "cuda"
@@ -125,6 +126,27 @@ def test_context_parallel_chunk_offsets():
     kw = dict(q_start=q_start, head_start=8, num_q_heads=16, num_kv_heads=16)
     check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse, **kw),
                 run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_softmax_split_by_key_ranges(dtype):
+    """Context parallelism's calls: the earlier keys resumed into the softmax of a chunk's own keys
+    (s2_attention_into), and each range's backward from the merged result, against float64."""
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
+    q, k, v = inputs((2, 1024, 8, 128), (2, 3072, 2, 128), dtype, seed=41)
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    grad_out = torch.randn(q.shape, generator=g, device=DEVICE).to(dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(2, 8, 1024, device=DEVICE)
+    ranges = [(k[:, 2048:], v[:, 2048:], 2048), (k[:, :2048], v[:, :2048], 0)]  # own keys first
+    for resume, (kr, vr, start) in enumerate(ranges):
+        s2_attention_into(q, kr, vr, pattern, out, lse, resume=bool(resume), q_start=2048, k_start=start)
+    grads = [s2_attention_backward(grad_out, q, kr, vr, out, lse, pattern, q_start=2048, k_start=start)
+             for kr, vr, start in ranges]
+    got = (out, lse, grads[0][0] + grads[1][0], torch.cat([grads[1][1], grads[0][1]], 1),
+           torch.cat([grads[1][2], grads[0][2]], 1))
+    want = run_reference(q, k, v, pattern, grad_out, torch.zeros_like(lse), q_start=2048)
+    check_close(got, want, dtype)
 
 
 @pytest.mark.parametrize("index", range(8))
