@@ -10,7 +10,8 @@ starts at 1). The YAML forms are described in ``docs/megatron.md``; in short::
     overrides:
       - {layers: "4-7", vert_stride: 8}
     allow_partial_coverage: false
-    cp_exchange: allgather      # or s2
+    cp_exchange: s2             # or allgather
+    cp_overlap: auto            # or true / false
 
 ``S2AttentionConfig.to_dict()`` writes the explicit per-layer form (every parameter spelled out), which
 ``from_dict`` reads back without needing the model's shape: that is the form stored with checkpoints and
@@ -40,6 +41,7 @@ TOP_LEVEL_KEYS = (
     "overrides",
     "allow_partial_coverage",
     "cp_exchange",
+    "cp_overlap",
 )
 _LAYER_ENTRY_KEYS = ("type", "preset") + PATTERN_KEYS
 _OVERRIDE_KEYS = ("layers",) + _LAYER_ENTRY_KEYS
@@ -47,6 +49,16 @@ _OVERRIDE_KEYS = ("layers",) + _LAYER_ENTRY_KEYS
 
 def _fail(key: str, value: Any, problem: str, fix: str) -> S2ConfigError:
     return S2ConfigError(f"S2 config key '{key}' = {value!r}: {problem}. Fix: {fix}")
+
+
+def _overlap_setting(value: Any) -> Optional[bool]:
+    """YAML ``cp_overlap``: auto (None), or a boolean."""
+    if value == "auto":
+        return None
+    if not isinstance(value, bool):
+        raise _fail("cp_overlap", value, "not auto, true or false",
+                    "use auto (the exchange's measured default), true or false")
+    return value
 
 
 def _check_keys(mapping: Mapping, allowed: Sequence[str], where: str) -> None:
@@ -89,7 +101,8 @@ class S2AttentionConfig:
 
     layers: tuple
     allow_partial_coverage: bool = False
-    cp_exchange: str = "allgather"
+    cp_exchange: str = "s2"
+    cp_overlap: Optional[bool] = None  # None: the exchange's default (context_parallel.OVERLAP_DEFAULTS)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -98,6 +111,9 @@ class S2AttentionConfig:
                 raise S2ConfigError(f"layers[{i}] must be LayerAttention(index={i}, ...), got {layer!r}")
         if self.cp_exchange not in CP_EXCHANGES:
             raise _fail("cp_exchange", self.cp_exchange, "unknown exchange", f"use one of {', '.join(CP_EXCHANGES)}")
+        if self.cp_overlap not in (None, True, False):
+            raise _fail("cp_overlap", self.cp_overlap, "not auto, true or false",
+                        "use auto (the exchange's measured default), true or false")
         if not isinstance(self.allow_partial_coverage, bool):
             raise _fail("allow_partial_coverage", self.allow_partial_coverage, "not a boolean", "use true or false")
 
@@ -154,7 +170,8 @@ class S2AttentionConfig:
         return cls(
             layers=layers,
             allow_partial_coverage=data.get("allow_partial_coverage", False),
-            cp_exchange=data.get("cp_exchange", "allgather"),
+            cp_exchange=data.get("cp_exchange", "s2"),
+            cp_overlap=_overlap_setting(data.get("cp_overlap", "auto")),
         )
 
     def to_dict(self) -> dict:
@@ -164,6 +181,7 @@ class S2AttentionConfig:
             "layers": [layer.to_dict() for layer in self.layers],
             "allow_partial_coverage": self.allow_partial_coverage,
             "cp_exchange": self.cp_exchange,
+            "cp_overlap": "auto" if self.cp_overlap is None else self.cp_overlap,
         }
 
     # -- queries -------------------------------------------------------------------------------
@@ -275,7 +293,8 @@ class S2AttentionConfig:
         lines = [
             f"S2 attention: {self.num_layers} layers ({len(self.sparse_layers)} S2, "
             f"{self.num_layers - len(self.sparse_layers)} dense; numbered from 0), "
-            f"cp_exchange={self.cp_exchange}, allow_partial_coverage={self.allow_partial_coverage}"
+            f"cp_exchange={self.cp_exchange}, cp_overlap={'auto' if self.cp_overlap is None else self.cp_overlap}, "
+            f"allow_partial_coverage={self.allow_partial_coverage}"
         ]
         if seq_length is not None:
             lines[0] += f", seq_length={seq_length}"

@@ -495,7 +495,7 @@ def context_parallel_attention(
     pattern: Pattern,
     *,
     cp_group,
-    exchange: str = "allgather",
+    exchange: str = "s2",
     overlap: Optional[bool] = None,
     softmax_scale: Optional[float] = None,
     head_start: int = 0,

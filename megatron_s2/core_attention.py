@@ -140,7 +140,8 @@ class S2CoreAttention(_CoreAttentionBase):
     """S2 (sparsely-sharded) causal attention as a Megatron core attention.
 
     Extra constructor arguments (set per layer through the layer spec's ``params``): ``pattern`` (an
-    ``S2Pattern`` or ``BlockMaskPattern``), ``cp_exchange`` ("allgather" or "s2"), ``layer_index``
+    ``S2Pattern`` or ``BlockMaskPattern``), ``cp_exchange`` ("s2" or "allgather"), ``cp_overlap`` (None:
+    the exchange's default, see ``context_parallel_attention``), ``layer_index``
     (0-based global layer of this spec, cross-checked against Megatron's ``layer_number``) and
     ``num_query_groups`` (the model's KV-group count, see ``_CoreAttentionBase``).
     """
@@ -149,8 +150,8 @@ class S2CoreAttention(_CoreAttentionBase):
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, *, pattern,
-                 cp_exchange: str = "allgather", layer_index: Optional[int] = None,
-                 num_query_groups: Optional[int] = None):
+                 cp_exchange: str = "s2", cp_overlap: Optional[bool] = None,
+                 layer_index: Optional[int] = None, num_query_groups: Optional[int] = None):
         super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout,
                          softmax_scale, cp_comm_type, pg_collection, num_query_groups)
         if self.dropout_p:
@@ -169,7 +170,7 @@ class S2CoreAttention(_CoreAttentionBase):
             pattern.head_offsets(self.num_q_heads, self.num_kv_heads)
         self.pattern = pattern
         self.kernel_pattern = self._pattern_for_kernel(pattern)
-        self.cp_exchange = cp_exchange
+        self.cp_exchange, self.cp_overlap = cp_exchange, cp_overlap
         self.layer_index = layer_number - 1
 
     def _pattern_for_kernel(self, pattern):
@@ -206,6 +207,7 @@ class S2CoreAttention(_CoreAttentionBase):
                                     "(training); decode with --context-parallel-size 1")
             out = context_parallel_attention(
                 q, k, v, self.kernel_pattern, cp_group=self.cp_group, exchange=self.cp_exchange,
+                overlap=self.cp_overlap,
                 softmax_scale=self.softmax_scale, **heads,
             )
         else:
@@ -236,9 +238,10 @@ class SDPACoreAttention(_CoreAttentionBase):
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, *,
-                 num_query_groups: Optional[int] = None):
+                 cp_overlap: Optional[bool] = None, num_query_groups: Optional[int] = None):
         super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout,
                          softmax_scale, cp_comm_type, pg_collection, num_query_groups)
+        self.cp_overlap = cp_overlap
         if self.cp_size > 1 and self.dropout_p:
             raise S2ConfigError(f"SDPA attention under context parallelism has no attention dropout, got "
                                 f"{self.dropout_p}. Fix: set --attention-dropout 0")
@@ -260,6 +263,7 @@ class SDPACoreAttention(_CoreAttentionBase):
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))
             out = context_parallel_attention(
                 q, k, v, _dense_pattern(q.shape[1]), cp_group=self.cp_group, exchange="allgather",
+                overlap=self.cp_overlap,
                 softmax_scale=self.softmax_scale, head_start=self.head_start,
                 num_q_heads=self.num_q_heads, num_kv_heads=self.kernel_num_kv_heads,
             )

@@ -103,11 +103,13 @@ def _core_attention_builder(config, layer, s2_config: S2AttentionConfig, use_tra
     if layer.is_dense:
         if use_transformer_engine:
             return None
-        return functools.partial(SDPACoreAttention, num_query_groups=config.num_query_groups)
+        return functools.partial(SDPACoreAttention, cp_overlap=s2_config.cp_overlap,
+                                 num_query_groups=config.num_query_groups)
     return functools.partial(
         S2CoreAttention,
         pattern=layer.pattern,
         cp_exchange=s2_config.cp_exchange,
+        cp_overlap=s2_config.cp_overlap,
         layer_index=layer.index,
         num_query_groups=config.num_query_groups,
     )

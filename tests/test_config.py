@@ -67,10 +67,11 @@ def test_precedence_defaults_entry_overrides_and_presets():
 
 
 def test_round_trip_is_explicit_json_and_needs_no_model():
-    cfg = resolve({"preset": "dkernel", "dense_every_n": 2, "cp_exchange": "s2", "allow_partial_coverage": True},
-                  num_layers=4, num_attention_heads=8)
+    cfg = resolve({"preset": "dkernel", "dense_every_n": 2, "cp_exchange": "allgather", "cp_overlap": False,
+                   "allow_partial_coverage": True}, num_layers=4, num_attention_heads=8)
     data = json.loads(json.dumps(cfg.to_dict()))
-    assert data["version"] == 1 and data["cp_exchange"] == "s2" and data["allow_partial_coverage"] is True
+    assert data["version"] == 1 and data["cp_exchange"] == "allgather" and data["cp_overlap"] is False
+    assert data["allow_partial_coverage"] is True
     assert data["layers"][0] == {"type": "dense"}
     assert set(data["layers"][1]) == {"type"} | {f.name for f in dataclasses.fields(S2Pattern)}
     assert S2AttentionConfig.from_dict(data) == cfg
@@ -79,9 +80,12 @@ def test_round_trip_is_explicit_json_and_needs_no_model():
 def test_yaml_file_and_command_line_overrides(tmp_path):
     path = tmp_path / "s2.yaml"
     path.write_text("defaults: {block_size: 16, vert_stride: 4}\nlayers: DSSS\n")
-    cfg = load_s2_config(path, overrides=["vert_stride=2", "defaults.local_blocks=3", "cp_exchange=s2"])
+    assert (load_s2_config(path).cp_exchange, load_s2_config(path).cp_overlap) == ("s2", None)  # defaults
+    cfg = load_s2_config(path, overrides=["vert_stride=2", "defaults.local_blocks=3", "cp_exchange=allgather",
+                                          "cp_overlap=true"])
     assert cfg.layers[1].pattern == S2Pattern(block_size=16, vert_stride=2, local_blocks=3)
-    assert cfg.cp_exchange == "s2"
+    assert (cfg.cp_exchange, cfg.cp_overlap) == ("allgather", True)
+    assert load_s2_config(path, overrides=["cp_overlap=auto"]).to_dict()["cp_overlap"] == "auto"
     # Switching forms from the command line replaces the other form.
     assert kinds(load_s2_config(path, overrides=["dense_every_n=2"], num_layers=4)) == "DSDS"
     assert kinds(load_s2_config(path, overrides=["layers=SSSD"])) == "SSSD"
@@ -131,6 +135,7 @@ RESOLVE_ERRORS = [
     ({"layers": "SS", "preset": "longformer"}, "'layers[0].preset'", "dkernel, phi3_small"),
     ({"layers": "SS", "preset": "dkernel"}, "'layers[0].preset'", "num_attention_heads="),
     ({"layers": "SS", "cp_exchange": "ring"}, "'cp_exchange'", "allgather, s2"),
+    ({"layers": "SS", "cp_overlap": "yes"}, "'cp_overlap'", "auto"),
     ({"layers": "SS", "allow_partial_coverage": "yes"}, "'allow_partial_coverage'", "true or false"),
     ({"layers": "SS", "version": 2}, "'version'", "version: 1"),
     ({"dense_every_n": 2}, "layer count", "num_layers="),

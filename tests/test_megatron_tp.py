@@ -134,8 +134,8 @@ def test_pipeline_and_virtual_stages_pick_global_layers():
             expected = [vp_stage * 4 + pp_rank * 2 + i for i in range(2)]
             assert stage_layer_indices(config, vp_stage=vp_stage, pp_rank=pp_rank) == expected
 
-    s2 = S2AttentionConfig.from_dict({"layers": "DSSSSDSS", "defaults": S2_DEFAULTS,
-                                      "overrides": [{"layers": 6, "vert_stride": 2}]})
+    s2 = S2AttentionConfig.from_dict({"layers": "DSSSSDSS", "defaults": S2_DEFAULTS, "cp_exchange": "allgather",
+                                      "cp_overlap": False, "overrides": [{"layers": 6, "vert_stride": 2}]})
     for pp_rank in range(2):
         for vp_stage in range(2):
             spec = get_s2_gpt_block_spec(config, s2, vp_stage=vp_stage, pp_rank=pp_rank,
@@ -143,10 +143,12 @@ def test_pipeline_and_virtual_stages_pick_global_layers():
             for index, layer_spec in zip(stage_layer_indices(config, vp_stage=vp_stage, pp_rank=pp_rank),
                                          spec.layer_specs):
                 core = layer_spec.submodules.self_attention.submodules.core_attention
+                assert core.keywords["cp_overlap"] is False  # the YAML's CP settings reach every layer
                 if s2.layers[index].is_dense:
                     assert core.func is SDPACoreAttention
                 else:
                     assert core.func is S2CoreAttention
+                    assert core.keywords["cp_exchange"] == "allgather"
                     assert core.keywords["layer_index"] == index
                     assert core.keywords["pattern"] == s2.layers[index].pattern
 

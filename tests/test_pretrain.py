@@ -186,14 +186,15 @@ def test_tp2_losses_equal_tp1_on_hybrid_model(workdir, tp1_run):
     assert float(tp1[4]) < float(tp1[1])
 
 
-@pytest.mark.parametrize("exchange, tp", [("allgather", 1), ("s2", 1), ("s2", 2)])
-def test_cp2_losses_equal_cp1(workdir, tp1_run, exchange, tp):
+@pytest.mark.parametrize("exchange, overlap, tp", [("allgather", "auto", 1), ("allgather", "false", 1),
+                                                   ("s2", "auto", 1), ("s2", "true", 2)])
+def test_cp2_losses_equal_cp1(workdir, tp1_run, exchange, overlap, tp):
     # Each CP rank holds chunks r and 3 - r of every sequence (Megatron's load balancing); the
     # batch must be split over the CP group only (with TP=2 the world group would be wrong), and
-    # S2 must see absolute positions.
-    cp2 = launch(workdir, f"cp2_{exchange}_tp{tp}",
+    # S2 must see absolute positions. Both schedules (overlap or not) run for both exchanges.
+    cp2 = launch(workdir, f"cp2_{exchange}_overlap_{overlap}_tp{tp}",
                  ["--train-iters", "4", "--context-parallel-size", "2", "--tensor-model-parallel-size",
-                  str(tp), "--s2-override", f"cp_exchange={exchange}"],
+                  str(tp), "--s2-override", f"cp_exchange={exchange}", "--s2-override", f"cp_overlap={overlap}"],
                  world_size=2 * tp).check_ok().losses
     assert sorted(cp2) == [1, 2, 3, 4]
     for iteration, loss in tp1_run.losses.items():
