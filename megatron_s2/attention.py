@@ -194,8 +194,9 @@ def s2_attention(
     ``return_lse``, the natural-log ``lse`` float32 ``[batch, heads, seq]`` (packed:
     ``[heads, tokens]``), whose gradient flows. The keys must cover the queries' positions unless
     ``return_lse`` is set: a key range may then end before some queries (context parallelism splits
-    a softmax by key ranges); rows without keys give out 0 and lse -inf. With packed input, ``max_seqlen_q`` must be at least
-    the longest sequence (it is not checked, to avoid a device sync; omitted, it is computed).
+    a softmax by key ranges); rows without keys give out 0 and lse -inf. With packed input,
+    ``max_seqlen_q`` must be at least the longest sequence (it is not checked, to avoid a device
+    sync; omitted, it is computed).
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, packed, num_q_heads, num_kv_heads, q_start, k_start)
@@ -256,7 +257,8 @@ def s2_attention_into(
     read both key ranges: context parallelism builds a chunk's softmax from key ranges that become
     available at different times, and its backward uses ``s2_attention_backward``. Unpacked input only.
     """
-    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads, q_start, k_start)
+    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads,
+                                              q_start, k_start)
     _check_result_shapes(q, out, lse)
     heads = dict(softmax_scale=softmax_scale, head_start=head_start, num_q_heads=num_q_heads,
                  num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start)
@@ -282,7 +284,8 @@ def _check_result_shapes(q, out, lse):
         raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} like q, got {out.dtype} {tuple(out.shape)}")
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
     if lse.shape != lse_shape or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 {lse_shape} ([batch, heads, seq]), got {lse.dtype} {tuple(lse.shape)}")
+        raise ValueError(f"lse must be float32 {lse_shape} ([batch, heads, seq]), "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
 
 
 def s2_attention_backward(
@@ -310,7 +313,8 @@ def s2_attention_backward(
     which needs only the final output and lse. For one range alone, pass its own ``out`` and
     ``lse``. Unpacked input only (``[batch, seq, heads, dim]``).
     """
-    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads, q_start, k_start)
+    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads,
+                                              q_start, k_start)
     if grad_out.shape != q.shape:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} must have q's shape {tuple(q.shape)}")
     _check_result_shapes(q, out, lse)

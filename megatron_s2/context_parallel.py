@@ -328,17 +328,16 @@ class S2Exchange(_Exchange):
         self.plan, self.block_size = plan, block_size
         self.received = None  # kept for backward
 
-    def _pairs(self, t, blocks, heads):
-        return _by_block(t, self.block_size)[:, blocks, :, heads]
+    def _launch(self, k, v, blocks, heads, send_splits, recv_splits):
+        """Send K/V (or their gradients) of the (block, head) pairs; returns (work, send, recv)."""
+        send = torch.stack([_by_block(t, self.block_size)[:, blocks, :, heads] for t in (k, v)], 1)
+        recv = send.new_empty(sum(recv_splits), *send.shape[1:])
+        work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group, async_op=True)
+        return work, send, recv
 
     def start(self, k, v):
         plan = self.plan
-        send = torch.stack([self._pairs(k, plan.send_blocks, plan.send_heads),
-                            self._pairs(v, plan.send_blocks, plan.send_heads)], 1)
-        recv = send.new_empty(sum(plan.recv_splits), *send.shape[1:])
-        work = dist.all_to_all_single(recv, send, plan.recv_splits, plan.send_splits, group=self.group,
-                                      async_op=True)
-        return work, send, recv
+        return self._launch(k, v, plan.send_blocks, plan.send_heads, plan.send_splits, plan.recv_splits)
 
     def finish(self, pending, k, v):
         work, _, self.received = pending
@@ -365,11 +364,8 @@ class S2Exchange(_Exchange):
 
     def start_grads(self, dk_buf, dv_buf):
         plan = self.plan
-        send = torch.stack([self._pairs(dk_buf, plan.recv_blocks, plan.recv_heads),
-                            self._pairs(dv_buf, plan.recv_blocks, plan.recv_heads)], 1)
-        recv = send.new_empty(sum(plan.send_splits), *send.shape[1:])
-        work = dist.all_to_all_single(recv, send, plan.send_splits, plan.recv_splits, group=self.group,
-                                      async_op=True)
+        work, send, recv = self._launch(dk_buf, dv_buf, plan.recv_blocks, plan.recv_heads, plan.recv_splits,
+                                        plan.send_splits)
         # Own chunks read through the buffer (copied, so that the buffer's gradient can go).
         own = [(rows, dk_buf[:, buffer_rows].clone(), dv_buf[:, buffer_rows].clone())
                for rows, buffer_rows in self.own_slots()]
