@@ -329,4 +329,5 @@ def s2_attention_backward(
     grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
     prob = _kernel_problem(q, k, pattern, q.shape[0], q_len, kv_len, q_len, kv_len, softmax_scale, head_start,
                            num_q_heads, num_kv_heads, q_start, k_start, None, None)
+    # The kernels address lse and their own delta buffer with one set of strides: lse contiguous.
     return kernel.backward(grad_out, q, k, v, out, lse.contiguous(), None, prob)
