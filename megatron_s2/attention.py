@@ -161,7 +161,7 @@ class _S2AttentionFunction(torch.autograd.Function):
         from . import kernel
 
         q, k, v, out, lse = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)[0]
         dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, dlse, ctx.prob)
         return dq, dk, dv, None
 
@@ -329,5 +329,4 @@ def s2_attention_backward(
     grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
     prob = _kernel_problem(q, k, pattern, q.shape[0], q_len, kv_len, q_len, kv_len, softmax_scale, head_start,
                            num_q_heads, num_kv_heads, q_start, k_start, None, None)
-    # The kernels address lse and their own delta buffer with one set of strides: lse contiguous.
-    return kernel.backward(grad_out, q, k, v, out, lse.contiguous(), None, prob)
+    return kernel.backward(grad_out, q, k, v, out, lse, None, prob)

@@ -719,6 +719,10 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
     group = heads // kv_heads
     kl = prob.layout
     varlen = prob.varlen
+    # The kernels address lse, dlse and their delta buffer with one set of strides: make them alike
+    # (autograd may hand in a strided or broadcast dlse, and callers pass views of a larger lse).
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
     cu_q = prob.cu_q if varlen else lse
     cu_k = prob.cu_k if varlen else lse
     delta = new_output(lse.shape, lse.dtype, lse.device)

@@ -231,6 +231,23 @@ def test_lse_only_gradient():
         assert (g.double() - w).abs().max().item() < ATOL
 
 
+def test_strided_and_broadcast_output_gradients():
+    """Autograd hands the backward whatever strides the graph produced: a transposed grad_out (as
+    after Megatron's [s, b, h, d] reshape) and a broadcast grad_lse (from ``lse.sum()``)."""
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
+    q, k, v, grad_out = draw((2, 40, 4, 32), (2, 40, 2, 32), (2, 40, 2, 32), (40, 2, 4, 32), seed=33)
+    grads = {}
+    for name, fn, dtype in (("kernel", s2_attention, torch.float32),
+                            ("reference", s2_attention_reference, torch.float64)):
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves, pattern, return_lse=True)
+        torch.autograd.backward((out, lse), (grad_out.to(dtype).transpose(0, 1),
+                                             torch.ones((), dtype=torch.float32).expand(lse.shape)))
+        grads[name] = [t.grad for t in leaves]
+    for got, want in zip(grads["kernel"], grads["reference"]):
+        assert (got.double() - want).abs().max() < ATOL * max(1.0, want.abs().max().item())
+
+
 def test_backward_is_deterministic():
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
     q, k, v = draw((1, 64, 4, 32), (1, 64, 1, 32), (1, 64, 1, 32), seed=19)
