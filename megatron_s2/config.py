@@ -52,8 +52,8 @@ def _fail(key: str, value: Any, problem: str, fix: str) -> S2ConfigError:
 
 
 def _overlap_setting(value: Any) -> Optional[bool]:
-    """YAML ``cp_overlap``: auto (None), or a boolean."""
-    if value == "auto":
+    """``cp_overlap``: auto (YAML "auto" or None), or a boolean (not 0/1: they would not round-trip)."""
+    if value is None or value == "auto":
         return None
     if not isinstance(value, bool):
         raise _fail("cp_overlap", value, "not auto, true or false",
@@ -102,7 +102,7 @@ class S2AttentionConfig:
     layers: tuple
     allow_partial_coverage: bool = False
     cp_exchange: str = "s2"
-    cp_overlap: Optional[bool] = None  # None: the exchange's default (context_parallel.OVERLAP_DEFAULTS)
+    cp_overlap: Optional[bool] = None  # None ("auto"): the exchange's default (context_parallel.OVERLAP_DEFAULTS)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -111,9 +111,7 @@ class S2AttentionConfig:
                 raise S2ConfigError(f"layers[{i}] must be LayerAttention(index={i}, ...), got {layer!r}")
         if self.cp_exchange not in CP_EXCHANGES:
             raise _fail("cp_exchange", self.cp_exchange, "unknown exchange", f"use one of {', '.join(CP_EXCHANGES)}")
-        if self.cp_overlap not in (None, True, False):
-            raise _fail("cp_overlap", self.cp_overlap, "not auto, true or false",
-                        "use auto (the exchange's measured default), true or false")
+        object.__setattr__(self, "cp_overlap", _overlap_setting(self.cp_overlap))
         if not isinstance(self.allow_partial_coverage, bool):
             raise _fail("allow_partial_coverage", self.allow_partial_coverage, "not a boolean", "use true or false")
 
@@ -171,7 +169,7 @@ class S2AttentionConfig:
             layers=layers,
             allow_partial_coverage=data.get("allow_partial_coverage", False),
             cp_exchange=data.get("cp_exchange", "s2"),
-            cp_overlap=_overlap_setting(data.get("cp_overlap", "auto")),
+            cp_overlap=data.get("cp_overlap", "auto"),
         )
 
     def to_dict(self) -> dict:

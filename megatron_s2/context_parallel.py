@@ -37,10 +37,11 @@ import torch
 import torch.distributed as dist
 
 from .attention import s2_attention, s2_attention_backward, s2_attention_into
+from .config import CP_EXCHANGES
 from .layout import Pattern, s2_block_mask
 from .pattern import S2ConfigError, check_head_counts
 
-EXCHANGES = ("allgather", "s2")
+EXCHANGES = CP_EXCHANGES
 # Whether each exchange hides its communication behind the chunks' attention to their own keys by
 # default: that splits each chunk's attention into two kernel calls, which pays where the exchange
 # moves a lot (all-gather) and costs more than it hides where it moves little (S2). BENCHMARKS.md.

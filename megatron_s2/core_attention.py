@@ -27,6 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from .attention import s2_attention
+from .config import CP_EXCHANGES
 from .context_parallel import context_parallel_attention
 from .pattern import S2ConfigError, S2Pattern
 
@@ -163,8 +164,8 @@ class S2CoreAttention(_CoreAttentionBase):
                 f"{layer_number} (from 1): the block spec does not match this pipeline stage. Build it "
                 "with the same vp_stage/pp_rank as the model"
             )
-        if cp_exchange not in ("allgather", "s2"):
-            raise S2ConfigError(f"cp_exchange must be 'allgather' or 's2', got {cp_exchange!r}")
+        if cp_exchange not in CP_EXCHANGES:
+            raise S2ConfigError(f"cp_exchange must be one of {CP_EXCHANGES}, got {cp_exchange!r}")
         # Fail at construction, not at the first step: heads, dense-head count and pattern agree.
         if isinstance(pattern, S2Pattern):
             pattern.head_offsets(self.num_q_heads, self.num_kv_heads)
@@ -253,9 +254,11 @@ class SDPACoreAttention(_CoreAttentionBase):
         if packed:
             cu_q, cu_k = self._sequence_bounds(packed_seq_params)
             # One host sync per layer for the boundaries; each sequence then runs a fused kernel.
+            bounds_q = cu_q.tolist()
+            bounds_k = bounds_q if cu_k is cu_q else cu_k.tolist()
             outs = [
                 self._attend(query[q0:q1].unsqueeze(1), key[k0:k1].unsqueeze(1), value[k0:k1].unsqueeze(1))
-                for q0, q1, k0, k1 in _pairs(cu_q.tolist(), cu_k.tolist())
+                for q0, q1, k0, k1 in _pairs(bounds_q, bounds_k)
             ]
             out = torch.cat(outs, 0)
             return out.reshape(out.shape[0], -1)

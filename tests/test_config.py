@@ -136,6 +136,7 @@ RESOLVE_ERRORS = [
     ({"layers": "SS", "preset": "dkernel"}, "'layers[0].preset'", "num_attention_heads="),
     ({"layers": "SS", "cp_exchange": "ring"}, "'cp_exchange'", "allgather, s2"),
     ({"layers": "SS", "cp_overlap": "yes"}, "'cp_overlap'", "auto"),
+    ({"layers": "SS", "cp_overlap": 1}, "'cp_overlap'", "auto"),
     ({"layers": "SS", "allow_partial_coverage": "yes"}, "'allow_partial_coverage'", "true or false"),
     ({"layers": "SS", "version": 2}, "'version'", "version: 1"),
     ({"dense_every_n": 2}, "layer count", "num_layers="),
