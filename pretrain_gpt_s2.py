@@ -267,6 +267,9 @@ def move_cpu_initialized_model_to_gpu(model_chunks):
 def build_model_config(args, s2_config: S2AttentionConfig):
     """Megatron's GPTModelConfig from the flags, with the S2 block spec as its layer spec."""
     model_config = gpt_config_from_args(args)
+    # megatron-core 0.19.2's gpt_config_from_args copies --use-rope-scaling but not the factor
+    # (the model would keep its default 8, e.g. for Llama 3.2's 32).
+    model_config.rope_scaling_factor = args.rope_scaling_factor
     model_config.transformer_layer_spec = layer_spec_provider(s2_config, args.seq_length)
     if args.use_cpu_initialization and not cpu_compat.cpu_mode_requested():
         model_config.pre_wrap_hooks.append(move_cpu_initialized_model_to_gpu)

@@ -359,3 +359,20 @@ def test_shipped_configs_are_valid_megatron_flags_and_s2_layouts(name):
     args = parser.parse_args(pretrain_gpt_s2.flags_to_argv(flags))  # a misspelt flag exits here
     config = pretrain_gpt_s2.resolve_s2_config(args, s2_section)
     assert config.num_layers == args.num_layers and config.sparse_layers
+
+
+def test_model_config_keeps_the_rope_scaling_factor():
+    """Megatron's gpt_config_from_args drops --rope-scaling-factor; an imported Llama 3.2 (factor
+    32) must keep training with 32, not the default 8."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments, validate_args
+
+    flags, s2_section = pretrain_gpt_s2.read_config_file(os.path.join(ROOT, "configs", "quickstart.yaml"))
+    parser = pretrain_gpt_s2.add_s2_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    args = parser.parse_args(pretrain_gpt_s2.flags_to_argv(flags) + [
+        "--mock-data", "--use-rope-scaling", "--rope-scaling-factor", "32"])
+    args.rank, args.world_size = 0, 1
+    validate_args(args)
+    model_config = pretrain_gpt_s2.build_model_config(args, pretrain_gpt_s2.resolve_s2_config(args, s2_section))
+    assert model_config.rope_scaling and model_config.rope_scaling_factor == 32
