@@ -188,9 +188,7 @@ def resolve_s2_config(args, s2_section: dict) -> S2AttentionConfig:
     num_query_groups = args.num_query_groups if args.group_query_attention else None
     source = f"--s2-config {args.s2_config}" if args.s2_config else "the S2 config"
     try:
-        if not s2_section and not args.s2_override:
-            s2_section = {"layers": ["dense"] * args.num_layers}
-        config = S2AttentionConfig.from_dict(
+        config = S2AttentionConfig.from_section(
             s2_section, num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
             overrides=args.s2_override)
         config.validate(

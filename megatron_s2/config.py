@@ -119,8 +119,8 @@ class S2AttentionConfig:
 
     @classmethod
     def from_yaml(cls, path, **kwargs) -> "S2AttentionConfig":
-        """Read a YAML file (an S2 config, or a training config's ``s2:`` section, see
-        ``split_config_file``); keyword arguments as in ``from_dict``."""
+        """Read a YAML file (an S2 config, or a training config, whose ``s2:`` section is read as by
+        ``from_section``, see ``split_config_file``); keyword arguments as in ``from_dict``."""
         import yaml
 
         with open(path) as f:
@@ -128,9 +128,28 @@ class S2AttentionConfig:
         if data is None:
             data = {}
         try:
-            return cls.from_dict(split_config_file(data)[1], **kwargs)
+            section = split_config_file(data)[1]
+            training_file = isinstance(data, Mapping) and ("megatron" in data or "s2" in data)
+            return cls.from_section(section, **kwargs) if training_file else cls.from_dict(section, **kwargs)
         except S2ConfigError as err:
             raise S2ConfigError(f"{path}: {err}") from None
+
+    @classmethod
+    def from_section(cls, section: Mapping, *, num_layers: Optional[int] = None, overrides: Iterable[str] = (),
+                     **kwargs) -> "S2AttentionConfig":
+        """A training config's ``s2:`` section: without one (and without overrides) every layer is dense,
+        as in plain Megatron-LM; otherwise as ``from_dict``."""
+        overrides = list(overrides)
+        if not section and not overrides:
+            if num_layers is None:
+                raise S2ConfigError("a training config without an 's2:' section is all dense: pass num_layers=")
+            return cls.dense(num_layers)
+        return cls.from_dict(section, num_layers=num_layers, overrides=overrides, **kwargs)
+
+    @classmethod
+    def dense(cls, num_layers: int) -> "S2AttentionConfig":
+        """Every layer dense (a plain Megatron model)."""
+        return cls.from_dict({"layers": ["dense"] * num_layers})
 
     @classmethod
     def from_dict(

@@ -77,6 +77,18 @@ def test_round_trip_is_explicit_json_and_needs_no_model():
     assert S2AttentionConfig.from_dict(data) == cfg
 
 
+def test_training_file_without_s2_section_is_dense_for_every_reader(tmp_path):
+    """pretrain_gpt_s2.py (from_section) and the converters (from_yaml) read one file alike."""
+    path = tmp_path / "train.yaml"
+    path.write_text("megatron: {num-layers: 3}\n")
+    assert kinds(S2AttentionConfig.from_yaml(path, num_layers=3)) == "DDD"
+    assert kinds(S2AttentionConfig.from_section({}, num_layers=3)) == "DDD"
+    # Overrides alone apply to S2 on every layer, for both.
+    assert kinds(S2AttentionConfig.from_yaml(path, num_layers=3, overrides=["vert_stride=2"])) == "SSS"
+    with pytest.raises(S2ConfigError, match="num_layers="):
+        S2AttentionConfig.from_yaml(path)
+
+
 def test_yaml_file_and_command_line_overrides(tmp_path):
     path = tmp_path / "s2.yaml"
     path.write_text("defaults: {block_size: 16, vert_stride: 4}\nlayers: DSSS\n")

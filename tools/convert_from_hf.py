@@ -80,7 +80,10 @@ def choose_s2_config(args, config):
                                                 overrides=args.s2_override)
     if not args.s2_override:
         print("no --s2-config: all layers dense (pass an S2 YAML to continue training with S2)")
-    return S2AttentionConfig.from_dict({"layers": "D" * config.num_hidden_layers}, overrides=args.s2_override)
+    # As pretrain_gpt_s2.py reads a run without --s2-config: dense, unless overrides say otherwise.
+    return S2AttentionConfig.from_section({}, num_layers=config.num_hidden_layers,
+                                          num_attention_heads=config.num_attention_heads,
+                                          overrides=args.s2_override)
 
 
 def training_flags(margs):

@@ -182,7 +182,7 @@ def s2_config_from_args(args: Namespace) -> S2AttentionConfig:
     """The per-layer settings stored with the checkpoint; all dense for a plain Megatron checkpoint."""
     settings = getattr(args, checkpoint_layout.ARGS_ATTRIBUTE, None)
     if settings is None:
-        return S2AttentionConfig.from_dict({"layers": "D" * args.num_layers})
+        return S2AttentionConfig.dense(args.num_layers)
     return S2AttentionConfig.from_dict(settings)
 
 
@@ -530,7 +530,7 @@ def megatron_args_from_hf(config, *, tensor_parallel: int = 1, pipeline_parallel
     padded = -(-config.vocab_size // multiple) * multiple
     rope = config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
     if s2_config is None:
-        s2_config = S2AttentionConfig.from_dict({"layers": "D" * config.num_hidden_layers})
+        s2_config = S2AttentionConfig.dense(config.num_hidden_layers)
     s2_config.validate(num_layers=config.num_hidden_layers, num_attention_heads=heads,
                        num_query_groups=kv_heads, tensor_parallel_size=tensor_parallel)
     args = Namespace(
