@@ -126,17 +126,26 @@ def _uses_reference(q) -> bool:
     return q.device.type == "cpu" and not _interpreting()
 
 
-def _kernel_problem(q, k, pattern, num_seqs, q_len, kv_len, layout_q_len, layout_k_len, softmax_scale,
-                    head_start, num_q_heads, num_kv_heads, q_start, k_start, cu_seqlens_q, cu_seqlens_k):
+def _kernel_problem(q, k, pattern, *, softmax_scale, head_start, num_q_heads, num_kv_heads, q_start, k_start,
+                    packed=None):
+    """The kernel's Problem for ``q [b, s, h, d]``, ``k [b, s_k, h_kv, d]``; packed input passes
+    ``(num_seqs, longest, layout length, cu_seqlens)`` for its ``[1, tokens, h, d]`` views."""
     from . import kernel
 
+    _check_head_dim(q)
+    if packed is None:
+        num_seqs, q_len, kv_len, cu_seqlens = q.shape[0], q.shape[1], k.shape[1], None
+        layout_q_len, layout_k_len = q_len, kv_len
+    else:
+        num_seqs, q_len, layout_q_len, cu_seqlens = packed
+        kv_len, layout_k_len = q_len, layout_q_len
     layout = get_layout(pattern, num_q_heads, num_kv_heads, layout_q_len, layout_k_len, head_start=head_start,
                         num_local_heads=q.shape[-2], q_start=q_start, k_start=k_start, device=q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return kernel.Problem(
         layout=kernel.kernel_layout(layout, q.shape[-1], q.shape[-2] // k.shape[-2]), num_seqs=num_seqs,
-        len_q=q_len, len_k=kv_len, q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_seqlens_q,
-        cu_k=cu_seqlens_k,
+        len_q=q_len, len_k=kv_len, q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_seqlens,
+        cu_k=cu_seqlens,
     )
 
 
@@ -212,23 +221,17 @@ def s2_attention(
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, return_lse=return_lse,
         )
-    _check_head_dim(q)
+    packed_shape = None
+    q4, k4, v4 = _last_dim_contiguous(*((t[None] for t in (q, k, v)) if packed else (q, k, v)))
     if packed:
-        q_len = kv_len = max_seqlen_q
-        num_seqs = cu_seqlens_q.numel() - 1
-        q4, k4, v4 = q[None], k[None], v[None]
         # The layout of a longer length serves every shorter sequence: round up so that batches
         # with different longest sequences share a few cached layouts.
-        layout_q_len = layout_k_len = q_len if isinstance(pattern, BlockMaskPattern) else max(
-            16 * pattern.block_size, 1 << (q_len - 1).bit_length())
-    else:
-        q_len, kv_len = q.shape[1], k.shape[1]
-        layout_q_len, layout_k_len = q_len, kv_len
-        num_seqs = q.shape[0]
-        q4, k4, v4 = q, k, v
-    q4, k4, v4 = _last_dim_contiguous(q4, k4, v4)
-    prob = _kernel_problem(q, k, pattern, num_seqs, q_len, kv_len, layout_q_len, layout_k_len, softmax_scale,
-                           head_start, num_q_heads, num_kv_heads, q_start, k_start, cu_seqlens_q, cu_seqlens_k)
+        layout_len = max_seqlen_q if isinstance(pattern, BlockMaskPattern) else max(
+            16 * pattern.block_size, 1 << (max_seqlen_q - 1).bit_length())
+        packed_shape = (cu_seqlens_q.numel() - 1, max_seqlen_q, layout_len, cu_seqlens_q)
+    prob = _kernel_problem(q4, k4, pattern, softmax_scale=softmax_scale, head_start=head_start,
+                           num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start,
+                           packed=packed_shape)
     out, lse = _S2AttentionFunction.apply(q4, k4, v4, prob)
     if packed:
         out, lse = out[0], lse[0]
@@ -257,35 +260,35 @@ def s2_attention_into(
     read both key ranges: context parallelism builds a chunk's softmax from key ranges that become
     available at different times, and its backward uses ``s2_attention_backward``. Unpacked input only.
     """
-    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads,
-                                              q_start, k_start)
-    _check_result_shapes(q, out, lse)
-    heads = dict(softmax_scale=softmax_scale, head_start=head_start, num_q_heads=num_q_heads,
-                 num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start)
+    options = _key_range_options(q, k, v, pattern, out, lse, softmax_scale, head_start, num_q_heads,
+                                 num_kv_heads, q_start, k_start)
     if _uses_reference(q):
-        part = s2_attention_reference(q, k, v, pattern, return_lse=True, **heads)
+        part = s2_attention_reference(q, k, v, pattern, return_lse=True, **options)
         merged = merge_by_lse((out, lse), part) if resume else part
         out.copy_(merged[0])
         lse.copy_(merged[1])
         return
     from . import kernel
 
-    _check_head_dim(q)
     if out.stride(-1) != 1 or lse.stride(-1) != 1:
         raise ValueError("out and lse must be contiguous in their last dimension")
     q, k, v = _last_dim_contiguous(q, k, v)
-    prob = _kernel_problem(q, k, pattern, q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1],
-                           softmax_scale, head_start, num_q_heads, num_kv_heads, q_start, k_start, None, None)
-    kernel.forward(q, k, v, prob, out=out, lse=lse, resume=resume)
+    kernel.forward(q, k, v, _kernel_problem(q, k, pattern, **options), out=out, lse=lse, resume=resume)
 
 
-def _check_result_shapes(q, out, lse):
+def _key_range_options(q, k, v, pattern, out, lse, softmax_scale, head_start, num_q_heads, num_kv_heads,
+                       q_start, k_start) -> dict:
+    """Checks shared by the split-softmax entry points; their keyword options, head counts resolved."""
+    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads,
+                                              q_start, k_start)
     if out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} like q, got {out.dtype} {tuple(out.shape)}")
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
     if lse.shape != lse_shape or lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32 {lse_shape} ([batch, heads, seq]), "
                          f"got {lse.dtype} {tuple(lse.shape)}")
+    return dict(softmax_scale=softmax_scale, head_start=head_start, num_q_heads=num_q_heads,
+                num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start)
 
 
 def s2_attention_backward(
@@ -313,20 +316,13 @@ def s2_attention_backward(
     which needs only the final output and lse. For one range alone, pass its own ``out`` and
     ``lse``. Unpacked input only (``[batch, seq, heads, dim]``).
     """
-    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads,
-                                              q_start, k_start)
     if grad_out.shape != q.shape:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} must have q's shape {tuple(q.shape)}")
-    _check_result_shapes(q, out, lse)
-    heads = dict(softmax_scale=softmax_scale, head_start=head_start, num_q_heads=num_q_heads,
-                 num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start)
+    options = _key_range_options(q, k, v, pattern, out, lse, softmax_scale, head_start, num_q_heads,
+                                 num_kv_heads, q_start, k_start)
     if _uses_reference(q):
-        return s2_attention_reference_backward(grad_out, q, k, v, out, lse, pattern, **heads)
+        return s2_attention_reference_backward(grad_out, q, k, v, out, lse, pattern, **options)
     from . import kernel
 
-    _check_head_dim(q)
-    q_len, kv_len = q.shape[1], k.shape[1]
     grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
-    prob = _kernel_problem(q, k, pattern, q.shape[0], q_len, kv_len, q_len, kv_len, softmax_scale, head_start,
-                           num_q_heads, num_kv_heads, q_start, k_start, None, None)
-    return kernel.backward(grad_out, q, k, v, out, lse, None, prob)
+    return kernel.backward(grad_out, q, k, v, out, lse, None, _kernel_problem(q, k, pattern, **options))
