@@ -406,7 +406,8 @@ def load_megatron_checkpoint(path: str, iteration: Optional[int] = None):
     s2_config = s2_config_from_args(args)
     with single_process_megatron():
         model = build_gpt_model(args, s2_config)
-        metadata = {**_sharded_metadata(), **(dist_checkpointing.load_content_metadata(directory) or {})}
+        saved = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+        metadata = {**_sharded_metadata(), **saved}
         sharded = model.sharded_state_dict(metadata=metadata)
         loaded = dist_checkpointing.load({"model": sharded}, directory)["model"]
         model.load_state_dict(loaded, strict=False)
