@@ -11,6 +11,8 @@ only the key/value blocks that later tokens can still attend; ``cache.kv_cache_s
 it saved.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +46,7 @@ def s2_token_mask(layer, q_pos, k_pos):
     head, for the compacted cache); position -1 marks padding.
     """
     block, heads = layer["block_size"], len(layer["head_offsets"])
-    offsets = torch.tensor([-1 if o is None else o for o in layer["head_offsets"]], device=q_pos.device)
+    offsets = _offsets_tensor(tuple(layer["head_offsets"]), q_pos.device)
     if k_pos.dim() == 3:  # per KV head -> per query head
         k_pos = k_pos.repeat_interleave(heads // k_pos.shape[1], dim=1)
     else:
@@ -53,6 +55,13 @@ def s2_token_mask(layer, q_pos, k_pos):
     kb = (k_pos // block)[:, :, None, :]
     sparse_ok = ((qb - kb) < layer["local_blocks"]) | ((kb + offsets[:, None, None]) % layer["vert_stride"] == 0)
     return causal_token_mask(q_pos, k_pos) & (sparse_ok | (offsets < 0)[:, None, None])
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets_tensor(head_offsets: tuple, device) -> torch.Tensor:
+    """Per-head stripe offsets on the device (-1: dense head), built once per layer pattern, not per
+    decoding step."""
+    return torch.tensor([-1 if o is None else o for o in head_offsets], device=device)
 
 
 def causal_token_mask(q_pos, k_pos):
@@ -82,6 +91,7 @@ class S2KVCache(DynamicCache):
         self.s2_config = config
         self.seen_tokens = {}
         self.s2_entries = {}  # layer -> (keys, values, positions [b, h_kv, n]) of S2 layers
+        self._stripe_tables = {}  # layer -> _stripe_table, built at the layer's first eviction
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens.get(layer_idx, 0)
@@ -109,10 +119,12 @@ class S2KVCache(DynamicCache):
         kb = positions // block
         in_window = (first_query_pos // block)[:, None, None] - kb < layer["local_blocks"]
         kv_head = torch.arange(keys.shape[1], device=keys.device)[None, :, None]
-        keep = (positions >= 0) & (in_window | self._stripe_table(layer, keys)[kv_head, kb % stride])
-        if bool(keep.all()):
+        if layer_idx not in self._stripe_tables:
+            self._stripe_tables[layer_idx] = self._stripe_table(layer, keys)
+        keep = (positions >= 0) & (in_window | self._stripe_tables[layer_idx][kv_head, kb % stride])
+        all_kept, kept = torch.stack([keep.all().long(), keep.sum(dim=-1).max()]).tolist()  # one sync
+        if all_kept:
             return keys, values, positions
-        kept = int(keep.sum(dim=-1).max())
         # Stable sort puts the kept entries first, in position order; the tail is marked invalid.
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :kept]
         positions = torch.where(keep.gather(-1, order), positions.gather(-1, order), -1)
