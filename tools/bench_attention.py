@@ -27,7 +27,7 @@ os.environ.setdefault("S2_AUTOTUNE", "1")  # measure the tuned kernel (S2_AUTOTU
 from megatron_s2 import S2Pattern, get_layout, s2_attention  # noqa: E402
 from megatron_s2 import kernel as s2_kernel  # noqa: E402
 from megatron_s2.layout import clear_layout_cache  # noqa: E402
-from megatron_s2.flops import attended_pairs  # noqa: E402
+from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs, dense_causal_pairs  # noqa: E402
 
 DEVICE = "cuda"
 IMPLS = ("s2", "flex", "sdpa", "flash", "cudnn")
@@ -148,7 +148,7 @@ def time_impl(impl, pattern, case, useful_fwd_flops, kernel_flops):
     # Dense kernels do causal work, but their useful work is the S2 pairs only.
     return dict(impl=impl, case=case.name, fwd_ms=fwd_ms, fwd_bwd_ms=total_ms,
                 fwd_tflops=useful_fwd_flops / fwd_ms * 1e-9,
-                fwd_bwd_tflops=3.5 * useful_fwd_flops / total_ms * 1e-9,
+                fwd_bwd_tflops=FORWARD_AND_BACKWARD_FACTOR * useful_fwd_flops / total_ms * 1e-9,
                 fwd_kernel_tflops=kernel_flops / fwd_ms * 1e-9,  # the kernel's own work (dense: causal)
                 peak_gib=peak_gib)
 
@@ -218,23 +218,22 @@ def main(argv=None):
         pairs = attended_pairs(pattern, case.heads, case.kv_heads, case.seq)
         density = pairs / (case.heads * case.seq * case.seq)
         useful = 4.0 * case.dim * pairs * case.batch
+        dense = 4.0 * case.dim * case.heads * case.batch * dense_causal_pairs(case.seq)  # causal work
         cold, cached = layout_build_ms(pattern, case)
         layouts.append(dict(case=case.name, density=density, layout_cold_ms=cold, layout_cached_ms=cached))
         for impl in impls:
             if impl in ("sdpa", "flash", "cudnn") and case.seq > args.dense_max_seq:
                 continue
-            dense_flops = 4.0 * case.dim * case.heads * case.batch * case.seq * (case.seq + 1) / 2
-            own = pairs * 4.0 * case.dim * case.batch if impl in ("s2", "flex") else dense_flops
             try:
-                row = time_impl(impl, pattern, case, useful, own)
+                row = time_impl(impl, pattern, case, useful, useful if impl in ("s2", "flex") else dense)
             except Exception as exc:  # a backend missing on this card must not stop the others
                 row = dict(impl=impl, case=case.name, error=f"{type(exc).__name__}: {exc}"[:300])
             row["density"] = density
             results.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
-        write_report(args.out, results, layouts, argv)  # after every case: a cut-off run keeps its rows
-    print_table(*write_report(args.out, results, layouts, argv))
+        report = write_report(args.out, results, layouts, argv)  # after every case: a cut-off run keeps its rows
+    print_table(*report)
 
 
 def write_report(out, results, layouts, argv):

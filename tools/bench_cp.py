@@ -82,11 +82,11 @@ class Timer:
         return start.elapsed_time(end)
 
 
-def slowest_rank_median(times_ms, device) -> float:
-    """Median over iterations of the slowest rank's time."""
-    t = torch.tensor(times_ms, dtype=torch.float64, device=device)
+def max_over_ranks(values, device) -> list:
+    """Element-wise maximum over ranks (the slowest rank sets the pace)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return statistics.median(t.tolist())
+    return t.tolist()
 
 
 def measure(fn, timer, args, device) -> float:
@@ -96,7 +96,7 @@ def measure(fn, timer, args, device) -> float:
     for _ in range(args.iters):
         dist.barrier()
         times.append(timer(fn))
-    return slowest_rank_median(times, device)
+    return statistics.median(max_over_ranks(times, device))
 
 
 @contextlib.contextmanager
@@ -178,15 +178,9 @@ def bench_exchange(exchange, overlap, pattern, seq, args, device, dtype, timer, 
             element_size=torch.finfo(dtype).bits // 8),
     )
     if device.type == "cuda":
-        row["peak_mem_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated(), device) / 2**30
-        row["kept_for_backward_gib"] = _max_over_ranks(kept, device) / 2**30
+        peak, kept = max_over_ranks([torch.cuda.max_memory_allocated(), kept], device)
+        row["peak_mem_gib"], row["kept_for_backward_gib"] = peak / 2**30, kept / 2**30
     return row
-
-
-def _max_over_ranks(value, device):
-    t = torch.tensor(float(value), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 def bench_cp1(pattern, seq, args, device, dtype, timer, common):
