@@ -49,7 +49,15 @@ def _max_rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def _run_case(case, exchange, overlap, rank):
+def _run(fn, inputs, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _run_case(case, rank):
+    """CP=1 and the float32 reference once per case, then CP=2 for every exchange and schedule."""
     name, seq, pattern, num_q, num_kv, head_start, local_q, local_kv, with_fp32 = case
     kv_start = head_start // (num_q // num_kv)
     gen = torch.Generator(device="cuda").manual_seed(seq + num_q)
@@ -64,29 +72,31 @@ def _run_case(case, exchange, overlap, rank):
         v[:, :, kv_start : kv_start + local_kv]
     heads = dict(head_start=head_start, num_q_heads=num_q, num_kv_heads=num_kv)
 
-    def run(fn, inputs, grad):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        out = fn(*leaves)
-        out.backward(grad)
-        return [out.detach()] + [t.grad for t in leaves]
-
-    cp1 = run(lambda *t: s2_attention(*t, pattern, **heads), (q, k, v), grad_out)
-    cp2 = run(lambda *t: context_parallel_attention(*t, pattern, cp_group=None, exchange=exchange,
-                                                    overlap=overlap, **heads),
-              [_local_chunks(t, rank) for t in (q, k, v)], _local_chunks(grad_out, rank))
-    ref = run(lambda *t: s2_attention_reference(*t, pattern, **heads),
-              [t.float() for t in (q, k, v)], grad_out.float()) if with_fp32 else None
-
-    for index, what in enumerate(("out", "dq", "dk", "dv")):
-        mine, single = cp2[index], _local_chunks(cp1[index], rank)
-        label = f"{name}/{exchange}/overlap={overlap}/rank{rank} {what}"
-        # bf16 results of the same kernel; only the order of dK/dV accumulation differs.
-        assert _max_rel_err(mine, single) < 2e-2, f"{label}: CP=2 vs CP=1 {_max_rel_err(mine, single)}"
-        if ref is not None:
-            exact = _local_chunks(ref[index], rank)
-            cp_err, single_err = _max_rel_err(mine, exact), _max_rel_err(single, exact)
-            # CP rounds partial results to bf16 once more (a chunk's output between key ranges, dQ/dK/dV sums).
-            assert cp_err <= 2 * single_err + 5e-3, f"{label}: error {cp_err} vs CP=1 {single_err}"
+    single = [_local_chunks(t, rank) for t in _run(lambda *t: s2_attention(*t, pattern, **heads), (q, k, v),
+                                                   grad_out)]
+    exact = None
+    if with_fp32:
+        ref = _run(lambda *t: s2_attention_reference(*t, pattern, **heads), [t.float() for t in (q, k, v)],
+                   grad_out.float())
+        exact = [_local_chunks(t, rank) for t in ref]
+        del ref
+    local_inputs = [_local_chunks(t, rank) for t in (q, k, v)]
+    for exchange in ("allgather", "s2"):
+        for overlap in (True, False):
+            cp2 = _run(lambda *t: context_parallel_attention(*t, pattern, cp_group=None, exchange=exchange,
+                                                             overlap=overlap, **heads),
+                       local_inputs, _local_chunks(grad_out, rank))
+            for index, what in enumerate(("out", "dq", "dk", "dv")):
+                mine = cp2[index]
+                label = f"{name}/{exchange}/overlap={overlap}/rank{rank} {what}"
+                # bf16 results of the same kernel; only the order of dK/dV accumulation differs.
+                err = _max_rel_err(mine, single[index])
+                assert err < 2e-2, f"{label}: CP=2 vs CP=1 {err}"
+                if exact is not None:
+                    cp_err, single_err = _max_rel_err(mine, exact[index]), _max_rel_err(single[index], exact[index])
+                    # CP rounds partial results to bf16 once more (a chunk's output between key
+                    # ranges, dQ/dK/dV sums).
+                    assert cp_err <= 2 * single_err + 5e-3, f"{label}: error {cp_err} vs CP=1 {single_err}"
 
 
 def _worker(rank, port):
@@ -94,9 +104,7 @@ def _worker(rank, port):
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=CP)
     try:
         for case in CASES:
-            for exchange in ("allgather", "s2"):
-                for overlap in (True, False):
-                    _run_case(case, exchange, overlap, rank)
+            _run_case(case, rank)
     finally:
         dist.destroy_process_group()
 

@@ -46,13 +46,19 @@ def run(name: str, gpus: int, *flags: str) -> dict:
     return rows
 
 
-def test_tp2_equals_tp1_fp32_and_bf16_learns():
+@pytest.fixture(scope="module")
+def tp2_bf16():
+    """A bf16 TP=2 run: the learning check and the uninterrupted run that a resume must follow."""
+    return run("tp2_bf16", 2, "--tensor-model-parallel-size", "2", "--bf16")
+
+
+def test_tp2_equals_tp1_fp32_and_bf16_learns(tp2_bf16):
     tp1 = run("tp1_fp32", 1)
     tp2 = run("tp2_fp32", 2, "--tensor-model-parallel-size", "2")
     assert sorted(tp1) == sorted(tp2) == list(range(1, 21))
     for iteration in tp1:
         assert tp2[iteration][0] == pytest.approx(tp1[iteration][0], rel=2e-3), iteration
-    bf16 = run("tp2_bf16", 2, "--tensor-model-parallel-size", "2", "--bf16")
+    bf16 = tp2_bf16
     assert bf16[20][0] < bf16[1][0] - 0.5  # it learns the (mock) data
     assert bf16[20][0] == pytest.approx(tp1[20][0], rel=0.1)  # bf16 follows the fp32 run
 
@@ -61,14 +67,17 @@ def test_tp2_equals_tp1_fp32_and_bf16_learns():
 # the four CP chunks, and the dense first layer runs the all-gather path.
 CP_FLAGS = ("--seq-length", "2048", "--max-position-embeddings", "2048", "--micro-batch-size", "4",
             "--global-batch-size", "4")
-_CP1 = {}  # the one-GPU run, shared by both exchanges
+
+
+@pytest.fixture(scope="module")
+def cp1_fp32():
+    """The one-GPU run both exchanges are compared with."""
+    return run("cp1_fp32", 1, *CP_FLAGS)
 
 
 @pytest.mark.parametrize("exchange", ["allgather", "s2"])
-def test_cp2_equals_cp1_fp32_on_two_gpus(exchange):
-    if "cp1" not in _CP1:
-        _CP1["cp1"] = run("cp1_fp32", 1, *CP_FLAGS)
-    cp1 = _CP1["cp1"]
+def test_cp2_equals_cp1_fp32_on_two_gpus(exchange, cp1_fp32):
+    cp1 = cp1_fp32
     cp2 = run(f"cp2_{exchange}_fp32", 2, *CP_FLAGS, "--context-parallel-size", "2",
               "--s2-override", f"cp_exchange={exchange}")
     assert sorted(cp2) == sorted(cp1) == list(range(1, 21))
@@ -76,9 +85,9 @@ def test_cp2_equals_cp1_fp32_on_two_gpus(exchange):
         assert cp2[iteration][0] == pytest.approx(cp1[iteration][0], rel=2e-3), iteration
 
 
-def test_resume_continues_the_same_run_on_gpu():
+def test_resume_continues_the_same_run_on_gpu(tp2_bf16):
     save = os.path.join(OUT, "ckpt_resume")
-    straight = run("straight", 2, "--tensor-model-parallel-size", "2", "--bf16")
+    straight = tp2_bf16
     run("first_half", 2, "--tensor-model-parallel-size", "2", "--bf16", "--save", save,
         "--save-interval", "10", "--exit-interval", "10")
     resumed = run("second_half", 2, "--tensor-model-parallel-size", "2", "--bf16", "--load", save)
