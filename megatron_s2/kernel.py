@@ -43,6 +43,8 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _MAX_UNIT = 64
 _FLAG_BITS = 8  # an entry stores (unit index << 8) | unit bitmask: up to 8 units per tile
 _LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)  # the kernels' copy (Triton reads only constexpr globals)
+MASKED_SCORE = tl.constexpr(-1.0e6)  # a masked key's scaled score: finite, so exp2 never sees inf - inf
 _DERIVED_CACHE_SIZE = 32
 
 
@@ -272,6 +274,38 @@ def _key_ptrs(base, ENTRIES, e, stride, offs_n, offs_d, UNIT: tl.constexpr, STEP
 
 
 @triton.jit
+def _query_tile_program(CU_Q, CU_K, num_heads, num_tiles, len_q_all, len_k_all, VARLEN: tl.constexpr):
+    """``(b, h, tile, q_tok0, len_q, k_tok0, len_k)`` of a query-tile program (forward, dQ). Tiles vary
+    fastest, so the programs running together share one head's K/V in L2; late (heavy) tiles first
+    for load balance."""
+    pid_bh = tl.program_id(1)
+    tile = num_tiles - 1 - tl.program_id(0)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
+    k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
+    return b, h, tile, q_tok0, len_q, k_tok0, len_k
+
+
+@triton.jit
+def _head_kv_bases(K, V, b64, k_tok0, kh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh):
+    """Pointers to the first key of KV head ``kh`` in K and V."""
+    k_base = K + b64 * stride_kb + k_tok0.to(tl.int64) * stride_ks + kh * stride_kh
+    v_base = V + b64 * stride_vb + k_tok0.to(tl.int64) * stride_vs + kh * stride_vh
+    return k_base, v_base
+
+
+@triton.jit
+def _tile_entries(T_PTR, T_NFULL, row, STEP: tl.constexpr):
+    """``(e_lo, e_mid, e_hi)`` of tile-list row ``row``: ``[e_lo, e_mid)`` run unmasked ``STEP`` units
+    at a time, ``[e_mid, e_hi)`` masked (an odd last unmasked entry joins the masked loop)."""
+    e_lo = tl.load(T_PTR + row)
+    e_mid = e_lo + tl.load(T_NFULL + row) // STEP * STEP
+    e_hi = tl.load(T_PTR + row + 1)
+    return e_lo, e_mid, e_hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
                qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d,
                UNIT: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -291,7 +325,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, 
         if MASKED:
             row_on = ((entry >> unit_of_row) & 1) != 0
             keep = row_on[:, None] & ((k_pos0 + k_row0 + offs_n)[None, :] <= q_pos[:, None]) & k_ok[None, :]
-            s = tl.where(keep, s * qk_scale, -1.0e6)
+            s = tl.where(keep, s * qk_scale, MASKED_SCORE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
         else:
@@ -320,14 +354,8 @@ def _fwd_kernel(
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, RESUME: tl.constexpr, STEP: tl.constexpr,
 ):
     TILE: tl.constexpr = UNIT * MERGE
-    # Tiles vary fastest, so the programs running together share one head's K/V in L2; late
-    # (heavy) tiles first for load balance.
-    pid_bh = tl.program_id(1)
-    tile = num_tiles - 1 - tl.program_id(0)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
-    k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
+    b, h, tile, q_tok0, len_q, k_tok0, len_k = _query_tile_program(CU_Q, CU_K, num_heads, num_tiles, len_q_all,
+                                                                    len_k_all, VARLEN)
     row0 = tile * TILE
     if row0 < len_q:
         offs_m = tl.arange(0, TILE)
@@ -336,14 +364,9 @@ def _fwd_kernel(
         q_base = Q + b64 * stride_qb + (q_tok0 + row0).to(tl.int64) * stride_qs + h * stride_qh
         row_ok = (row0 + offs_m) < len_q
         q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        kh = h // group
-        k_base = K + b64 * stride_kb + k_tok0.to(tl.int64) * stride_ks + kh * stride_kh
-        v_base = V + b64 * stride_vb + k_tok0.to(tl.int64) * stride_vs + kh * stride_vh
-        row = h * num_tiles + tile
-        e_lo = tl.load(T_PTR + row)
-        # An odd last unmasked entry joins the masked loop (it handles any entry).
-        e_mid = e_lo + tl.load(T_NFULL + row) // STEP * STEP
-        e_hi = tl.load(T_PTR + row + 1)
+        k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h // group, stride_kb, stride_ks, stride_kh,
+                                        stride_vb, stride_vs, stride_vh)
+        e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, STEP)
         q_pos = q_pos0 + row0 + offs_m
         unit_of_row = offs_m // UNIT
         o_ptrs = (O + b64 * stride_ob + (q_tok0 + row0).to(tl.int64) * stride_os + h * stride_oh
@@ -353,7 +376,7 @@ def _fwd_kernel(
             # Continue the softmax already in O/LSE (earlier keys): normalized out with l = 1.
             lse_prev = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
             started = lse_prev > float("-inf")
-            m_i = tl.where(started, lse_prev * 1.4426950408889634, float("-inf"))
+            m_i = tl.where(started, lse_prev * LOG2E, float("-inf"))
             l_i = tl.where(started, 1.0, 0.0)
             acc = tl.load(o_ptrs, mask=row_ok[:, None] & started[:, None], other=0.0).to(tl.float32)
         else:
@@ -367,12 +390,12 @@ def _fwd_kernel(
                                    e_mid, e_hi, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
                                    offs_d, UNIT, 1, True, DOT_PREC)
         # A row that reads no key (a key range that ends before it) gives out 0 and lse -inf, so
-        # partial results merge by lse; masked scores are -1e6, so m_i stays there for such rows.
-        has_key = m_i > -1.0e6
+        # partial results merge by lse; m_i stays at MASKED_SCORE for such rows.
+        has_key = m_i > MASKED_SCORE
         l_i = tl.where(has_key, l_i, 1.0)
         out = tl.where(has_key[:, None], acc / l_i[:, None], 0.0)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-        lse = tl.where(has_key, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, float("-inf"))
+        lse = tl.where(has_key, (m_i + tl.math.log2(l_i)) / LOG2E, float("-inf"))
         tl.store(l_ptrs, lse, mask=row_ok)
 
 
@@ -422,7 +445,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride
                          mask=q_ok[None, :], other=0.0)
             do = tl.load(do_base + q_off * stride_ds + offs_u[:, None] * stride_ds + offs_d[None, :],
                          mask=q_ok[:, None], other=0.0)
-            lse2 = tl.load(l_base + q_row0 + offs_u, mask=q_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(l_base + q_row0 + offs_u, mask=q_ok, other=0.0) * LOG2E
             delta = tl.load(d_base + q_row0 + offs_u, mask=q_ok, other=0.0)
             pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])
             if MASKED:
@@ -478,10 +501,7 @@ def _bwd_dkdv_kernel(
             do_base = DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
             l_base = LSE + b64 * stride_lb + h * stride_lh + q_tok
             d_base = DELTA + b64 * stride_lb + h * stride_lh + q_tok
-            row = h * num_tiles + tile
-            e_lo = tl.load(T_PTR + row)
-            e_mid = e_lo + tl.load(T_NFULL + row)
-            e_hi = tl.load(T_PTR + row + 1)
+            e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, 1)
             if VARLEN:  # the lists serve the longest sequence: stop at this sequence's last unit
                 e_stop = _lower_bound(ENTRIES, e_lo, e_mid, q_units)
                 e_hi = _lower_bound(ENTRIES, e_mid, e_hi, q_units)
@@ -537,12 +557,8 @@ def _bwd_dq_kernel(
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
 ):
     TILE: tl.constexpr = UNIT * MERGE
-    pid_bh = tl.program_id(1)
-    tile = num_tiles - 1 - tl.program_id(0)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
-    k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
+    b, h, tile, q_tok0, len_q, k_tok0, len_k = _query_tile_program(CU_Q, CU_K, num_heads, num_tiles, len_q_all,
+                                                                    len_k_all, VARLEN)
     row0 = tile * TILE
     if row0 < len_q:
         offs_m = tl.arange(0, TILE)
@@ -555,15 +571,11 @@ def _bwd_dq_kernel(
         do = tl.load(DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
                      + offs_m[:, None] * stride_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         l_off = b64 * stride_lb + h * stride_lh + q_tok + offs_m
-        lse2 = tl.load(LSE + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + l_off, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
-        kh = h // group
-        k_base = K + b64 * stride_kb + k_tok0.to(tl.int64) * stride_ks + kh * stride_kh
-        v_base = V + b64 * stride_vb + k_tok0.to(tl.int64) * stride_vs + kh * stride_vh
-        row = h * num_tiles + tile
-        e_lo = tl.load(T_PTR + row)
-        e_mid = e_lo + tl.load(T_NFULL + row) // STEP * STEP
-        e_hi = tl.load(T_PTR + row + 1)
+        k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h // group, stride_kb, stride_ks, stride_kh,
+                                        stride_vb, stride_vs, stride_vh)
+        e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, STEP)
         q_pos = q_pos0 + row0 + offs_m
         unit_of_row = offs_m // UNIT
         dq = tl.zeros([TILE, HEAD_DIM], tl.float32)
