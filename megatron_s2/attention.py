@@ -58,10 +58,16 @@ def _check_inputs(q, k, v, pattern, packed, num_q_heads, num_kv_heads, q_start, 
         raise ValueError("empty sequence: q and k need at least one token")
     num_q_heads = heads if num_q_heads is None else num_q_heads
     num_kv_heads = kv_heads if num_kv_heads is None else num_kv_heads
-    if num_q_heads * kv_heads != num_kv_heads * heads:
+    # Local heads are whole KV groups, or (tensor parallelism with fewer KV groups than ranks) a
+    # slice of one group whose KV head is replicated.
+    same_ratio = num_q_heads * kv_heads == num_kv_heads * heads
+    group = num_q_heads // num_kv_heads
+    slice_of_one_group = kv_heads == 1 and num_q_heads % num_kv_heads == 0 and group % heads == 0
+    if not (same_ratio or slice_of_one_group):
         raise ValueError(
             f"global heads {num_q_heads}/{num_kv_heads} and local heads {heads}/{kv_heads} have different "
-            f"GQA ratios: pass the whole model's num_q_heads and num_kv_heads"
+            f"GQA ratios, and the local heads are not a slice of one KV group: pass the whole model's "
+            f"num_q_heads and num_kv_heads"
         )
     block = pattern.block_size
     for name, start in (("q_start", q_start), ("k_start", k_start)):

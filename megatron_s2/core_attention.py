@@ -14,7 +14,6 @@ every TP size.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional
 
@@ -85,9 +84,6 @@ class _CoreAttentionBase(MegatronModule):
         self.num_local_heads = self.num_q_heads // self.tp_size
         self.num_local_kv_heads = max(1, self.num_kv_heads // self.tp_size)
         self.head_start = tp_rank * self.num_local_heads  # global index of the first local head
-        # The kernel wants the same GQA ratio globally and locally; with a replicated group (G < TP)
-        # the local ratio is H/TP, so it is told of TP groups (subclasses keep offsets exact).
-        self.kernel_num_kv_heads = max(self.num_kv_heads, self.tp_size)
         self.head_dim = config.kv_channels
 
         # apply_query_key_layer_scaling divides the scale by layer_number and multiplies the scores
@@ -170,32 +166,19 @@ class S2CoreAttention(_CoreAttentionBase):
         if isinstance(pattern, S2Pattern):
             pattern.head_offsets(self.num_q_heads, self.num_kv_heads)
         self.pattern = pattern
-        self.kernel_pattern = self._pattern_for_kernel(pattern)
         self.cp_exchange, self.cp_overlap = cp_exchange, cp_overlap
         self.layer_index = layer_number - 1
-
-    def _pattern_for_kernel(self, pattern):
-        """The pattern that gives this rank's heads their offsets under ``kernel_num_kv_heads``."""
-        if self.kernel_num_kv_heads == self.num_kv_heads or not isinstance(pattern, S2Pattern):
-            return pattern
-        if pattern.head_pattern != "kv_group":
-            return pattern  # heterogeneous/homogeneous offsets do not depend on the KV count
-        # All local heads belong to one (replicated) KV group: a homogeneous pattern at its offset.
-        group = self.head_start // (self.num_q_heads // self.num_kv_heads)
-        offset = group * pattern.sliding_step(self.num_q_heads, self.num_kv_heads) + pattern.head_sliding_offset
-        return dataclasses.replace(pattern, head_pattern="homogeneous", head_sliding_offset=offset)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
         # attention_mask is ignored as in TE's causal attention: S2 is causal by construction.
         packed = self._check_call(attn_mask_type, attention_bias, packed_seq_params)
         self._check_local_shapes(query, key)
-        heads = dict(head_start=self.head_start, num_q_heads=self.num_q_heads,
-                     num_kv_heads=self.kernel_num_kv_heads)
+        heads = dict(head_start=self.head_start, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads)
         if packed:
             cu_q, cu_k = self._sequence_bounds(packed_seq_params)
             out = s2_attention(
-                query, key, value, self.kernel_pattern, softmax_scale=self.softmax_scale,
+                query, key, value, self.pattern, softmax_scale=self.softmax_scale,
                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=packed_seq_params.max_seqlen_q,
                 max_seqlen_k=packed_seq_params.max_seqlen_kv, **heads,
             )
@@ -207,7 +190,7 @@ class S2CoreAttention(_CoreAttentionBase):
                 raise S2ConfigError("S2 attention with context parallelism needs equal query and key lengths "
                                     "(training); decode with --context-parallel-size 1")
             out = context_parallel_attention(
-                q, k, v, self.kernel_pattern, cp_group=self.cp_group, exchange=self.cp_exchange,
+                q, k, v, self.pattern, cp_group=self.cp_group, exchange=self.cp_exchange,
                 overlap=self.cp_overlap,
                 softmax_scale=self.softmax_scale, **heads,
             )
@@ -219,10 +202,10 @@ class S2CoreAttention(_CoreAttentionBase):
         """Queries shorter than keys (decoding with a KV cache) are the last positions; the kernel
         wants queries to start on a block boundary, so pad them in front up to one."""
         q_start = k.shape[1] - q.shape[1]
-        pad = q_start % self.kernel_pattern.block_size
+        pad = q_start % self.pattern.block_size
         if pad:
             q = torch.cat([q.new_zeros(q.shape[0], pad, *q.shape[2:]), q], 1)
-        out = s2_attention(q, k, v, self.kernel_pattern, softmax_scale=self.softmax_scale,
+        out = s2_attention(q, k, v, self.pattern, softmax_scale=self.softmax_scale,
                            q_start=q_start - pad, **heads)
         return out[:, pad:]
 
@@ -268,7 +251,7 @@ class SDPACoreAttention(_CoreAttentionBase):
                 q, k, v, _dense_pattern(q.shape[1]), cp_group=self.cp_group, exchange="allgather",
                 overlap=self.cp_overlap,
                 softmax_scale=self.softmax_scale, head_start=self.head_start,
-                num_q_heads=self.num_q_heads, num_kv_heads=self.kernel_num_kv_heads,
+                num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
             )
             return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
         out = self._attend(query, key, value)
