@@ -399,6 +399,18 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 # -- logging -------------------------------------------------------------------------------------
 
 
+# What ProgressLine prints, for the tools and tests that read training logs.
+PROGRESS_LINE = re.compile(
+    r"^\[s2\] iteration (?P<iteration>\d+)/\d+ \| loss (?P<loss>\S+) \| tokens/s/GPU (?P<tokens_per_s>[\d,]+) \| "
+    r"TFLOP/s/GPU (?P<tflops>[\d.]+) \(S2-aware\) \| step (?P<step_ms>[\d.]+) ms"
+    r"(?: \| peak mem (?P<peak_gib>[\d.]+) GiB)?", re.M)
+
+
+def read_progress(text: str) -> dict:
+    """``{iteration: fields as printed}`` of the progress lines in a training log."""
+    return {int(m["iteration"]): m.groupdict() for m in PROGRESS_LINE.finditer(text)}
+
+
 class ProgressLine:
     """One line per --log-interval: iteration, loss, tokens/s/GPU, TFLOP/s/GPU (S2-aware), step
     time, peak GPU memory (this rank), ETA.

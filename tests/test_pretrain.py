@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 import signal
 import socket
 import sys
@@ -31,7 +30,6 @@ from megatron_s2 import checkpoint_layout, flops  # noqa: E402
 from megatron_s2.config import S2AttentionConfig  # noqa: E402
 
 RUN_TIMEOUT_S = 240
-PROGRESS = re.compile(r"^\[s2\] iteration (\d+)/\d+ \| loss (\S+) ", re.M)
 
 S2_YAML = """\
 megatron:
@@ -135,7 +133,7 @@ class Run:
 
     @property
     def losses(self) -> dict:
-        return {int(it): loss for it, loss in PROGRESS.findall(self.last_log)}
+        return {it: fields["loss"] for it, fields in pretrain_gpt_s2.read_progress(self.last_log).items()}
 
     def check_ok(self) -> "Run":
         assert self.codes == [0] * len(self.codes), f"exit codes {self.codes}; last log:\n{self.last_log[-4000:]}"
@@ -261,7 +259,7 @@ def test_resume_with_other_s2_layout_is_refused_unless_allowed(workdir):
     assert "layer 1: s2 (block_size=16, local_blocks=2, vert_stride=4" in refused.last_log
     assert ") -> dense\n" in refused.last_log and "layer 2" not in refused.last_log
     assert "--allow-s2-layout-change" in refused.last_log
-    assert not PROGRESS.search(refused.last_log)
+    assert not pretrain_gpt_s2.read_progress(refused.last_log)
     assert "initializing torch distributed" not in refused.last_log
     allowed = launch(workdir, "layout_allowed", ["--train-iters", "2", "--load", save,
                                                  "--s2-override", "layers=DDSS",

@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROGRESS = re.compile(
-    r"^\[s2\] iteration (\d+)/\d+ \| loss \S+ \| tokens/s/GPU ([\d,]+) \| TFLOP/s/GPU ([\d.]+) "
-    r"\(S2-aware\) \| step ([\d.]+) ms(?: \| peak mem ([\d.]+) GiB)?", re.M)
+sys.path.insert(0, ROOT)
+import pretrain_gpt_s2  # noqa: E402  (its progress-line reader)
+
 VARIANTS = {"s2": [], "dense": ["--s2-override", "dense_every_n=1"]}
 
 
@@ -60,8 +59,9 @@ def run_once(config: str, seq_length: int, variant: str, iters: int, recompute: 
         tail = "\n".join(text.splitlines()[-40:])
         raise RuntimeError(f"{variant} at {seq_length} tokens failed (exit {completed.returncode}); "
                            f"log {log_path}:\n{tail}")
-    rows = [(int(i), float(tps.replace(",", "")), float(tf), float(ms), float(mem) if mem else None)
-            for i, tps, tf, ms, mem in PROGRESS.findall(text)]
+    rows = [(i, float(f["tokens_per_s"].replace(",", "")), float(f["tflops"]), float(f["step_ms"]),
+             float(f["peak_gib"]) if f["peak_gib"] else None)
+            for i, f in sorted(pretrain_gpt_s2.read_progress(text).items())]
     if len(rows) < iters:
         raise RuntimeError(f"{variant} at {seq_length}: found {len(rows)} progress lines, expected {iters}")
     return rows

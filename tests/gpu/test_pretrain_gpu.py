@@ -9,7 +9,6 @@ user would start it. Logs and a summary table go to $OUT (or a temporary directo
 """
 
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,9 @@ if torch.cuda.device_count() < 2:
 pytest.importorskip("megatron.core")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROGRESS = re.compile(r"^\[s2\] iteration (\d+)/\d+ \| loss (\S+) .*?step ([\d.]+) ms", re.M)
+sys.path.insert(0, ROOT)
+import pretrain_gpt_s2  # noqa: E402  (its progress-line reader)
+
 OUT = os.environ.get("OUT") or tempfile.mkdtemp(prefix="pretrain_gpu_")
 os.makedirs(OUT, exist_ok=True)
 SUMMARY = []
@@ -41,7 +42,7 @@ def run(name: str, gpus: int, *flags: str) -> dict:
                               timeout=400).returncode
     text = open(log_path, errors="replace").read()
     assert code == 0, f"{name} failed ({code}); log {log_path}:\n" + "\n".join(text.splitlines()[-40:])
-    rows = {int(i): (float(loss), float(ms)) for i, loss, ms in PROGRESS.findall(text)}
+    rows = {i: (float(f["loss"]), float(f["step_ms"])) for i, f in pretrain_gpt_s2.read_progress(text).items()}
     SUMMARY.append((name, rows))
     return rows
 
