@@ -20,29 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Iterable, Iterator
 
-import numpy
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-BYTE_VOCAB_SIZE = 257  # 256 byte values + end-of-document
-BYTE_EOD = 256
-
-
-class ByteTokenizer:
-    """Token = UTF-8 byte; matches Megatron's NullTokenizer with --vocab-size 257 (eod = 256)."""
-
-    vocab_size = BYTE_VOCAB_SIZE
-    eod = BYTE_EOD
-
-    def encode(self, text: str) -> list:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-    def training_flags(self) -> str:
-        return f"--tokenizer-type NullTokenizer --vocab-size {self.vocab_size}"
-
+from megatron_s2.data import ByteTokenizer, write_indexed_dataset  # noqa: E402
 
 class HuggingFaceTokenizer:
     """A Hugging Face tokenizer by name or local path; end-of-document is its EOS token."""
@@ -104,39 +87,18 @@ def read_documents(path: str, json_key: str, line_documents: bool) -> Iterator[s
             yield f.read()
 
 
-def write_indexed_dataset(documents: Iterable[str], tokenizer, output_prefix: str) -> dict:
-    """Tokenize ``documents`` into OUTPUT_PREFIX.bin/.idx; returns counts.
-
-    Both files are written under temporary names and renamed at the end, so a failed run (a bad
-    input line, an interrupt) never leaves a .bin that does not match its .idx.
-    """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    directory = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(directory, exist_ok=True)
-    partial = f"{output_prefix}.partial-{os.getpid()}"
-    builder = IndexedDatasetBuilder(partial + ".bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
-    try:
-        num_documents = num_tokens = 0
+def write_text_dataset(documents: Iterable[str], tokenizer, output_prefix: str) -> dict:
+    """Tokenize ``documents`` (each ends with the end-of-document token) into OUTPUT_PREFIX.bin/.idx."""
+    def token_documents():
         for text in documents:
             ids = tokenizer.encode(text)
-            if not ids:
-                continue
-            ids.append(tokenizer.eod)
-            builder.add_document(numpy.asarray(ids, dtype=numpy.int64), [len(ids)])
-            num_documents += 1
-            num_tokens += len(ids)
-        if num_documents == 0:
-            raise SystemExit("error: no non-empty documents in the input")
-        builder.finalize(partial + ".idx")
-        os.replace(partial + ".bin", output_prefix + ".bin")
-        os.replace(partial + ".idx", output_prefix + ".idx")
-    finally:
-        builder.data_file.close()  # finalize() closed it already unless the run failed
-        for leftover in (partial + ".bin", partial + ".idx"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-    return {"documents": num_documents, "tokens": num_tokens}
+            if ids:
+                yield ids + [tokenizer.eod]
+
+    try:
+        return write_indexed_dataset(token_documents(), tokenizer.vocab_size, output_prefix)
+    except ValueError:
+        raise SystemExit("error: no non-empty documents in the input") from None
 
 
 def parse_args(argv=None):
@@ -168,7 +130,7 @@ def main(argv=None) -> dict:
     else:
         documents = (doc for path in args.input
                      for doc in read_documents(path, args.json_key, args.line_documents))
-    counts = write_indexed_dataset(documents, tokenizer, args.output_prefix)
+    counts = write_text_dataset(documents, tokenizer, args.output_prefix)
     print(f"wrote {args.output_prefix}.bin/.idx: {counts['documents']} documents, "
           f"{counts['tokens']} tokens (vocabulary {tokenizer.vocab_size})")
     print(f"train with: --data-path {args.output_prefix} {tokenizer.training_flags()}")

@@ -1,0 +1,1 @@
+"""Quality evaluation: needle (passkey) retrieval and held-out loss (no Megatron import)."""
