@@ -40,7 +40,9 @@ from megatron_s2.data import BYTE_VOCAB_SIZE, write_indexed_dataset  # noqa: E40
 from megatron_s2.eval.corpus import plain_documents, token_streams, training_documents  # noqa: E402
 
 VARIANTS = ("dense", "s2_hybrid", "s2", "window")
-VALIDATION_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: (\S+)")
+# Megatron's periodic evaluations and its final one ("... on validation set"), which reads the next
+# validation batches: the last value printed for an iteration is kept.
+VALIDATION_LINE = re.compile(r"validation loss at iteration (\d+)(?: on validation set)? \| lm loss value: (\S+)")
 PROGRESS_LINE = re.compile(r"^\[s2\] iteration (\d+)/\d+ .*?\| tokens/s(?:/GPU)? ([\d,]+)", re.M)
 
 
@@ -205,7 +207,7 @@ def run_variant(setup: Setup, variant: str, out: str, data_dir: str, gpu_index, 
 
 
 def summarize(setup: Setup, variant: str, log: str, evaluation: dict, train_seconds: float) -> dict:
-    curve = [(int(i), float(v)) for i, v in VALIDATION_LINE.findall(log)]
+    curve = sorted({int(i): float(v) for i, v in VALIDATION_LINE.findall(log)}.items())
     if not curve:
         raise RuntimeError(f"{variant}: no validation loss in its training log")
     rates = [float(r.replace(",", "")) for i, r in PROGRESS_LINE.findall(log) if int(i) > setup.eval_interval // 5]
