@@ -94,7 +94,7 @@ FULL = Setup(seq_length=16384, num_layers=8, hidden=512, ffn=1536, heads=8, bloc
              local_blocks=8, vert_stride=8, micro_batch=4, global_batch=8, train_iters=400, lr=2e-3,
              warmup=40, eval_interval=50, eval_iters=2,
              lengths=(2048, 4096, 8192, 12288, 16384), depths=tuple(i / 9 for i in range(10)),
-             samples_per_cell=20, loss_sequences=16)
+             samples_per_cell=20, loss_sequences=16, max_corpus_bytes=150_000_000)
 # The same pipeline in miniature: 4 layers x 32-token window = 128 reach at 512 context (a needle
 # and its question take ~140 tokens, so one passkey per training sequence).
 TINY = Setup(seq_length=512, num_layers=4, hidden=64, ffn=128, heads=4, block_size=16, local_blocks=2,
@@ -193,7 +193,7 @@ def run_variant(setup: Setup, variant: str, out: str, data_dir: str, gpu_index, 
     run_logged([sys.executable, "-m", "megatron_s2.eval.hf_eval", "--model", hf_dir, "--out", eval_path,
                 "--lengths", *map(str, setup.lengths), "--depths", *map(str, setup.depths),
                 "--samples", str(setup.samples_per_cell), "--seq-length", str(setup.seq_length),
-                "--loss-sequences", str(setup.loss_sequences)]
+                "--loss-sequences", str(setup.loss_sequences), "--batch-size", str(setup.samples_per_cell)]
                + (["--max-corpus-bytes", str(setup.max_corpus_bytes)] if setup.max_corpus_bytes else []),
                os.path.join(vdir, "eval.log"), env)
     with open(os.path.join(vdir, "train.log")) as f:
@@ -367,7 +367,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: --variants {args.variants}: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     setup = TINY if args.tiny else FULL
     if args.train_iters:
-        setup = dataclasses.replace(setup, train_iters=args.train_iters)
+        setup = dataclasses.replace(setup, train_iters=args.train_iters,
+                                    warmup=max(1, min(setup.warmup, args.train_iters // 10)))
     import torch
 
     available = torch.cuda.device_count()

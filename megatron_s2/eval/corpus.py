@@ -1,7 +1,8 @@
 """An offline text corpus for the quality experiment, split three ways, and its training documents.
 
-The text is the source and documentation of the running Python's standard library (on every machine
-with Python, no download; ~30-40 MB). Files are split by a hash of their path: ``train`` (90%),
+The text is the source and documentation of the running Python's standard library and installed
+packages (on every machine with Python, no download; the standard library alone is 10-40 MB, the
+installed packages of a PyTorch environment several hundred). Files are split by a hash of their path: ``train`` (90%),
 ``valid`` (5%: held-out text for the validation loss) and ``haystack`` (5%: held-out text for needle
 prompts), so no evaluation text was seen in training. Tokens are bytes (``megatron_s2.data``).
 """
@@ -29,27 +30,33 @@ def split_of(relative_path: str) -> str:
     return "train" if bucket < 90 else "valid" if bucket < 95 else "haystack"
 
 
-def corpus_files(root: Optional[str] = None) -> list:
-    """``(relative path, absolute path)`` of the corpus files under ``root`` (default: the standard
-    library), sorted so every machine with the same Python reads the same stream."""
-    root = root or sysconfig.get_paths()["stdlib"]
+def default_roots() -> dict:
+    """``{name: folder}``: the standard library first, then the installed packages."""
+    paths = sysconfig.get_paths()
+    return {"stdlib": paths["stdlib"], "packages": paths["purelib"]}
+
+
+def corpus_files(roots: Optional[dict] = None) -> list:
+    """``(name/relative path, absolute path)`` of the corpus files under ``roots``, sorted, so every
+    machine with the same installation reads the same stream."""
     found = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__"))
-        for name in files:
-            if name.endswith(SUFFIXES):
-                path = os.path.join(directory, name)
-                found.append((os.path.relpath(path, root), path))
+    for name, root in (roots or default_roots()).items():
+        for directory, subdirs, files in os.walk(root):
+            subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+            for file_name in files:
+                if file_name.endswith(SUFFIXES):
+                    path = os.path.join(directory, file_name)
+                    found.append((f"{name}/{os.path.relpath(path, root)}", path))
     return sorted(found)
 
 
-def token_streams(max_bytes: Optional[int] = None, root: Optional[str] = None) -> dict:
+def token_streams(max_bytes: Optional[int] = None, roots: Optional[dict] = None) -> dict:
     """``{split: uint8 array}``: each split's files concatenated (UTF-8 bytes, blank line between).
-    ``max_bytes`` caps the whole corpus (each split keeps its share) for quick runs."""
+    ``max_bytes`` caps the whole corpus (each split keeps its share)."""
     parts = {split: [] for split in SPLITS}
     sizes = {split: 0 for split in SPLITS}
     share = {"train": 0.90, "valid": 0.05, "haystack": 0.05}
-    for relative, path in corpus_files(root):
+    for relative, path in corpus_files(roots):
         split = split_of(relative)
         if max_bytes is not None and sizes[split] >= share[split] * max_bytes:
             continue
@@ -64,7 +71,7 @@ def token_streams(max_bytes: Optional[int] = None, root: Optional[str] = None) -
     streams = {split: numpy.frombuffer(b"".join(parts[split]), dtype=numpy.uint8) for split in SPLITS}
     empty = [split for split in SPLITS if streams[split].size == 0]
     if empty:
-        raise ValueError(f"corpus under {root or 'the standard library'} has no {'/'.join(empty)} text")
+        raise ValueError(f"the corpus has no {'/'.join(empty)} text")
     return streams
 
 

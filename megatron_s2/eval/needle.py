@@ -120,14 +120,16 @@ def needle_grid(generate: Generate, haystack: Sequence[int], lengths: Sequence[i
                 depths: Sequence[float], samples_per_cell: int, seed: int = 0, tokenizer=None,
                 batch_size: int = 8) -> list:
     """Retrieval accuracy for every (length, depth) cell: ``samples_per_cell`` new keys each,
-    greedy continuations scored by ``score``. Returns one dict per cell."""
+    greedy continuations scored by ``score``. A cell of ``length`` tokens holds the prompt and the
+    answer. Returns one dict per cell."""
     tokenizer = tokenizer or ByteTokenizer()
     max_new = len(tokenizer.encode("9" * KEY_DIGITS[1])) + 1  # one more: a longer number is wrong
     cells = []
     for length in lengths:
         for depth in depths:
             rng = random.Random(f"{seed}-{length}-{depth}")
-            samples = [make_sample(haystack, length, depth, rng, tokenizer) for _ in range(samples_per_cell)]
+            samples = [make_sample(haystack, length - max_new, depth, rng, tokenizer)
+                       for _ in range(samples_per_cell)]
             scores = []
             for i in range(0, len(samples), batch_size):
                 batch = samples[i:i + batch_size]
