@@ -288,20 +288,33 @@ def markdown_table(setup: Setup, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_losses(results: dict, path: str) -> None:
+def plot_losses(setup: Setup, results: dict, path: str) -> None:
+    """Validation loss against training tokens; beside it, each variant relative to dense."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    tokens_per_step = setup.global_batch * setup.seq_length / 1e6
+    dense = dict(results["dense"]["validation_curve"]) if "dense" in results else None
+    fig, axes = plt.subplots(1, 2 if dense else 1, figsize=(11 if dense else 6, 4), squeeze=False)
     for name, r in results.items():
         steps, losses = zip(*r["validation_curve"])
-        ax.plot(steps, losses, marker=".", label=name)
-    ax.set_xlabel("iteration (same tokens for every variant)")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title("Held-out validation loss")
-    ax.legend()
+        axes[0, 0].plot([s * tokens_per_step for s in steps], losses, marker=".", label=name)
+        if dense:
+            shared = [s for s in steps if s in dense]
+            axes[0, 1].plot([s * tokens_per_step for s in shared],
+                            [100 * (dict(r["validation_curve"])[s] / dense[s] - 1) for s in shared],
+                            marker=".", label=name)
+    axes[0, 0].set_ylabel("validation loss (nats/byte)")
+    axes[0, 0].set_title("Held-out validation loss (same tokens, seed and data)")
+    if dense:
+        axes[0, 1].axhline(0, color="grey", lw=0.8)
+        axes[0, 1].set_ylabel("vs dense (%)")
+        axes[0, 1].set_title("Relative to dense")
+    for ax in axes[0]:
+        ax.set_xlabel("training tokens (M)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -346,7 +359,7 @@ def write_report(setup: Setup, results: dict, out: str, hardware: str) -> str:
     with open(os.path.join(out, "quality.md"), "w") as f:
         f.write(f"{hardware}, {report['date']}; {setup.train_tokens:,} training tokens per variant, "
                 f"context {setup.seq_length}, window reach {setup.reach} tokens.\n\n{table}")
-    plot_losses(results, os.path.join(out, "loss.png"))
+    plot_losses(setup, results, os.path.join(out, "loss.png"))
     for name, result in results.items():
         plot_needle(setup, name, result, os.path.join(out, f"needle_{name}.png"))
     return table
