@@ -316,3 +316,12 @@ def test_errors_name_values_set_on_the_command_line(tmp_path):
     with pytest.raises(S2ConfigError) as info:
         load_s2_config(path, overrides=["local_blocks=2"])
     assert "command line" not in str(info.value)
+
+
+def test_resuming_with_window_layers_names_the_change():
+    from megatron_s2.checkpoint_layout import describe_differences
+
+    saved = resolve({"layers": "SS", "defaults": SMALL}).to_dict()
+    lines = describe_differences(saved, resolve({"layers": "SW", "defaults": SMALL}).to_dict())
+    assert len(lines) == 1 and lines[0].startswith("layer 1: s2 (") and " -> window (" in lines[0]
+    assert "vert_stride=0" in lines[0]
