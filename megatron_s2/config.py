@@ -205,7 +205,8 @@ class S2AttentionConfig:
         _check_window_entries(entries)
         # Precedence: defaults < the layer's own entry < overrides (already merged into the entry).
         # A window layer takes the S2 defaults (block_size, local_blocks, ...) without the stripes.
-        entries = [e if e["type"] == "dense" else {**base, **e, **({"vert_stride": 0} if e["type"] == "window" else {})}
+        no_stripes = {"vert_stride": 0}
+        entries = [e if e["type"] == "dense" else {**base, **e, **(no_stripes if e["type"] == "window" else {})}
                    for e in entries]
         layers = tuple(
             LayerAttention(i, _build_pattern(entry, i, num_attention_heads)) for i, entry in enumerate(entries)
@@ -618,10 +619,11 @@ def _check_defaults_overrides_apply(overrides: Iterable[str], entries: list) -> 
             continue
         takers = [e for e in sparse if path[1] not in e and not (e["type"] == "window" and path[1] == "vert_stride")]
         if not takers:
+            windows = path[1] == "vert_stride" and any(e["type"] == "window" for e in sparse)
             raise S2ConfigError(
                 f"S2 override {text!r} changes nothing: every S2 layer sets {path[1]} itself (an explicit "
-                f"per-layer config), and window layers have no stripes (vert_stride). Fix: set it per layer "
-                f"in the YAML file, or give a config whose layers take {path[1]} from 'defaults'")
+                f"per-layer config){', and window layers have no stripes' if windows else ''}. Fix: set it "
+                f"per layer in the YAML file, or give a config whose layers take {path[1]} from 'defaults'")
 
 
 def _check_window_entries(entries: list) -> None:

@@ -209,12 +209,13 @@ class S2Pattern:
         if strides:
             fixes.append(f"vert_stride: {strides[0]} (the largest stride that the "
                          f"{self.num_groups(num_q_heads, num_kv_heads)} head groups cover)")
+        # Fewer groups than residues never cover: the fewest groups worth trying is vert_stride.
         if self.head_pattern == "heterogeneous":
-            heads = [h for h in range(num_q_heads + num_kv_heads, 4097, num_kv_heads) if covers_with(heads=h)]
-            if heads:
-                fixes.append(f"{heads[0]} query heads (--num-attention-heads {heads[0]})")
+            heads = -(-max(self.vert_stride, num_q_heads + 1) // num_kv_heads) * num_kv_heads
+            if covers_with(heads=heads):
+                fixes.append(f"{heads} query heads (--num-attention-heads {heads})")
         elif self.head_pattern == "kv_group":
-            kv = [g for g in range(num_kv_heads + 1, num_q_heads + 1)
+            kv = [g for g in range(max(self.vert_stride, num_kv_heads + 1), num_q_heads + 1)
                   if num_q_heads % g == 0 and covers_with(kv_heads=g)]
             if kv:
                 fixes.append(f"{kv[0]} KV heads (--num-query-groups {kv[0]})")
