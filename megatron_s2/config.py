@@ -370,9 +370,13 @@ class S2AttentionConfig:
                 notices.append(f"NOTICE: layer{'s' if len(run) > 1 else ''} {_span(run)}: {notice}.")
                 blind += [layer.pattern.window_tokens for layer in run]
         if blind and len(blind) == self.num_layers:
-            notices.append(f"NOTICE: no layer covers the context: the model's receptive field is at most "
-                           f"{len(blind)} layers x window = {sum(blind)} tokens"
-                           + (f" of {seq_length}" if seq_length is not None else "") + ".")
+            reach = f"{len(blind)} layers x window = {sum(blind)} tokens"
+            if seq_length is not None and sum(blind) >= seq_length:
+                notices.append(f"NOTICE: no layer covers the context alone; through the stack ({reach}) "
+                               f"the model can still reach all {seq_length} tokens.")
+            else:
+                notices.append(f"NOTICE: no layer covers the context: the model's receptive field is at most "
+                               f"{reach}" + (f" of {seq_length}" if seq_length is not None else "") + ".")
         return notices
 
 

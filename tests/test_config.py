@@ -293,6 +293,8 @@ def test_window_layers_pass_validation_and_the_summary_says_what_they_miss():
     # With S2 layers beside them, the model covers the context; the window layers are still named.
     hybrid = resolve({"layers": "SWWS", "defaults": SMALL}).summary(seq_length=1024)
     assert "layers 1-2: window-only" in hybrid and "receptive field" not in hybrid
+    assert "through the stack (4 layers x window = 128 tokens) the model can still reach all 128" in \
+        cfg.summary(seq_length=128)
     # A context inside the window is covered: nothing to report.
     assert "NOTICE" not in cfg.summary(seq_length=32)
 
