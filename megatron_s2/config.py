@@ -6,7 +6,7 @@ starts at 1). The YAML forms are described in ``docs/megatron.md``; in short::
 
     preset: dkernel             # optional base for the S2 parameters: dkernel | phi3_small
     defaults: {block_size: 64, local_blocks: 16, vert_stride: 16}
-    layers: DDSSSSSS            # or a list, or dense_every_n: 2 (+ dense_phase: 1); default all S2
+    layers: DDSSSSSS            # D dense, S S2, W window-only; or a list, or dense_every_n: 2 (+ dense_phase: 1)
     overrides:
       - {layers: "4-7", vert_stride: 8}
     allow_partial_coverage: false
@@ -20,8 +20,10 @@ in Hugging Face configs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from .pattern import BlockMaskPattern, S2ConfigError, S2CoverageError, S2Pattern
@@ -30,7 +32,10 @@ FORMAT_VERSION = 1
 PATTERN_KEYS = tuple(f.name for f in dataclasses.fields(S2Pattern))
 PRESETS = ("dkernel", "phi3_small")
 CP_EXCHANGES = ("allgather", "s2")
-LAYER_TYPES = {"dense": "dense", "d": "dense", "s2": "s2", "s": "s2", "sparse": "s2"}
+# A window layer is an S2 layer without stripes (vert_stride 0): the sliding-window control.
+LAYER_TYPES = {"dense": "dense", "d": "dense", "s2": "s2", "s": "s2", "sparse": "s2", "window": "window",
+               "w": "window"}
+LAYER_LETTERS = {"D": "dense", "S": "s2", "W": "window"}
 TOP_LEVEL_KEYS = (
     "version",
     "preset",
@@ -86,13 +91,22 @@ class LayerAttention:
     def is_dense(self) -> bool:
         return self.pattern is None
 
+    @property
+    def kind(self) -> str:
+        """``dense``, ``s2``, ``window`` (an S2 pattern without stripes) or ``mask`` (explicit block mask)."""
+        if self.pattern is None:
+            return "dense"
+        if not isinstance(self.pattern, S2Pattern):
+            return "mask"
+        return "window" if self.pattern.is_window else "s2"
+
     def to_dict(self) -> dict:
         if self.pattern is None:
             return {"type": "dense"}
         if not isinstance(self.pattern, S2Pattern):
             raise S2ConfigError(f"layer {self.index}: an explicit block mask ({type(self.pattern).__name__}) "
                                 "has no YAML/dict form; store the mask tensor separately")
-        return {"type": "s2", **dataclasses.asdict(self.pattern)}
+        return {"type": self.kind, **dataclasses.asdict(self.pattern)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +117,9 @@ class S2AttentionConfig:
     allow_partial_coverage: bool = False
     cp_exchange: str = "s2"
     cp_overlap: Optional[bool] = None  # None ("auto"): the exchange's default (context_parallel.OVERLAP_DEFAULTS)
+    # The --s2-override strings this config was resolved with, so that errors can say which values
+    # came from the command line; not part of the layout (no effect on equality or to_dict).
+    command_line: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -167,7 +184,13 @@ class S2AttentionConfig:
         ``dkernel`` preset. ``overrides`` are command-line ``key=value`` strings (see
         ``apply_overrides``).
         """
+        overrides = tuple(overrides)
         data = apply_overrides(_check_mapping(data, "<top level>"), overrides)
+        with _naming_command_line_values(overrides):
+            return cls._resolve(data, num_layers, num_attention_heads, overrides)
+
+    @classmethod
+    def _resolve(cls, data: Mapping, num_layers, num_attention_heads, overrides: tuple) -> "S2AttentionConfig":
         _check_keys(data, TOP_LEVEL_KEYS, "")
         version = data.get("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
@@ -179,8 +202,12 @@ class S2AttentionConfig:
         entries = _layer_entries(data, num_layers)
         _apply_layer_overrides(entries, data.get("overrides", []))
         _check_defaults_overrides_apply(overrides, entries)
+        _check_window_entries(entries)
         # Precedence: defaults < the layer's own entry < overrides (already merged into the entry).
-        entries = [{**base, **e} if e["type"] == "s2" else e for e in entries]
+        # A window layer takes the S2 defaults (block_size, local_blocks, ...) without the stripes.
+        no_stripes = {"vert_stride": 0}
+        entries = [e if e["type"] == "dense" else {**base, **e, **(no_stripes if e["type"] == "window" else {})}
+                   for e in entries]
         layers = tuple(
             LayerAttention(i, _build_pattern(entry, i, num_attention_heads)) for i, entry in enumerate(entries)
         )
@@ -189,6 +216,7 @@ class S2AttentionConfig:
             allow_partial_coverage=data.get("allow_partial_coverage", False),
             cp_exchange=data.get("cp_exchange", "s2"),
             cp_overlap=data.get("cp_overlap", "auto"),
+            command_line=overrides,
         )
 
     def to_dict(self) -> dict:
@@ -224,7 +252,14 @@ class S2AttentionConfig:
         context_parallel_size: int = 1,
     ) -> None:
         """Check this config against the model and parallel sizes; raise ``S2ConfigError`` naming the
-        key, the value and the fix. ``num_query_groups=None`` means MHA."""
+        key, the value and the fix (and which values came from the command line). ``num_query_groups=None``
+        means MHA."""
+        with _naming_command_line_values(self.command_line):
+            self._validate(num_layers, num_attention_heads, num_query_groups, seq_length, tensor_parallel_size,
+                           context_parallel_size)
+
+    def _validate(self, num_layers, num_attention_heads, num_query_groups, seq_length, tensor_parallel_size,
+                  context_parallel_size) -> None:
         num_query_groups = num_attention_heads if num_query_groups is None else num_query_groups
         if num_layers != self.num_layers:
             raise _fail(
@@ -291,25 +326,30 @@ class S2AttentionConfig:
     # -- start-up log --------------------------------------------------------------------------
 
     def summary(self, seq_length: Optional[int] = None) -> str:
-        """A short table, one row per run of identical consecutive layers, for start-up logs."""
+        """A short table, one row per run of identical consecutive layers, for start-up logs, followed by
+        a notice for layers that do not cover the context (window-only)."""
         header = ("layers", "type", "block", "local", "stride", "heads", "step", "offset", "dense_h")
         rows = []
         for run in _runs(self.layers):
-            first, last = run[0].index, run[-1].index
-            span = f"{first}" if first == last else f"{first}-{last}"
-            p = run[0].pattern
-            if p is None:
-                rows.append((span, "dense") + ("-",) * 7)
-            elif not isinstance(p, S2Pattern):
-                rows.append((span, "mask", str(p.block_size)) + ("-",) * 6)
+            p, kind = run[0].pattern, run[0].kind
+            if kind == "dense":
+                rows.append((_span(run), "dense") + ("-",) * 7)
+            elif kind == "mask":
+                rows.append((_span(run), "mask", str(p.block_size)) + ("-",) * 6)
+            elif kind == "window":  # the stripe parameters do not apply
+                rows.append((_span(run), "window", str(p.block_size), str(p.local_blocks)) + ("-",) * 4
+                            + (str(p.num_dense_heads),))
             else:
                 step = "auto" if p.head_sliding_step is None else str(p.head_sliding_step)
-                rows.append((span, "s2", str(p.block_size), str(p.local_blocks), str(p.vert_stride),
+                rows.append((_span(run), "s2", str(p.block_size), str(p.local_blocks), str(p.vert_stride),
                              p.head_pattern, step, str(p.head_sliding_offset), str(p.num_dense_heads)))
         widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+        kinds = [layer.kind for layer in self.layers]
+        counts = ", ".join(f"{kinds.count(k)} {name}" for k, name in
+                           (("s2", "S2"), ("window", "window"), ("mask", "block-mask"), ("dense", "dense"))
+                           if k in kinds or k in ("s2", "dense"))
         lines = [
-            f"S2 attention: {self.num_layers} layers ({len(self.sparse_layers)} S2, "
-            f"{self.num_layers - len(self.sparse_layers)} dense; numbered from 0), "
+            f"S2 attention: {self.num_layers} layers ({counts}; numbered from 0), "
             f"cp_exchange={self.cp_exchange}, cp_overlap={'auto' if self.cp_overlap is None else self.cp_overlap}, "
             f"allow_partial_coverage={self.allow_partial_coverage}"
         ]
@@ -317,7 +357,32 @@ class S2AttentionConfig:
             lines[0] += f", seq_length={seq_length}"
         for row in [header] + rows:
             lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        return "\n".join(lines)
+        return "\n".join(lines + self.coverage_notices(seq_length))
+
+    def coverage_notices(self, seq_length: Optional[int] = None) -> list:
+        """One line per run of layers that do not cover the context (window-only layers, which are
+        allowed because they were asked for), and the model's reach when no layer covers it."""
+        notices, blind = [], []
+        for run in _runs(self.layers):
+            p = run[0].pattern
+            notice = p.coverage_notice(seq_length) if isinstance(p, S2Pattern) else None
+            if notice:
+                notices.append(f"NOTICE: layer{'s' if len(run) > 1 else ''} {_span(run)}: {notice}.")
+                blind += [layer.pattern.window_tokens for layer in run]
+        if blind and len(blind) == self.num_layers:
+            reach = f"{len(blind)} layers x window = {sum(blind)} tokens"
+            if seq_length is not None and sum(blind) >= seq_length:
+                notices.append(f"NOTICE: no layer covers the context alone; through the stack ({reach}) "
+                               f"the model can still reach all {seq_length} tokens.")
+            else:
+                notices.append(f"NOTICE: no layer covers the context: the model's receptive field is at most "
+                               f"{reach}" + (f" of {seq_length}" if seq_length is not None else "") + ".")
+        return notices
+
+
+def _span(run: Sequence[LayerAttention]) -> str:
+    first, last = run[0].index, run[-1].index
+    return f"{first}" if first == last else f"{first}-{last}"
 
 
 def split_config_file(data: Mapping) -> tuple:
@@ -451,10 +516,11 @@ def _explicit_entries(layers) -> list:
     if isinstance(layers, str):
         letters = [c for c in layers if c not in " |"]  # '|' as in Megatron's hybrid pattern
         for position, letter in enumerate(letters):
-            if letter not in "DS":
+            if letter not in LAYER_LETTERS:
                 raise _fail("layers", layers, f"letter {letter!r} at layer {position} (from 0) is "
-                            "neither 'D' (dense) nor 'S' (S2)", "write one D or S per layer, e.g. DSSSSSSS")
-        return [{"type": "dense" if c == "D" else "s2"} for c in letters]
+                            "not 'D' (dense), 'S' (S2) or 'W' (window-only)",
+                            "write one D, S or W per layer, e.g. DSSSSSSS")
+        return [{"type": LAYER_LETTERS[c]} for c in letters]
     if not isinstance(layers, (list, tuple)) or not layers:
         raise _fail("layers", layers, "expected a pattern string or a non-empty list",
                     "e.g. layers: DSSS, or layers: [dense, s2, {vert_stride: 8}]")
@@ -469,7 +535,7 @@ def _explicit_entries(layers) -> list:
             entry["type"] = _layer_type(item.get("type", "s2"), f"{key}.type")
             _reject_params_on_dense(entry, key)
         else:
-            raise _fail(key, item, "expected 'dense', 's2' or a mapping of S2 parameters",
+            raise _fail(key, item, "expected 'dense', 's2', 'window' or a mapping of S2 parameters",
                         "e.g. - dense, or - {vert_stride: 8}")
         entries.append(entry)
     return entries
@@ -478,7 +544,7 @@ def _explicit_entries(layers) -> list:
 def _layer_type(value, key: str) -> str:
     kind = LAYER_TYPES.get(value.lower()) if isinstance(value, str) else None
     if kind is None:
-        raise _fail(key, value, "unknown layer type", "use 'dense' (or D) or 's2' (or S)")
+        raise _fail(key, value, "unknown layer type", "use 'dense' (or D), 's2' (or S) or 'window' (or W)")
     return kind
 
 
@@ -535,8 +601,11 @@ def _apply_layer_overrides(entries: list, overrides) -> None:
                                 "split it into two overrides")
                 entries[index] = {"type": "dense"}
                 continue
-            if kind == "s2" and entry["type"] == "dense":
-                entry = {"type": "s2"}  # gets the defaults like any other S2 layer
+            if kind is not None and kind != entry["type"]:
+                # A dense layer made sparse gets the defaults like any other; s2 <-> window keeps the
+                # layer's own parameters except the stripes.
+                kept = {} if entry["type"] == "dense" else {k: v for k, v in entry.items() if k != "vert_stride"}
+                entry = {**kept, "type": kind}
             if entry["type"] == "dense" and params:
                 raise _fail(f"{key}.layers", override["layers"], f"sets S2 parameters on layer {index}, "
                             "which is dense", "exclude that layer, or add type: s2 to make it sparse")
@@ -547,14 +616,43 @@ def _check_defaults_overrides_apply(overrides: Iterable[str], entries: list) -> 
     """A command-line override of an S2 parameter sets its default, which a layer's own value wins
     over: refuse one that no S2 layer would take (e.g. on the explicit per-layer form that checkpoints
     and Hugging Face configs store) instead of ignoring it."""
-    sparse = [e for e in entries if e["type"] == "s2"]
+    sparse = [e for e in entries if e["type"] != "dense"]
     for text in overrides:
         path, _ = parse_override(text)
-        if path[0] == "defaults" and sparse and all(path[1] in e for e in sparse):
+        if path[0] != "defaults" or not sparse:
+            continue
+        takers = [e for e in sparse if path[1] not in e and not (e["type"] == "window" and path[1] == "vert_stride")]
+        if not takers:
+            windows = path[1] == "vert_stride" and any(e["type"] == "window" for e in sparse)
             raise S2ConfigError(
                 f"S2 override {text!r} changes nothing: every S2 layer sets {path[1]} itself (an explicit "
-                f"per-layer config). Fix: set it per layer in the YAML file, or give a config whose "
-                f"layers take {path[1]} from 'defaults'")
+                f"per-layer config){', and window layers have no stripes' if windows else ''}. Fix: set it "
+                f"per layer in the YAML file, or give a config whose layers take {path[1]} from 'defaults'")
+
+
+def _check_window_entries(entries: list) -> None:
+    """A window layer has no stripes: a stripe stride given for it (entry or override) is a mistake."""
+    for index, entry in enumerate(entries):
+        if entry["type"] == "window" and entry.get("vert_stride", 0) != 0:
+            raise _fail(f"layers[{index}].vert_stride", entry["vert_stride"],
+                        "a window layer has no vertical stripes",
+                        "drop vert_stride for that layer, or make it an S2 layer (type: s2 / letter S)")
+
+
+@contextlib.contextmanager
+def _naming_command_line_values(overrides: Sequence[str]):
+    """Add to an S2ConfigError which of the keys it names were set by --s2-override, so that nobody
+    looks for the value in the YAML file."""
+    try:
+        yield
+    except S2ConfigError as err:
+        message = str(err)
+        named = [text for text in overrides
+                 if re.search(rf"\b{re.escape(parse_override(text)[0][-1])}\b", message)]
+        if not named:
+            raise
+        flags = " ".join(f"--s2-override {text}" for text in named)
+        raise type(err)(f"{message} (Note: set on the command line, not in the file: {flags}.)") from None
 
 
 def _build_pattern(entry: Mapping, index: int, num_attention_heads: Optional[int]) -> Optional[S2Pattern]:

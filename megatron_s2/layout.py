@@ -114,15 +114,21 @@ def _layout_key(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, n
 
 
 def _head_stripe_params(key: LayoutKey, device):
-    """Per local head: stripe period and residue (dense heads: period 1, every block a stripe)."""
+    """Per local head: stripe period and residue (dense heads: period 1, every block a stripe;
+    window-only heads: period 0, no stripe)."""
     pattern = key.pattern
     offsets = pattern.head_offsets_tensor(
         key.num_q_heads, key.num_kv_heads, key.head_start, key.num_local_heads, device
     )
     dense = offsets < 0
     period = torch.where(dense, 1, pattern.vert_stride)
-    residue = torch.where(dense, 0, (-offsets) % pattern.vert_stride)
+    residue = torch.where(dense, 0, (-offsets) % max(pattern.vert_stride, 1))
     return period, residue
+
+
+def _is_stripe(k_abs: torch.Tensor, period: torch.Tensor, residue: torch.Tensor) -> torch.Tensor:
+    """Key block ``k_abs`` is one of the head's stripes (never, for period 0)."""
+    return (period > 0) & (k_abs % period.clamp(min=1) == residue)
 
 
 def _row_counts(key: LayoutKey):
@@ -135,10 +141,12 @@ def _row_counts(key: LayoutKey):
     k_hi = key.k_block_start + key.num_k_blocks - 1
     local = key.pattern.local_blocks
     # Stripes strictly beyond the window: K in [k_lo, q - local], K = residue (mod period).
-    stripe_first = k_lo + (residue - k_lo) % period
+    # Period 0 (window-only) has no stripes: its count is 0 and the step any positive value.
+    step = period.clamp(min=1)
+    stripe_first = k_lo + (residue - k_lo) % step
     stripe_last = torch.clamp(q_abs - local, max=k_hi)
     stripe_count = torch.where(
-        stripe_last >= stripe_first, (stripe_last - stripe_first) // period + 1, 0
+        (period > 0) & (stripe_last >= stripe_first), (stripe_last - stripe_first) // step + 1, 0
     )
     window_first = torch.clamp(q_abs - local + 1, min=k_lo)
     window_count = torch.clamp(torch.clamp(q_abs, max=k_hi) - window_first + 1, min=0)
@@ -159,7 +167,7 @@ def _column_ranges(key: LayoutKey):
     k_abs = key.k_block_start + torch.arange(key.num_k_blocks, device=device)[None, :]
     q_lo = key.q_block_start
     q_hi = key.q_block_start + key.num_q_blocks - 1
-    is_stripe = (k_abs % period[:, None]) == residue[:, None]
+    is_stripe = _is_stripe(k_abs, period[:, None], residue[:, None])
     last = torch.where(is_stripe, q_hi, torch.clamp(k_abs + key.pattern.local_blocks - 1, max=q_hi))
     first = torch.clamp(k_abs, min=q_lo).expand_as(last)
     return first, torch.clamp(last - first + 1, min=0)
@@ -266,7 +274,7 @@ def _block_mask(key: LayoutKey) -> torch.Tensor:
         return local[:, q_abs][:, :, k_abs] & causal
     period, residue = _head_stripe_params(key, device)
     window = (q_abs[:, None] - k_abs[None, :]) < pattern.local_blocks
-    stripe = (k_abs[None, None, :] % period[:, None, None]) == residue[:, None, None]
+    stripe = _is_stripe(k_abs[None, None, :], period[:, None, None], residue[:, None, None])
     return causal & (window | stripe)
 
 

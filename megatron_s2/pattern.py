@@ -38,7 +38,9 @@ class S2Pattern:
     """Local-window plus vertical-stripe block pattern, validated on creation.
 
     ``num_dense_heads`` last (global) query heads attend densely; ``head_sliding_step=None`` means
-    ``max(1, vert_stride // num_groups)``.
+    ``max(1, vert_stride // num_groups)``. ``vert_stride=0`` is window-only: no stripes, each query
+    reads only its ``local_blocks`` most recent blocks (the stripe offsets are then unused);
+    ``vert_stride=1`` is dense causal.
     """
 
     block_size: int = 64
@@ -56,7 +58,7 @@ class S2Pattern:
                 f"block_size must be a power of two in [16, 256], got {self.block_size}"
             )
         _check_int("local_blocks", self.local_blocks, 1)
-        _check_int("vert_stride", self.vert_stride, 1)
+        _check_int("vert_stride", self.vert_stride, 0)
         if self.head_pattern not in HEAD_PATTERNS:
             raise S2ConfigError(
                 f"head_pattern must be one of {', '.join(HEAD_PATTERNS)}, got {self.head_pattern!r}"
@@ -87,9 +89,24 @@ class S2Pattern:
         """Dense causal attention expressed as a pattern (every block is a stripe)."""
         return cls(block_size=block_size, local_blocks=1, vert_stride=1)
 
+    @classmethod
+    def window(cls, block_size: int = 64, local_blocks: int = 16, **overrides) -> "S2Pattern":
+        """Sliding-window attention only (no stripes): the control that does not cover the context."""
+        return cls(block_size=block_size, local_blocks=local_blocks, vert_stride=0, **overrides)
+
     @property
     def is_dense(self) -> bool:
         return self.vert_stride == 1
+
+    @property
+    def is_window(self) -> bool:
+        """No vertical stripes: the local window (plus any dense heads) only."""
+        return self.vert_stride == 0
+
+    @property
+    def window_tokens(self) -> int:
+        """The most tokens back (the query's own included) that the local window reaches."""
+        return self.local_blocks * self.block_size
 
     # -- per-head offsets ----------------------------------------------------------------------
 
@@ -129,27 +146,82 @@ class S2Pattern:
     # -- coverage ------------------------------------------------------------------------------
 
     def missing_residues(self, num_q_heads: int, num_kv_heads: int) -> list:
-        """Stripe residues ``r`` (key blocks with ``kb % vert_stride == r``) that no head reads."""
+        """Stripe residues ``r`` (key blocks with ``kb % vert_stride == r``) that no head reads.
+
+        A window-only pattern has no stripes and so no residues: ``coverage_notice`` describes it.
+        """
         offsets = self.head_offsets(num_q_heads, num_kv_heads)
-        if any(o is None for o in offsets):
-            return []  # a dense head reads every block
+        if self.is_window or any(o is None for o in offsets):
+            return []  # no stripes, or a dense head reads every block
         covered = {(-o) % self.vert_stride for o in offsets}
         return [r for r in range(self.vert_stride) if r not in covered]
 
+    def covers(self, num_q_heads: int, num_kv_heads: int, seq_len: Optional[int] = None) -> bool:
+        """Whether the heads together read every causal block pair (of ``seq_len`` tokens, else of any
+        length)."""
+        if seq_len is not None and seq_len <= self.window_tokens:
+            return True
+        if self.is_window:
+            return self.num_dense_heads > 0
+        return not self.missing_residues(num_q_heads, num_kv_heads)
+
+    def coverage_notice(self, seq_len: Optional[int] = None) -> Optional[str]:
+        """What a window-only pattern cannot see (``None`` when it covers the ``seq_len`` tokens)."""
+        if not self.is_window or self.num_dense_heads or (seq_len is not None and seq_len <= self.window_tokens):
+            return None
+        beyond = f" of the {seq_len}-token context" if seq_len is not None else ""
+        return (f"window-only: each query reads only the last {self.window_tokens} tokens at most "
+                f"({self.local_blocks} blocks of {self.block_size}); keys further back{beyond} are not "
+                f"covered by this layer")
+
     def check_coverage(self, num_q_heads: int, num_kv_heads: int, seq_len: Optional[int] = None):
-        """Raise S2CoverageError if the union of the heads misses causal block pairs."""
-        if seq_len is not None and seq_len <= self.local_blocks * self.block_size:
-            return  # every causal pair lies inside the local window
+        """Raise S2CoverageError if the union of the heads misses causal block pairs.
+
+        A window-only pattern is not refused: asking for ``vert_stride=0`` is asking for exactly that
+        gap, which ``coverage_notice`` reports.
+        """
+        if self.is_window or self.covers(num_q_heads, num_kv_heads, seq_len):
+            return
         missing = self.missing_residues(num_q_heads, num_kv_heads)
-        if missing:
-            raise S2CoverageError(
-                f"S2 pattern {self.describe()} with {num_q_heads} query / {num_kv_heads} KV heads "
-                f"leaves key blocks kb with kb % {self.vert_stride} in {missing} unread beyond the "
-                f"local window. Fix: use head_pattern='heterogeneous', a head_sliding_step that "
-                f"spreads the {self.num_groups(num_q_heads, num_kv_heads)} groups over all "
-                f"{self.vert_stride} residues, a vert_stride <= the number of groups, a dense head, "
-                f"or set allow_partial_coverage: true."
-            )
+        groups = self.num_groups(num_q_heads, num_kv_heads)
+        raise S2CoverageError(
+            f"S2 pattern {self.describe()} with {num_q_heads} query / {num_kv_heads} KV heads "
+            f"({groups} head groups, stripe step {self.sliding_step(num_q_heads, num_kv_heads)}) leaves "
+            f"key blocks kb with kb % {self.vert_stride} in {missing} unread beyond the local window. "
+            f"Fix (any one): {'; '.join(self._coverage_fixes(num_q_heads, num_kv_heads))}."
+        )
+
+    def _coverage_fixes(self, num_q_heads: int, num_kv_heads: int) -> list:
+        """Concrete changes that make this pattern cover, each checked with ``covers``."""
+
+        def covers_with(heads=num_q_heads, kv_heads=num_kv_heads, **change):
+            return dataclasses.replace(self, **change).covers(heads, kv_heads)
+
+        fixes = []
+        if self.head_pattern != "heterogeneous" and covers_with(head_pattern="heterogeneous"):
+            fixes.append(f"head_pattern: heterogeneous (one stripe offset per query head, {num_q_heads} groups)")
+        step = self.sliding_step(num_q_heads, num_kv_heads)
+        steps = [s for s in range(1, self.vert_stride + 1) if s != step and covers_with(head_sliding_step=s)]
+        if steps:
+            fixes.append(f"head_sliding_step: {steps[0]} (spreads the "
+                         f"{self.num_groups(num_q_heads, num_kv_heads)} groups over all {self.vert_stride} residues)")
+        strides = [v for v in range(self.vert_stride - 1, 1, -1) if covers_with(vert_stride=v)]
+        if strides:
+            fixes.append(f"vert_stride: {strides[0]} (the largest stride that the "
+                         f"{self.num_groups(num_q_heads, num_kv_heads)} head groups cover)")
+        # Fewer groups than residues never cover: the fewest groups worth trying is vert_stride.
+        if self.head_pattern == "heterogeneous":
+            heads = -(-max(self.vert_stride, num_q_heads + 1) // num_kv_heads) * num_kv_heads
+            if covers_with(heads=heads):
+                fixes.append(f"{heads} query heads (--num-attention-heads {heads})")
+        elif self.head_pattern == "kv_group":
+            kv = [g for g in range(max(self.vert_stride, num_kv_heads + 1), num_q_heads + 1)
+                  if num_q_heads % g == 0 and covers_with(kv_heads=g)]
+            if kv:
+                fixes.append(f"{kv[0]} KV heads (--num-query-groups {kv[0]})")
+        fixes.append("num_dense_heads: 1 (a dense head reads every block)")
+        fixes.append("or allow_partial_coverage: true to accept the gap")
+        return fixes
 
     def describe(self) -> str:
         fields = dataclasses.asdict(self)

@@ -70,6 +70,8 @@ CASES = {
                            1, 150, 2, 2, 64),
     "block128_refined": (dict(block_size=128, local_blocks=1, vert_stride=2), 1, 300, 2, 2, 16),
     "single_token": (dict(block_size=16, local_blocks=2, vert_stride=3), 1, 1, 2, 1, 32),
+    "window_gqa": (dict(block_size=16, local_blocks=2, vert_stride=0, head_pattern="kv_group"), 2, 100, 4, 2, 32),
+    "window_dense_head": (dict(block_size=32, local_blocks=1, vert_stride=0, num_dense_heads=1), 1, 150, 2, 1, 16),
 }
 
 
@@ -187,6 +189,24 @@ def test_packed_sequences():
     # Each sequence alone gives the same rows: nothing leaks across sequence boundaries.
     alone = s2_attention(q[None, 54:104], k[None, 54:104], v[None, 54:104], pattern)
     assert torch.allclose(got[0][54:104], alone[0], atol=1e-6)
+
+
+def test_window_only_tp_slice_cp_offsets_and_packed():
+    """Window-only (no stripes): a TP head slice, CP chunks at query/key offsets, packed sequences."""
+    pattern = S2Pattern.window(block_size=16, local_blocks=2)
+    q, k, v = draw((1, 96, 4, 16), (1, 96, 2, 16), (1, 96, 2, 16), seed=21)
+    full = s2_attention(q, k, v, pattern)
+    sliced = compare(pattern, q[:, :, 2:], k[:, :, 1:], v[:, :, 1:], seed=22, head_start=2, num_q_heads=4,
+                     num_kv_heads=2)
+    assert torch.allclose(sliced[0], full[:, :, 2:], atol=1e-6)
+    # Queries of blocks 3-4 read blocks 2-4 only: keys from block 1 on (k_start) give the same rows.
+    chunk = compare(pattern, q[:, 48:80], k[:, 16:80], v[:, 16:80], seed=23, q_start=48, k_start=16)
+    assert torch.allclose(chunk[0], full[:, 48:80], atol=1e-6)
+    cu = torch.tensor([0, 40, 41, 96], dtype=torch.int32)
+    packed = compare(pattern, q[0], k[0], v[0], seed=24, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=55,
+                     max_seqlen_k=55)
+    alone = s2_attention(q[:, 41:96], k[:, 41:96], v[:, 41:96], pattern)
+    assert torch.allclose(packed[0][41:96], alone[0], atol=1e-6)
 
 
 def test_explicit_block_mask():

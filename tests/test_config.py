@@ -142,7 +142,7 @@ RESOLVE_ERRORS = [
     ({"layers": "DSS", "overrides": {"layers": 1}}, "'overrides'", "expected a list"),
     ({"layers": "DSS", "overrides": [{"layers": 1, "type": "dense", "vert_stride": 2}]}, "'overrides[0].type'", "two overrides"),
     ({"layers": "SS", "defaults": {"block_size": 48}}, "layer 0 (layers[0]", "power of two"),
-    ({"layers": "SS", "defaults": {"vert_stride": 0}}, "layer 0 (layers[0]", "vert_stride"),
+    ({"layers": "SS", "defaults": {"vert_stride": -1}}, "layer 0 (layers[0]", "vert_stride"),
     ({"layers": "SS", "defaults": {"head_pattern": "per_head"}}, "layer 0", "heterogeneous"),
     ({"layers": "SS", "preset": "longformer"}, "'layers[0].preset'", "dkernel, phi3_small"),
     ({"layers": "SS", "preset": "dkernel"}, "'layers[0].preset'", "num_attention_heads="),
@@ -237,3 +237,93 @@ def test_explicit_block_mask_layers():
         cfg.validate(num_layers=2, num_attention_heads=4)
     with pytest.raises(S2ConfigError, match="no YAML/dict form"):
         cfg.to_dict()
+
+
+# -- window-only layers (the sliding-window control) ----------------------------------------------
+
+
+def test_window_layers_from_letters_list_entries_and_overrides():
+    window = S2Pattern.window(block_size=16, local_blocks=2)
+    by_letters = resolve({"layers": "DSWW", "defaults": SMALL})
+    assert [layer.kind for layer in by_letters.layers] == ["dense", "s2", "window", "window"]
+    assert by_letters.layers[2].pattern == window == dataclasses.replace(S2Pattern(**SMALL), vert_stride=0)
+    by_list = resolve({"layers": ["D", "s2", "window", {"type": "W", "local_blocks": 2}], "defaults": SMALL})
+    assert by_list == by_letters
+    # Per-layer overrides: type window, or vert_stride 0 on an S2 layer, make a layer window-only.
+    by_overrides = resolve({"layers": "DSSS", "defaults": SMALL,
+                            "overrides": [{"layers": 2, "type": "window"}, {"layers": 3, "vert_stride": 0}]})
+    assert by_overrides == by_letters
+    # ... and type s2 gives a window layer its stripes back (from the defaults).
+    assert resolve({"layers": "W", "defaults": SMALL,
+                    "overrides": [{"layers": 0, "type": "s2"}]}).layers[0].pattern == S2Pattern(**SMALL)
+    # The explicit form stores the window layers and reads them back.
+    stored = json.loads(json.dumps(by_letters.to_dict()))
+    assert stored["layers"][2]["type"] == "window" and stored["layers"][2]["vert_stride"] == 0
+    assert S2AttentionConfig.from_dict(stored) == by_letters
+
+
+def test_window_and_s2_models_differ_only_in_the_stripes():
+    defaults = {"block_size": 64, "local_blocks": 8, "vert_stride": 8, "num_dense_heads": 0}
+    windows = resolve({"layers": "WWWWWWWW", "defaults": defaults})
+    sparse = resolve({"layers": "SSSSSSSS", "defaults": defaults})
+    for w, s in zip(windows.layers, sparse.layers):
+        assert w.pattern == dataclasses.replace(s.pattern, vert_stride=0)
+
+
+@pytest.mark.parametrize("data,overrides,key,fix", [
+    ({"layers": [{"type": "window", "vert_stride": 4}]}, [], "layers[0].vert_stride", "type: s2"),
+    ({"layers": "W", "overrides": [{"layers": 0, "vert_stride": 8}]}, [], "layers[0].vert_stride", "type: s2"),
+    ({"layers": "SWX"}, [], "'layers'", "one D, S or W per layer"),
+    ({"layers": "WW"}, ["vert_stride=8"], "changes nothing", "window layers have no stripes"),
+])
+def test_window_mistakes_are_named(data, overrides, key, fix):
+    with pytest.raises(S2ConfigError) as info:
+        resolve({**data, "defaults": SMALL}, overrides=overrides)
+    assert key in str(info.value) and fix in str(info.value)
+
+
+def test_window_layers_pass_validation_and_the_summary_says_what_they_miss():
+    cfg = resolve({"layers": "WWWW", "defaults": SMALL})
+    cfg.validate(num_layers=4, num_attention_heads=8, num_query_groups=2, seq_length=1024,
+                 context_parallel_size=2)
+    text = cfg.summary(seq_length=1024)
+    assert "4 layers (0 S2, 4 window, 0 dense" in text
+    assert "layers 0-3: window-only: each query reads only the last 32 tokens" in text
+    assert "the model's receptive field is at most 4 layers x window = 128 tokens of 1024" in text
+    # With S2 layers beside them, the model covers the context; the window layers are still named.
+    hybrid = resolve({"layers": "SWWS", "defaults": SMALL}).summary(seq_length=1024)
+    assert "layers 1-2: window-only" in hybrid and "receptive field" not in hybrid
+    assert "through the stack (4 layers x window = 128 tokens) the model can still reach all 128" in \
+        cfg.summary(seq_length=128)
+    # A context inside the window is covered: nothing to report.
+    assert "NOTICE" not in cfg.summary(seq_length=32)
+
+
+# -- errors say which values came from the command line (issue 14) --------------------------------
+
+
+def test_errors_name_values_set_on_the_command_line(tmp_path):
+    path = tmp_path / "s2.yaml"
+    path.write_text("defaults: {block_size: 16, local_blocks: 2, vert_stride: 4}\nlayers: SS\n")
+    model = dict(num_layers=2, num_attention_heads=8, num_query_groups=2, seq_length=1024)
+    load_s2_config(path).validate(**model)
+    with pytest.raises(S2CoverageError) as info:
+        load_s2_config(path, overrides=["vert_stride=32", "cp_exchange=allgather"]).validate(**model)
+    assert "command line" in str(info.value) and "--s2-override vert_stride=32" in str(info.value)
+    assert "cp_exchange" not in str(info.value)  # not involved
+    with pytest.raises(S2ConfigError, match="command line.*--s2-override block_size=100"):
+        load_s2_config(path, overrides=["block_size=100"])
+    # Values from the file are not blamed on the command line.
+    path.write_text("defaults: {block_size: 100}\nlayers: SS\n")
+    with pytest.raises(S2ConfigError) as info:
+        load_s2_config(path, overrides=["local_blocks=2"])
+    assert "command line" not in str(info.value)
+
+
+def test_resuming_with_window_layers_names_the_change():
+    from megatron_s2.checkpoint_layout import describe_differences
+
+    saved = resolve({"layers": "SS", "defaults": SMALL}).to_dict()
+    lines = describe_differences(saved, resolve({"layers": "SW", "defaults": SMALL}).to_dict())
+    assert len(lines) == 1 and lines[0].startswith("layer 1: s2 (") and " -> window (" in lines[0]
+    assert "vert_stride=0" in lines[0]

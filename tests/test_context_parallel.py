@@ -52,6 +52,7 @@ CASES = [
      S2Pattern(block_size=BLOCK, local_blocks=2, vert_stride=4, head_pattern="kv_group",
                num_dense_heads=1), 8, 4, 4, 4, 2),
     ("dense", S2Pattern.dense(block_size=BLOCK), 2, 1, 0, 2, 1),
+    ("window_gqa", S2Pattern.window(block_size=BLOCK, local_blocks=3), 4, 2, 0, 4, 2),
     ("explicit_block_mask_tp_slice", _random_block_mask(4, SEQ // BLOCK), 4, 2, 2, 2, 1),
 ]
 
@@ -190,6 +191,25 @@ def test_exchange_bytes_match_direct_count(num_kv):
                                   batch_size=batch, element_size=elem)
     assert allgather == [seq // 2 * num_kv * dim_bytes] * cp
     assert max(s2) < min(allgather)
+
+
+def test_window_exchange_moves_only_the_window_halo():
+    """A window-only layer needs from other ranks only the local_blocks - 1 blocks before each of its
+    chunks that another rank holds, per KV head."""
+    seq, cp, local, num_kv = 512, 2, 3, 2
+    window = S2Pattern.window(block_size=BLOCK, local_blocks=local)
+    blocks_per_chunk = seq // (2 * cp) // BLOCK
+    dim_bytes = 2 * 8 * 4  # K and V, head dim 8, float32
+    expected = []
+    for rank in range(cp):
+        owned = {c * blocks_per_chunk + i for c in (rank, 2 * cp - 1 - rank) for i in range(blocks_per_chunk)}
+        halo = {first - j for first in (rank * blocks_per_chunk, (2 * cp - 1 - rank) * blocks_per_chunk)
+                for j in range(1, local) if first - j >= 0} - owned
+        expected.append(len(halo) * num_kv * BLOCK * dim_bytes)
+    got = kv_exchange_bytes(window, exchange="s2", seq_len=seq, cp_size=cp, num_q_heads=4, num_kv_heads=num_kv,
+                            head_dim=8, element_size=4)
+    # CP=2: rank 0's chunk 3 reads 2 blocks of rank 1's chunk 2; rank 1's chunk 1 reads 2 of chunk 0.
+    assert got == expected == [(local - 1) * num_kv * BLOCK * dim_bytes] * cp
 
 
 def test_exchange_bytes_reach_the_aim_at_32k():

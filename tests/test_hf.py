@@ -65,6 +65,8 @@ def test_pure_path_mask_equals_layout_mask():
         S2Pattern(block_size=16, local_blocks=1, vert_stride=8, head_pattern="kv_group", head_sliding_step=3),
         S2Pattern(block_size=32, local_blocks=3, vert_stride=2, head_pattern="homogeneous", num_dense_heads=2),
         S2Pattern.phi3_small(block_size=16, local_blocks=2),
+        S2Pattern.window(block_size=16, local_blocks=3),
+        S2Pattern.window(block_size=32, local_blocks=1, head_pattern="kv_group", num_dense_heads=2),
     ]
     positions = torch.arange(length)[None]
     for pattern in patterns:
@@ -148,6 +150,29 @@ def test_pretrain_gpt_s2_checkpoint_exports_with_equal_logits(pretrain_dir, tmp_
     with torch.no_grad():
         hf_logits = model(input_ids).logits
     assert (hf_logits - megatron_logits[..., :257]).abs().max() < 1e-4
+
+
+def test_window_model_trains_exports_and_generates(pretrain_dir, tmp_path):
+    """The quality experiment's control: pretrain_gpt_s2.py with window-only layers (W), export, and the
+    HF model gives Megatron's logits and generates alike with the default and the S2 KV cache (which
+    keeps only the window)."""
+    save, run = train(pretrain_dir, "window", 2, 1, ["--s2-override", "layers=WWSD"])
+    assert "layers 0-1: window-only: each query reads only the last 32 tokens" in run.logs[0]
+    in_child(convert_to_hf.main, ["--load", save, "--out", str(tmp_path / "hf")])
+    model = load_exported(tmp_path / "hf")
+    assert [e and e["vert_stride"] for e in model.config.s2_layers] == [0, 0, 4, None]
+    input_ids = tokens(length=128, vocab=257)
+    megatron_logits = run_distributed(2, _megatron_logits_tp2, save, input_ids, tp=2)[0]
+    with torch.no_grad():
+        assert (model(input_ids).logits - megatron_logits[..., :257]).abs().max() < 1e-4
+        prompt = input_ids[:1, :70]
+        expected = _greedy_without_cache(model, prompt, 12)
+        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        cache = model.make_s2_kv_cache()
+        assert torch.equal(model.generate(prompt, **kw), expected)
+        assert torch.equal(model.generate(prompt, cache=cache, **kw), expected)
+    stats = cache.kv_cache_stats()
+    assert stats["kept_entries"] < stats["full_entries"], stats
 
 
 def test_imported_checkpoint_trains_in_pretrain_gpt_s2_like_the_original(pretrain_dir, tmp_path):

@@ -1,5 +1,6 @@
 """Patterns and layouts against the S2 formula written out by hand, head by head, block by block."""
 
+import dataclasses
 import math
 
 import pytest
@@ -29,7 +30,8 @@ def formula_mask(num_q_heads, num_kv_heads, q_blocks, k_blocks, *, block_size, l
                 kb = k_block_start + j
                 if kb > qb:
                     continue
-                mask[h, i, j] = dense or qb - kb < local_blocks or (kb + g * step + offset) % vert_stride == 0
+                stripe = vert_stride > 0 and (kb + g * step + offset) % vert_stride == 0  # 0: window-only
+                mask[h, i, j] = dense or qb - kb < local_blocks or stripe
     return mask
 
 
@@ -47,6 +49,9 @@ CASES = [
     dict(num_q_heads=6, num_kv_heads=3, head_pattern="heterogeneous", local_blocks=2, vert_stride=5,
          step=2, offset=1, num_dense_heads=2),
     dict(num_q_heads=4, num_kv_heads=4, head_pattern="heterogeneous", local_blocks=1, vert_stride=1),
+    dict(num_q_heads=8, num_kv_heads=2, head_pattern="kv_group", local_blocks=3, vert_stride=0),
+    dict(num_q_heads=4, num_kv_heads=4, head_pattern="heterogeneous", local_blocks=1, vert_stride=0,
+         num_dense_heads=1),
 ]
 
 
@@ -144,7 +149,7 @@ def test_coverage_error_names_missing_residues():
     (dict(block_size=48), "power of two"),
     (dict(block_size=8), "block_size"),
     (dict(local_blocks=0), "local_blocks"),
-    (dict(vert_stride=0), "vert_stride"),
+    (dict(vert_stride=-1), "vert_stride"),
     (dict(head_pattern="random"), "head_pattern"),
     (dict(num_dense_heads=-1), "num_dense_heads"),
 ])
@@ -208,3 +213,73 @@ def test_reference_matches_per_query_softmax():
             want = sum(p[n] * v[0, j, h // 2] for n, j in enumerate(keys))
             torch.testing.assert_close(out[0, i, h], want)
             torch.testing.assert_close(lse[0, h, i].double(), torch.logsumexp(s, 0), rtol=1e-6, atol=1e-6)
+
+
+# -- window-only (vert_stride 0) ---------------------------------------------------------------
+
+
+def test_window_preset_is_the_band_of_local_blocks():
+    pattern = S2Pattern.window(block_size=16, local_blocks=3)
+    assert pattern == S2Pattern(block_size=16, local_blocks=3, vert_stride=0)
+    assert pattern.is_window and not pattern.is_dense and pattern.window_tokens == 48
+    assert not S2Pattern(vert_stride=1).is_window and S2Pattern(vert_stride=1).is_dense
+    mask = s2_block_mask(pattern, 2, 1, 16 * 10)
+    band = torch.tensor([[0 <= qb - kb < 3 for kb in range(10)] for qb in range(10)])
+    assert torch.equal(mask, band.expand(2, 10, 10))
+
+
+def test_window_coverage_is_reported_not_refused():
+    pattern = S2Pattern.window(block_size=64, local_blocks=16)
+    pattern.check_coverage(8, 8, seq_len=8192)  # asked for explicitly: no error
+    assert not pattern.covers(8, 8, seq_len=8192) and not pattern.covers(8, 8)
+    assert pattern.missing_residues(8, 8) == []  # no stripes, no residues
+    notice = pattern.coverage_notice(8192)
+    assert "only the last 1024 tokens" in notice and "8192-token context" in notice and "not covered" in notice
+    # Inside the window, or with a dense head, the layer covers the context: nothing to report.
+    assert pattern.covers(8, 8, seq_len=1024) and pattern.coverage_notice(1024) is None
+    with_dense = S2Pattern.window(block_size=64, local_blocks=16, num_dense_heads=1)
+    assert with_dense.covers(8, 8) and with_dense.coverage_notice(8192) is None
+
+
+@pytest.mark.parametrize("seq_len", [96, 100])  # 100: a ragged last block
+def test_window_flops_count_the_window_pairs(seq_len):
+    from megatron_s2 import flops
+
+    block, local, heads = 16, 2, 3
+    # A query q in block qb reads keys from the first token of block qb - local + 1 up to itself.
+    per_head = sum(q - max(0, (q // block - local + 1) * block) + 1 for q in range(seq_len))
+    assert flops.attended_pairs(S2Pattern.window(block, local), heads, heads, seq_len) == heads * per_head
+
+
+# -- the coverage error suggests fixes for this pattern (issue 14) -------------------------------
+
+
+def _coverage_fix_text(pattern, heads, kv_heads):
+    with pytest.raises(S2CoverageError) as err:
+        pattern.check_coverage(heads, kv_heads)
+    return str(err.value).split("Fix (any one):")[1]
+
+
+def test_coverage_fixes_of_a_heterogeneous_pattern_are_concrete():
+    # 8 heads, stride 16: step 2 reads only even residues; no step can spread 8 groups over 16.
+    pattern = S2Pattern(vert_stride=16)
+    fixes = _coverage_fix_text(pattern, 8, 8)
+    assert "heterogeneous" not in fixes  # it already is
+    assert "head_sliding_step" not in fixes
+    assert "vert_stride: 8 " in fixes and "--num-attention-heads 16)" in fixes and "num_dense_heads: 1" in fixes
+    S2Pattern(vert_stride=8).check_coverage(8, 8)
+    pattern.check_coverage(16, 8)
+    # An explicit step that skips residues: step 1 is the fix.
+    stepped = S2Pattern(vert_stride=16, head_sliding_step=2)
+    fixes = _coverage_fix_text(stepped, 16, 4)
+    assert "head_sliding_step: 1 " in fixes and "heterogeneous" not in fixes
+    S2Pattern(vert_stride=16, head_sliding_step=1).check_coverage(16, 4)
+
+
+def test_coverage_fixes_of_a_kv_group_pattern_name_heads_and_pattern():
+    pattern = S2Pattern(vert_stride=16, head_pattern="kv_group")  # 8 KV groups read 8 of 16 residues
+    fixes = _coverage_fix_text(pattern, 32, 8)
+    assert "head_pattern: heterogeneous" in fixes and "vert_stride: 8 " in fixes
+    assert "--num-query-groups 16)" in fixes
+    dataclasses.replace(pattern, head_pattern="heterogeneous").check_coverage(32, 8)
+    pattern.check_coverage(32, 16)

@@ -102,7 +102,8 @@ def main(argv=None):
         save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     summary = {
         "out": args.out,
-        "layers": ["dense" if e is None else "s2" for e in kwargs.get("s2_layers", [None] * shape.num_layers)],
+        "layers": ["dense" if e is None else "window" if e["vert_stride"] == 0 else "s2"
+                   for e in kwargs.get("s2_layers", [None] * shape.num_layers)],
         "vocab_size": vocab,
         "dtype": str(dtype),
         "dense_export": args.dense,

@@ -11,7 +11,8 @@ All Llama fields keep their meaning; ``s2_layers`` adds one entry per layer (num
 ``head_offsets`` is the resolved stripe offset of every global query head (``None`` for a dense head),
 so the pure-PyTorch attention needs no pattern logic. A query at position ``p`` attends a key at
 position ``k`` iff ``k <= p`` and (``p//B - k//B < local_blocks`` or ``(k//B + offset) % vert_stride
-== 0`` or the head is dense), positions counted from each sequence's first token.
+== 0`` or the head is dense), positions counted from each sequence's first token. ``vert_stride`` 0 is a
+window-only layer (no stripes).
 """
 
 from transformers import LlamaConfig

@@ -53,7 +53,9 @@ def s2_token_mask(layer, q_pos, k_pos):
         k_pos = k_pos[:, None]
     qb = (q_pos // block)[:, None, :, None]
     kb = (k_pos // block)[:, :, None, :]
-    sparse_ok = ((qb - kb) < layer["local_blocks"]) | ((kb + offsets[:, None, None]) % layer["vert_stride"] == 0)
+    stride = layer["vert_stride"]  # 0: window-only, no stripes
+    in_stripe = ((kb + offsets[:, None, None]) % max(stride, 1) == 0) & (stride > 0)
+    sparse_ok = ((qb - kb) < layer["local_blocks"]) | in_stripe
     return causal_token_mask(q_pos, k_pos) & (sparse_ok | (offsets < 0)[:, None, None])
 
 
@@ -121,7 +123,7 @@ class S2KVCache(DynamicCache):
         kv_head = torch.arange(keys.shape[1], device=keys.device)[None, :, None]
         if layer_idx not in self._stripe_tables:
             self._stripe_tables[layer_idx] = self._stripe_table(layer, keys)
-        keep = (positions >= 0) & (in_window | self._stripe_tables[layer_idx][kv_head, kb % stride])
+        keep = (positions >= 0) & (in_window | self._stripe_tables[layer_idx][kv_head, kb % max(stride, 1)])
         all_kept, kept = torch.stack([keep.all().long(), keep.sum(dim=-1).max()]).tolist()  # one sync
         if all_kept:
             return keys, values, positions
@@ -132,16 +134,16 @@ class S2KVCache(DynamicCache):
         return keys.gather(2, index), values.gather(2, index), positions
 
     def _stripe_table(self, layer, keys):
-        """Bool ``[h_kv, vert_stride]``: residue ``kb % V`` is read as a stripe by some head of the
-        KV group (every residue, when the group holds a dense head)."""
-        offsets = layer["head_offsets"]
+        """Bool ``[h_kv, max(vert_stride, 1)]``: residue ``kb % V`` is read as a stripe by some head of
+        the KV group (every residue, when the group holds a dense head; none in a window-only layer)."""
+        offsets, stride = layer["head_offsets"], layer["vert_stride"]
         group = len(offsets) // keys.shape[1]
-        table = torch.zeros(keys.shape[1], layer["vert_stride"], dtype=torch.bool, device=keys.device)
+        table = torch.zeros(keys.shape[1], max(stride, 1), dtype=torch.bool, device=keys.device)
         for head, offset in enumerate(offsets):
             if offset is None:
                 table[head // group] = True
-            else:
-                table[head // group, (-offset) % layer["vert_stride"]] = True
+            elif stride:
+                table[head // group, (-offset) % stride] = True
         return table
 
     def kv_cache_stats(self):

@@ -117,6 +117,18 @@ def test_32k_tokens_last_chunk_against_reference():
     assert dq[:, :-tail].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_window_only_matches_float64_reference(dtype):
+    """The sliding-window control (no stripes) at the quality experiment's head shape, GQA."""
+    pattern = S2Pattern.window(block_size=64, local_blocks=8)
+    q, k, v = inputs((2, 3000, 8, 64), (2, 3000, 2, 64), dtype, seed=13)
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    grad_out = torch.randn(q.shape, generator=g, device=DEVICE).to(dtype)
+    grad_lse = torch.randn((2, 8, 3000), generator=g, device=DEVICE)
+    check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse),
+                run_reference(q, k, v, pattern, grad_out, grad_lse), dtype)
+
+
 def test_context_parallel_chunk_offsets():
     pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
     seq, q_start = 3072, 1024
