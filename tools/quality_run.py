@@ -91,8 +91,8 @@ class Setup:
 
 # 8 layers x 512-token window = 4k reach at 16k context; 8 heads x stride 8: every block covered.
 FULL = Setup(seq_length=16384, num_layers=8, hidden=512, ffn=1536, heads=8, block_size=64,
-             local_blocks=8, vert_stride=8, micro_batch=4, global_batch=8, train_iters=400, lr=2e-3,
-             warmup=40, eval_interval=50, eval_iters=2,
+             local_blocks=8, vert_stride=8, micro_batch=4, global_batch=8, train_iters=640, lr=2e-3,
+             warmup=40, eval_interval=40, eval_iters=2,
              lengths=(2048, 4096, 8192, 12288, 16384), depths=tuple(i / 9 for i in range(10)),
              samples_per_cell=20, loss_sequences=16, max_corpus_bytes=150_000_000)
 # The same pipeline in miniature: 4 layers x 32-token window = 128 reach at 512 context (a needle
