@@ -15,12 +15,23 @@ Entries that need no token mask (every unit uses them, no pair crosses the causa
 first in each list so the hot loop runs without masks, two key units (128 keys) per step; the few
 diagonal and partial entries follow and are masked token by token.
 
-Backward is deterministic (no atomics): one program per (KV head, key tile) loops over the query heads
-of its GQA group and their transposed lists, accumulating dK/dV in registers; one program per
-(query head, query tile) computes dQ. The gradient of the returned log-sum-exp enters through
-``delta = rowsum(dO * O) - dlse`` (dS = P * (dP - delta)). Packed sequences share the lists of one
-length at least the longest sequence's: rows past a sequence's end are skipped, and the ascending
-transposed lists are cut by binary search.
+Backward, two modes. Both run one program per key tile and query heads, accumulating dK/dV in
+registers over the tile's transposed lists, heaviest programs first:
+- deterministic: no atomics, bit-identical from run to run; dQ has its own pass, one program per
+  (query head, query tile), which recomputes P and dP (7 matrix products per block pair);
+- fast: the dK/dV pass also adds each block pair's dQ part into a float32 accumulator with atomics
+  (5 products per pair, FlashAttention's scheme); the accumulator is cast to the input dtype at the
+  end. The order of the float32 adds varies, so dQ may differ in the last bits from run to run.
+A program serves one query head, or all query heads of a GQA group (their K/V tile loaded once),
+whichever gives the shorter longest program (``KernelLayout.split_heads``): when the group's heads
+read the same blocks (``kv_group``/``homogeneous``), one program per group would run the group's
+long stripe lists one after the other. Per-head programs write float32 partial dK/dV that are summed
+over the group in a fixed order.
+
+The gradient of the returned log-sum-exp enters through ``delta = rowsum(dO * O) - dlse``
+(dS = P * (dP - delta)). Packed sequences share the lists of one length at least the longest
+sequence's: rows past a sequence's end are skipped, and the ascending transposed lists are cut by
+binary search.
 """
 from __future__ import annotations
 
@@ -35,6 +46,9 @@ import triton.language as tl
 from .layout import S2Layout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The backward mode when the caller does not choose (s2_attention(deterministic=None)): True runs
+# the deterministic backward (separate dQ pass), False the fast one (dQ by atomics in the dK/dV pass).
+DETERMINISTIC_BY_DEFAULT = True
 # Fixed launch configs by default (the first of each list, measured best on H100), so that every
 # process runs the same code and gradients are bit-identical from run to run. S2_AUTOTUNE=1 lets
 # Triton's autotuner choose per shape class (other cards); its choice may differ between processes.
@@ -74,6 +88,9 @@ class KernelLayout:
     k_merge: int  # units per key tile (dK/dV)
     q_tiles: TileLists  # for the forward and dQ: key units per query tile (consecutive units)
     k_tiles: TileLists  # for dK/dV: query units per key tile (units paired per KV head)
+    group: int  # query heads per KV head
+    split_heads: bool  # dK/dV programs serve one query head each (else a whole GQA group)
+    k_order: torch.Tensor  # dK/dV work items (program head * tiles + tile), most list entries first
 
 
 def _unit_entries(ptr, idx, heads, n_rows, row_start, col_start, refine, rows_are_queries):
@@ -177,13 +194,39 @@ def _merge_lists(head, row, col, tiles, heads, group, n_rows, n_cols, row_start,
                      n_tiles)
 
 
+# Head-dim classes of the launch choices: head dims 16-64, 128, 256.
+HEAD_DIM_CLASSES = (64, 128, 256)
+# Rows of a query tile (forward, dQ) and of a key tile (dK/dV) per head-dim class: 128, since
+# Hopper's tensor cores are underused at 64 rows; 64 at head dim 256 (registers, shared memory).
+QUERY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
+KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
+# dK/dV programs serve one query head each when one program per GQA group would make the longest
+# program at least this many times longer (its heads read the same long lists one after another).
+SPLIT_HEADS_RATIO = 1.5
+
+
+def head_dim_class(head_dim: int) -> int:
+    return next(c for c in HEAD_DIM_CLASSES if head_dim <= c)
+
+
 def tile_sizes(block_size: int, head_dim: int):
-    """(unit, units per query tile, units per key tile) for this block size and head dim: tiles
-    of 128 rows (64 at head dim 256), since Hopper's tensor cores are underused at 64 rows."""
+    """(unit, units per query tile, units per key tile) for this block size and head dim."""
     unit = min(block_size, _MAX_UNIT)
-    rows = 128 if head_dim <= 128 else 64
-    merge = max(1, rows // unit)
-    return unit, merge, merge
+    dim_class = head_dim_class(head_dim)
+    return unit, max(1, QUERY_TILE_ROWS[dim_class] // unit), max(1, KEY_TILE_ROWS[dim_class] // unit)
+
+
+def _key_work_order(k_tiles: TileLists, heads: int, group: int):
+    """(split_heads, order) of the dK/dV programs. A program's cost is its list entries (query units
+    against its key tile); one program per group costs the sum over the group's heads. Programs
+    run heaviest first, so that no long program starts last (ties keep head-major order: the
+    programs running together read one head's Q and dO from L2)."""
+    per_head = (k_tiles.ptr[1:] - k_tiles.ptr[:-1]).view(heads, k_tiles.num_tiles).long()
+    per_group = per_head.view(heads // group, group, -1).sum(1)
+    split = group > 1 and per_group.max().item() >= SPLIT_HEADS_RATIO * per_head.max().item()
+    cost = (per_head if split else per_group).flatten()
+    order = torch.sort(-cost, stable=True).indices
+    return split, order.to(torch.int32)
 
 
 _derived: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -193,7 +236,7 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     """Tile lists for ``layout`` and ``group`` query heads per KV head, cached by layout identity
     (get_layout caches the layouts themselves)."""
     unit, q_merge, k_merge = tile_sizes(layout.block_size, head_dim)
-    key = (id(layout), unit, q_merge, k_merge, group)
+    key = (id(layout), unit, q_merge, k_merge, group, SPLIT_HEADS_RATIO)
     hit = _derived.get(key)
     if hit is not None and hit[0] is layout:
         _derived.move_to_end(key)
@@ -212,7 +255,9 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     k_pairs = _paired_tiles(hk, rk, ck, heads, group, k_merge, k_units, q_units)
     k_tiles = _merge_lists(hk, rk, ck, k_pairs, heads, group, k_units, q_units, k_start, q_start,
                            rows_are_queries=False)
-    derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles)
+    split_heads, k_order = _key_work_order(k_tiles, heads, group)
+    derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles,
+                           group=group, split_heads=split_heads, k_order=k_order)
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
         _derived.popitem(last=False)
@@ -401,11 +446,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
-    stride_lb, stride_lh, num_heads, len_q_all,
+    O, DO, DLSE, DELTA, DQ_ACC, CU_Q, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+    stride_lb, stride_lh, stride_ab, stride_as, stride_ah, num_heads, len_q_all,
     HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
+    ZERO_DQ: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) - dlse, laid out like the lse."""
+    """delta = rowsum(dO * O) - dlse, laid out like the lse; zeroes the dQ accumulator (fast mode)."""
     pid_bh = tl.program_id(0)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -426,14 +472,19 @@ def _bwd_delta_kernel(
         if HAS_DLSE:
             delta -= tl.load(DLSE + l_off, mask=row_ok, other=0.0)
         tl.store(DELTA + l_off, delta, mask=row_ok)
+        if ZERO_DQ:
+            tl.store(DQ_ACC + b64 * stride_ab + h * stride_ah + tok[:, None] * stride_as + offs_d[None, :],
+                     tl.zeros([ROWS, HEAD_DIM], tl.float32), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds, ENTRIES, e_lo, e_hi,
-                qk_scale, k_pos, len_q, q_pos0, unit_of_row, offs_d,
-                UNIT: tl.constexpr, QSTEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds, stride_as,
+                ENTRIES, e_lo, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0, unit_of_row, offs_d,
+                UNIT: tl.constexpr, QSTEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+                FUSED_DQ: tl.constexpr):
     """dK/dV of one key tile from the query units at ``ENTRIES[e_lo:e_hi]``, ``QSTEP`` query rows
-    at a time (32 keeps the [tile, QSTEP] fp32 temporaries small enough to avoid spills)."""
+    at a time (32 keeps the [tile, QSTEP] fp32 temporaries small enough to avoid spills); with
+    ``FUSED_DQ`` also adds each step's dQ part into the float32 accumulator at ``dq_base``."""
     offs_u = tl.arange(0, QSTEP)
     for e in range(e_lo, e_hi):
         entry = tl.load(ENTRIES + e)
@@ -454,26 +505,36 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride
                 pt = tl.where(keep, pt, 0.0)
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+            dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
+            dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PREC)
+            if FUSED_DQ:
+                # Key rows past the end or in empty slots were loaded as 0: they add nothing.
+                dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
+                tl.atomic_add(dq_base + q_off * stride_as + offs_u[:, None] * stride_as + offs_d[None, :], dq,
+                              mask=q_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, T_UNITS, CU_Q, CU_K, qk_scale, sm_scale,
+    Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, T_UNITS, ORDER, CU_Q, CU_K,
+    qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-    num_kv_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
+    stride_dvb, stride_dvs, stride_dvh, stride_ab, stride_as, stride_ah, stride_lb, stride_lh,
+    heads_per_program, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, QSTEP: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, QSTEP: tl.constexpr,
 ):
+    """One key tile against ``heads_per_program`` query heads (one, or a GQA group); writes dK/dV
+    at head index ``program head`` of DK/DV (the KV head, or per-query-head partials)."""
     TILE: tl.constexpr = UNIT * MERGE
-    pid_bh = tl.program_id(1)
-    tile = tl.program_id(0)  # tiles of long-list (heavy) key units come first
-    b = pid_bh // num_kv_heads
-    kh = pid_bh % num_kv_heads
+    work = tl.load(ORDER + tl.program_id(0))  # heaviest programs first
+    b = tl.program_id(1)
+    out_head = work // num_tiles
+    tile = work % num_tiles
+    h_first = out_head * heads_per_program
+    kh = h_first // group
     q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
     k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
     offs_m = tl.arange(0, TILE)
@@ -495,10 +556,10 @@ def _bwd_dkdv_kernel(
         dk = tl.zeros([TILE, HEAD_DIM], tl.float32)
         dv = tl.zeros([TILE, HEAD_DIM], tl.float32)
         q_tok = q_tok0.to(tl.int64)
-        for j in range(0, group):
-            h = kh * group + j
+        for h in range(h_first, h_first + heads_per_program):
             q_base = Q + b64 * stride_qb + h * stride_qh + q_tok * stride_qs
             do_base = DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
+            dq_base = DQ_ACC + b64 * stride_ab + h * stride_ah + q_tok * stride_as
             l_base = LSE + b64 * stride_lb + h * stride_lh + q_tok
             d_base = DELTA + b64 * stride_lb + h * stride_lh + q_tok
             e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, 1)
@@ -507,16 +568,16 @@ def _bwd_dkdv_kernel(
                 e_hi = _lower_bound(ENTRIES, e_mid, e_hi, q_units)
             else:
                 e_stop = e_mid
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds,
-                                 ENTRIES, e_lo, e_stop, qk_scale, k_pos, len_q, q_pos0, unit_of_row,
-                                 offs_d, UNIT, QSTEP, False, DOT_PREC)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds,
-                                 ENTRIES, e_mid, e_hi, qk_scale, k_pos, len_q, q_pos0, unit_of_row,
-                                 offs_d, UNIT, QSTEP, True, DOT_PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds,
+                                 stride_as, ENTRIES, e_lo, e_stop, qk_scale, sm_scale, k_pos, len_q, q_pos0,
+                                 unit_of_row, offs_d, UNIT, QSTEP, False, DOT_PREC, FUSED_DQ)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds,
+                                 stride_as, ENTRIES, e_mid, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0,
+                                 unit_of_row, offs_d, UNIT, QSTEP, True, DOT_PREC, FUSED_DQ)
         dk *= sm_scale
-        tl.store(DK + b64 * stride_dkb + kh * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :],
+        tl.store(DK + b64 * stride_dkb + out_head * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(DV + b64 * stride_dvb + kh * stride_dvh + k_off[:, None] * stride_dvs + offs_d[None, :],
+        tl.store(DV + b64 * stride_dvb + out_head * stride_dvh + k_off[:, None] * stride_dvs + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -609,15 +670,24 @@ def _configs(params, triples):
             for value, w, s in triples]
 
 
-# Head dim <= 128 | head dim 256 (64-row tiles, less shared memory per stage).
-_FWD_CONFIGS = (_configs("STEP", [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
+# One list per head-dim class (HEAD_DIM_CLASSES: <= 64 | 128 | 256; 64-row tiles at 256, less shared
+# memory per stage). The first of each list is the default: at head dims 64 and 128 the configs
+# measured best on an H100 at head dim 128; tools/tune_kernel.py times the others.
+_FWD_CONFIGS = (_configs("STEP", [(2, 8, 2), (2, 4, 3), (2, 4, 2), (2, 8, 3), (1, 4, 3), (2, 4, 4)]),
+                _configs("STEP", [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
                 _configs("STEP", [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
 # Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
-_DKDV_CONFIGS = (_configs("QSTEP", [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
+_DKDV_CONFIGS = (_configs("QSTEP", [(64, 8, 3), (64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 8, 2), (16, 4, 2)]),
+                 _configs("QSTEP", [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
                                     (64, 4, 3), (16, 8, 2)]),
                  _configs("QSTEP", [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
-_DQ_CONFIGS = (_configs("STEP", [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
+_DQ_CONFIGS = (_configs("STEP", [(2, 8, 3), (2, 4, 3), (1, 4, 3), (2, 4, 2)]),
+               _configs("STEP", [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
                _configs("STEP", [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
+# The fast backward's dK/dV pass with the dQ product and its atomics (not yet measured: candidates).
+_FUSED_CONFIGS = (_configs("QSTEP", [(32, 8, 2), (64, 8, 2), (32, 4, 2), (64, 4, 3), (16, 4, 2)]),
+                  _configs("QSTEP", [(32, 8, 2), (64, 8, 2), (32, 8, 3), (64, 8, 3), (16, 8, 2), (32, 4, 2)]),
+                  _configs("QSTEP", [(32, 8, 1), (16, 8, 1), (32, 4, 1)]))
 
 
 def _fits(config, unit):
@@ -633,17 +703,19 @@ def _prune(configs, named_args, **kwargs):
 class _Launcher:
     """The kernel with its first fitting config, or autotuned (S2_AUTOTUNE=1)."""
 
-    def __init__(self, kernel, config_lists):
+    def __init__(self, kernel, config_lists, reset_to_zero=None):
         self.kernel = kernel
         self.config_lists = config_lists
+        # reset_to_zero: accumulators the tuner must clear between its trial runs.
         self.tuned = [
-            triton.autotune(configs=c, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+            triton.autotune(configs=c, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+                            reset_to_zero=reset_to_zero)(kernel)
             if AUTOTUNE else None
             for c in config_lists
         ]
 
     def launch(self, grid, head_dim, *args, **kwargs):
-        which = 0 if head_dim <= 128 else 1
+        which = HEAD_DIM_CLASSES.index(head_dim_class(head_dim))
         if self.tuned[which] is not None:
             self.tuned[which][grid](*args, **kwargs)
             return
@@ -655,6 +727,7 @@ class _Launcher:
 _fwd = _Launcher(_fwd_kernel, _FWD_CONFIGS)
 _dkdv = _Launcher(_bwd_dkdv_kernel, _DKDV_CONFIGS)
 _dq = _Launcher(_bwd_dq_kernel, _DQ_CONFIGS)
+_fused = _Launcher(_bwd_dkdv_kernel, _FUSED_CONFIGS, reset_to_zero=["DQ_ACC"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,7 +798,8 @@ def forward(q, k, v, prob: Problem, out=None, lse=None, resume=False):
     return out, lse
 
 
-def backward(do, q, k, v, out, lse, dlse, prob: Problem):
+def backward(do, q, k, v, out, lse, dlse, prob: Problem, deterministic: bool):
+    """``(dq, dk, dv)``; ``deterministic`` chooses the backward mode (module docstring)."""
     batch, _, heads, dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -738,26 +812,36 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
     cu_q = prob.cu_q if varlen else lse
     cu_k = prob.cu_k if varlen else lse
     delta = new_output(lse.shape, lse.dtype, lse.device)
+    # Fast mode: dQ accumulates in float32 (zeroed by the delta kernel, which visits every row).
+    dq_acc = new_output(q.shape, torch.float32, q.device) if not deterministic else delta
+    acc_strides = _bsh(dq_acc, varlen) if not deterministic else (0, 0, 0)
     rows = 64
     _bwd_delta_kernel[(prob.num_seqs * heads, triton.cdiv(prob.len_q, rows))](
-        out, do, dlse if dlse is not None else lse, delta, cu_q, *_bsh(out, varlen), *_bsh(do, varlen),
-        *_lse_strides(lse, varlen), heads, prob.len_q,
-        HEAD_DIM=dim, ROWS=rows, HAS_DLSE=dlse is not None, VARLEN=varlen,
+        out, do, dlse if dlse is not None else lse, delta, dq_acc, cu_q, *_bsh(out, varlen), *_bsh(do, varlen),
+        *_lse_strides(lse, varlen), *acc_strides, heads, prob.len_q,
+        HEAD_DIM=dim, ROWS=rows, HAS_DLSE=dlse is not None, VARLEN=varlen, ZERO_DQ=not deterministic,
     )
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
-    dv = new_output(v.shape, v.dtype, v.device)
+    # Per-head programs of a GQA group write float32 partials, summed below in a fixed order.
+    partial = kl.split_heads
+    grad_shape, grad_dtype = ((*k.shape[:2], heads, dim), torch.float32) if partial else (k.shape, k.dtype)
+    dk = new_output(grad_shape, grad_dtype, k.device)
+    dv = new_output(grad_shape, grad_dtype, v.device)
     qk_scale = prob.sm_scale * _LOG2E
     prec = _dot_precision(q.dtype)
     common = dict(HEAD_DIM=dim, UNIT=kl.unit, VARLEN=varlen, DOT_PREC=prec)
     kt = kl.k_tiles
-    _dkdv.launch((kt.num_tiles, prob.num_seqs * kv_heads), dim,
-        q, k, v, do, dk, dv, lse, delta, kt.ptr, kt.nfull, kt.entries, kt.units, cu_q, cu_k, qk_scale,
-        prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
-        *_bsh(dk, varlen), *_bsh(dv, varlen), *_lse_strides(lse, varlen),
-        kv_heads, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0, _tune_bucket(prob.len_q),
-        MERGE=kl.k_merge, **common,
+    (_dkdv if deterministic else _fused).launch((kl.k_order.numel(), prob.num_seqs), dim,
+        q, k, v, do, dk, dv, dq_acc, lse, delta, kt.ptr, kt.nfull, kt.entries, kt.units, kl.k_order, cu_q, cu_k,
+        qk_scale, prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
+        *_bsh(dk, varlen), *_bsh(dv, varlen), *acc_strides, *_lse_strides(lse, varlen),
+        1 if partial else group, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0,
+        _tune_bucket(prob.len_q), MERGE=kl.k_merge, FUSED_DQ=not deterministic, **common,
     )
+    if partial:
+        dk, dv = (t.unflatten(2, (kv_heads, group)).sum(3).to(k.dtype) for t in (dk, dv))
+    if not deterministic:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = new_output(q.shape, q.dtype, q.device)
     qt = kl.q_tiles
     _dq.launch((qt.num_tiles, prob.num_seqs * heads), dim,
         q, k, v, do, dq, lse, delta, qt.ptr, qt.nfull, qt.entries, cu_q, cu_k, qk_scale,
