@@ -84,9 +84,11 @@ class TileLists:
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
     unit: int
-    q_merge: int  # units per query tile (forward, dQ)
+    q_merge: int  # units per query list tile (forward, dQ)
     k_merge: int  # units per key tile (dK/dV)
     q_tiles: TileLists  # for the forward and dQ: key units per query tile (consecutive units)
+    q_pack: int  # query heads stacked in one forward/dQ program (GQA packing; 1: none)
+    q_positions: int  # positions per forward/dQ program (its rows: q_pack * q_positions)
     k_tiles: TileLists  # for dK/dV: query units per key tile (units paired per KV head)
     group: int  # query heads per KV head
     split_heads: bool  # dK/dV programs serve one query head each (else a whole GQA group)
@@ -200,6 +202,9 @@ HEAD_DIM_CLASSES = (64, 128, 256)
 # Hopper's tensor cores are underused at 64 rows; 64 at head dim 256 (registers, shared memory).
 QUERY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
+# GQA packing: when the query heads of a KV group read the same blocks (kv_group, homogeneous),
+# forward and dQ programs stack them in their rows and load each K/V unit once for the group.
+PACK_GQA = True
 # dK/dV programs serve one query head each when one program per GQA group would make the longest
 # program at least this many times longer (its heads read the same long lists one after another).
 SPLIT_HEADS_RATIO = 1.5
@@ -214,6 +219,32 @@ def tile_sizes(block_size: int, head_dim: int):
     unit = min(block_size, _MAX_UNIT)
     dim_class = head_dim_class(head_dim)
     return unit, max(1, QUERY_TILE_ROWS[dim_class] // unit), max(1, KEY_TILE_ROWS[dim_class] // unit)
+
+
+def _group_shares_lists(layout: S2Layout, group: int) -> bool:
+    """Whether the query heads of every KV group have the same block lists."""
+    ptr, idx, n_rows = layout.q2k_ptr.long(), layout.q2k_idx, layout.num_q_blocks
+    counts = (ptr[1:] - ptr[:-1]).view(-1, group, n_rows)
+    if not bool((counts == counts[:, :1]).all()):
+        return False
+    heads = layout.num_heads
+    head_start = ptr[:-1:n_rows]  # first entry of each head
+    length = counts.sum(-1).flatten()
+    head_of_entry = torch.repeat_interleave(torch.arange(heads, device=idx.device), length, output_size=idx.numel())
+    within = torch.arange(idx.numel(), device=idx.device) - head_start[head_of_entry]
+    lead = head_start[head_of_entry // group * group]
+    return torch.equal(idx, idx[lead + within])
+
+
+def _query_packing(layout: S2Layout, head_dim: int, group: int, unit: int, q_merge: int):
+    """(heads per program, positions per program, units per list tile) of the forward and dQ: a
+    group of 2-8 heads with shared lists fills the rows of one program with ``rows // group``
+    positions of each head (lists then cover ``max(unit, positions)`` positions)."""
+    positions = QUERY_TILE_ROWS[head_dim_class(head_dim)] // group
+    if (PACK_GQA and 1 < group and group & (group - 1) == 0 and positions >= 16
+            and _group_shares_lists(layout, group)):
+        return group, positions, max(1, positions // unit)
+    return 1, unit * q_merge, q_merge
 
 
 def _key_work_order(k_tiles: TileLists, heads: int, group: int):
@@ -236,7 +267,7 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     """Tile lists for ``layout`` and ``group`` query heads per KV head, cached by layout identity
     (get_layout caches the layouts themselves)."""
     unit, q_merge, k_merge = tile_sizes(layout.block_size, head_dim)
-    key = (id(layout), unit, q_merge, k_merge, group, SPLIT_HEADS_RATIO)
+    key = (id(layout), unit, q_merge, k_merge, group, SPLIT_HEADS_RATIO, PACK_GQA)
     hit = _derived.get(key)
     if hit is not None and hit[0] is layout:
         _derived.move_to_end(key)
@@ -248,6 +279,7 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     device = layout.q2k_idx.device
     hq, rq, cq = _unit_entries(layout.q2k_ptr, layout.q2k_idx, heads, layout.num_q_blocks, q_start, k_start,
                                refine, rows_are_queries=True)
+    q_pack, q_positions, q_merge = _query_packing(layout, head_dim, group, unit, q_merge)
     q_tiles = _merge_lists(hq, rq, cq, _consecutive_tiles(q_units, q_merge, device), heads, heads,
                            q_units, k_units, q_start, k_start, rows_are_queries=True)
     hk, rk, ck = _unit_entries(layout.k2q_ptr, layout.k2q_idx, heads, layout.num_k_blocks, k_start, q_start,
@@ -257,7 +289,8 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
                            rows_are_queries=False)
     split_heads, k_order = _key_work_order(k_tiles, heads, group)
     derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles,
-                           group=group, split_heads=split_heads, k_order=k_order)
+                           q_pack=q_pack, q_positions=q_positions, group=group, split_heads=split_heads,
+                           k_order=k_order)
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
         _derived.popitem(last=False)
@@ -319,17 +352,28 @@ def _key_ptrs(base, ENTRIES, e, stride, offs_n, offs_d, UNIT: tl.constexpr, STEP
 
 
 @triton.jit
-def _query_tile_program(CU_Q, CU_K, num_heads, num_tiles, len_q_all, len_k_all, VARLEN: tl.constexpr):
-    """``(b, h, tile, q_tok0, len_q, k_tok0, len_k)`` of a query-tile program (forward, dQ). Tiles vary
-    fastest, so the programs running together share one head's K/V in L2; late (heavy) tiles first
-    for load balance."""
+def _query_tile_program(CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len_q_all, len_k_all,
+                        UNIT: tl.constexpr, MERGE: tl.constexpr, PACK: tl.constexpr, POS: tl.constexpr,
+                        VARLEN: tl.constexpr):
+    """A query-tile program (forward, dQ): ``POS`` positions of ``PACK`` query heads, ``PACK * POS``
+    rows. ``PACK`` > 1 stacks the heads of one GQA group that share their lists (GQA packing: each
+    K/V unit is loaded once for the group). Returns ``(b, first head, first position, row heads,
+    row positions, list row, row unit slots, q_tok0, len_q, k_tok0, len_k)``. Programs of one head
+    (pack) run together, so its K/V stays in L2; late (heavy) positions first for load balance."""
     pid_bh = tl.program_id(1)
-    tile = num_tiles - 1 - tl.program_id(0)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    tile = num_programs - 1 - tl.program_id(0)
+    b = pid_bh // (num_heads // PACK)
+    h0 = (pid_bh % (num_heads // PACK)) * PACK
     q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
     k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
-    return b, h, tile, q_tok0, len_q, k_tok0, len_k
+    pos0 = tile * POS
+    rows = tl.arange(0, PACK * POS)
+    pos = pos0 + rows % POS
+    head = h0 + rows // POS
+    list_tile = pos0 // (UNIT * MERGE)  # a list tile holds MERGE units, one or more programs' positions
+    unit_of_row = pos // UNIT - list_tile * MERGE
+    return (b, h0, pos0, head, pos, h0 * num_list_tiles + list_tile, unit_of_row, q_tok0, len_q, k_tok0,
+            len_k)
 
 
 @triton.jit
@@ -394,29 +438,26 @@ def _fwd_kernel(
     Q, K, V, O, LSE, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-    num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
-    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
+    num_heads, group, len_q_all, len_k_all, num_programs, num_list_tiles, q_pos0, k_pos0, tune_bucket,
+    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr, PACK: tl.constexpr, POS: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, RESUME: tl.constexpr, STEP: tl.constexpr,
 ):
-    TILE: tl.constexpr = UNIT * MERGE
-    b, h, tile, q_tok0, len_q, k_tok0, len_k = _query_tile_program(CU_Q, CU_K, num_heads, num_tiles, len_q_all,
-                                                                    len_k_all, VARLEN)
-    row0 = tile * TILE
-    if row0 < len_q:
-        offs_m = tl.arange(0, TILE)
+    ROWS: tl.constexpr = PACK * POS
+    b, h0, pos0, head, pos, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
+        CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len_q_all, len_k_all, UNIT, MERGE, PACK, POS, VARLEN)
+    if pos0 < len_q:
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
-        q_base = Q + b64 * stride_qb + (q_tok0 + row0).to(tl.int64) * stride_qs + h * stride_qh
-        row_ok = (row0 + offs_m) < len_q
-        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h // group, stride_kb, stride_ks, stride_kh,
+        row_ok = pos < len_q
+        tok = (q_tok0 + pos).to(tl.int64)
+        q = tl.load(Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h0 // group, stride_kb, stride_ks, stride_kh,
                                         stride_vb, stride_vs, stride_vh)
-        e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, STEP)
-        q_pos = q_pos0 + row0 + offs_m
-        unit_of_row = offs_m // UNIT
-        o_ptrs = (O + b64 * stride_ob + (q_tok0 + row0).to(tl.int64) * stride_os + h * stride_oh
-                  + offs_m[:, None] * stride_os + offs_d[None, :])
-        l_ptrs = LSE + b64 * stride_lb + h * stride_lh + q_tok0 + row0 + offs_m
+        e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, list_row, STEP)
+        q_pos = q_pos0 + pos
+        o_ptrs = O + b64 * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :]
+        l_ptrs = LSE + b64 * stride_lb + head * stride_lh + tok
         if RESUME:
             # Continue the softmax already in O/LSE (earlier keys): normalized out with l = 1.
             lse_prev = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
@@ -425,9 +466,9 @@ def _fwd_kernel(
             l_i = tl.where(started, 1.0, 0.0)
             acc = tl.load(o_ptrs, mask=row_ok[:, None] & started[:, None], other=0.0).to(tl.float32)
         else:
-            m_i = tl.full([TILE], float("-inf"), tl.float32)
-            l_i = tl.zeros([TILE], tl.float32)
-            acc = tl.zeros([TILE, HEAD_DIM], tl.float32)
+            m_i = tl.full([ROWS], float("-inf"), tl.float32)
+            l_i = tl.zeros([ROWS], tl.float32)
+            acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
                                    e_lo, e_mid, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
                                    offs_d, UNIT, STEP, False, DOT_PREC)
@@ -613,41 +654,37 @@ def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
-    num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
-    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
+    num_heads, group, len_q_all, len_k_all, num_programs, num_list_tiles, q_pos0, k_pos0, tune_bucket,
+    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr, PACK: tl.constexpr, POS: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
 ):
-    TILE: tl.constexpr = UNIT * MERGE
-    b, h, tile, q_tok0, len_q, k_tok0, len_k = _query_tile_program(CU_Q, CU_K, num_heads, num_tiles, len_q_all,
-                                                                    len_k_all, VARLEN)
-    row0 = tile * TILE
-    if row0 < len_q:
-        offs_m = tl.arange(0, TILE)
+    ROWS: tl.constexpr = PACK * POS
+    b, h0, pos0, head, pos, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
+        CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len_q_all, len_k_all, UNIT, MERGE, PACK, POS, VARLEN)
+    if pos0 < len_q:
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
-        row_ok = (row0 + offs_m) < len_q
-        q_tok = (q_tok0 + row0).to(tl.int64)
-        q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_tok * stride_qs
-                    + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
-                     + offs_m[:, None] * stride_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        l_off = b64 * stride_lb + h * stride_lh + q_tok + offs_m
+        row_ok = pos < len_q
+        tok = (q_tok0 + pos).to(tl.int64)
+        q = tl.load(Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b64 * stride_db + tok[:, None] * stride_ds + head[:, None] * stride_dh + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        l_off = b64 * stride_lb + head * stride_lh + tok
         lse2 = tl.load(LSE + l_off, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
-        k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h // group, stride_kb, stride_ks, stride_kh,
+        k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h0 // group, stride_kb, stride_ks, stride_kh,
                                         stride_vb, stride_vs, stride_vh)
-        e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, STEP)
-        q_pos = q_pos0 + row0 + offs_m
-        unit_of_row = offs_m // UNIT
-        dq = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, list_row, STEP)
+        q_pos = q_pos0 + pos
+        dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_mid,
                        qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, STEP, False, DOT_PREC)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_mid, e_hi,
                        qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, 1, True, DOT_PREC)
         dq *= sm_scale
-        tl.store(DQ + b64 * stride_dqb + h * stride_dqh + q_tok * stride_dqs
-                 + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=row_ok[:, None])
+        tl.store(DQ + b64 * stride_dqb + tok[:, None] * stride_dqs + head[:, None] * stride_dqh + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,17 +822,23 @@ def forward(q, k, v, prob: Problem, out=None, lse=None, resume=False):
     tiles = kl.q_tiles
     cu_q = prob.cu_q if prob.varlen else lse  # unused pointer when not packed
     cu_k = prob.cu_k if prob.varlen else lse
-    grid = (tiles.num_tiles, prob.num_seqs * heads)
+    grid, num_programs, shape = _query_programs(kl, prob, heads)
     _fwd.launch(grid, dim,
         q, k, v, out, lse, tiles.ptr, tiles.nfull, tiles.entries, cu_q, cu_k, prob.sm_scale * _LOG2E,
         *_bsh(q, prob.varlen), *_bsh(k, prob.varlen), *_bsh(v, prob.varlen), *_bsh(out, prob.varlen),
         *_lse_strides(lse, prob.varlen),
-        heads, heads // k.shape[2], prob.len_q, prob.len_k, tiles.num_tiles, prob.q_pos0, prob.k_pos0,
-        _tune_bucket(prob.len_q),
-        HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.q_merge, VARLEN=prob.varlen,
-        DOT_PREC=_dot_precision(q.dtype), RESUME=resume,
+        heads, heads // k.shape[2], prob.len_q, prob.len_k, num_programs, tiles.num_tiles, prob.q_pos0,
+        prob.k_pos0, _tune_bucket(prob.len_q),
+        HEAD_DIM=dim, VARLEN=prob.varlen, DOT_PREC=_dot_precision(q.dtype), RESUME=resume, **shape,
     )
     return out, lse
+
+
+def _query_programs(kl: KernelLayout, prob: Problem, heads: int):
+    """Grid, programs per (pack of) head(s) and tile constants of the forward and dQ kernels."""
+    num_programs = kl.q_tiles.num_tiles * (kl.unit * kl.q_merge // kl.q_positions)
+    grid = (num_programs, prob.num_seqs * heads // kl.q_pack)
+    return grid, num_programs, dict(UNIT=kl.unit, MERGE=kl.q_merge, PACK=kl.q_pack, POS=kl.q_positions)
 
 
 def backward(do, q, k, v, out, lse, dlse, prob: Problem, deterministic: bool):
@@ -828,14 +871,14 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem, deterministic: bool):
     dv = new_output(grad_shape, grad_dtype, v.device)
     qk_scale = prob.sm_scale * _LOG2E
     prec = _dot_precision(q.dtype)
-    common = dict(HEAD_DIM=dim, UNIT=kl.unit, VARLEN=varlen, DOT_PREC=prec)
     kt = kl.k_tiles
     (_dkdv if deterministic else _fused).launch((kl.k_order.numel(), prob.num_seqs), dim,
         q, k, v, do, dk, dv, dq_acc, lse, delta, kt.ptr, kt.nfull, kt.entries, kt.units, kl.k_order, cu_q, cu_k,
         qk_scale, prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dk, varlen), *_bsh(dv, varlen), *acc_strides, *_lse_strides(lse, varlen),
         1 if partial else group, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0,
-        _tune_bucket(prob.len_q), MERGE=kl.k_merge, FUSED_DQ=not deterministic, **common,
+        _tune_bucket(prob.len_q), HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.k_merge, VARLEN=varlen, DOT_PREC=prec,
+        FUSED_DQ=not deterministic,
     )
     if partial:
         dk, dv = (t.unflatten(2, (kv_heads, group)).sum(3).to(k.dtype) for t in (dk, dv))
@@ -843,11 +886,12 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem, deterministic: bool):
         return dq_acc.to(q.dtype), dk, dv
     dq = new_output(q.shape, q.dtype, q.device)
     qt = kl.q_tiles
-    _dq.launch((qt.num_tiles, prob.num_seqs * heads), dim,
+    grid, num_programs, shape = _query_programs(kl, prob, heads)
+    _dq.launch(grid, dim,
         q, k, v, do, dq, lse, delta, qt.ptr, qt.nfull, qt.entries, cu_q, cu_k, qk_scale,
         prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dq, varlen), *_lse_strides(lse, varlen),
-        heads, group, prob.len_q, prob.len_k, qt.num_tiles, prob.q_pos0, prob.k_pos0, _tune_bucket(prob.len_q),
-        MERGE=kl.q_merge, **common,
+        heads, group, prob.len_q, prob.len_k, num_programs, qt.num_tiles, prob.q_pos0, prob.k_pos0,
+        _tune_bucket(prob.len_q), HEAD_DIM=dim, VARLEN=varlen, DOT_PREC=prec, **shape,
     )
     return dq, dk, dv

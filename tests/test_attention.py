@@ -278,8 +278,8 @@ def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, spli
     """Both ways of serving a GQA group in the dK/dV pass compute the same gradients."""
     monkeypatch.setattr(kernel, "SPLIT_HEADS_RATIO", split_ratio)
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
-    q, k, v = draw((2, 70, 6, 32), (2, 70, 2, 32), (2, 70, 2, 32), seed=34)
-    layout = get_layout(pattern, 6, 2, 70)
+    q, k, v = draw((1, 50, 6, 32), (1, 50, 2, 32), (1, 50, 2, 32), seed=34)
+    layout = get_layout(pattern, 6, 2, 50)
     assert kernel.kernel_layout(layout, 32, 3).split_heads == (split_ratio == 0.0)
     compare(pattern, q, k, v, seed=35)
 
@@ -374,3 +374,24 @@ def test_input_errors(overrides, error, message):
     args.update(overrides)
     with pytest.raises(error, match=message):
         s2_attention(args.pop("q"), args.pop("k"), args.pop("v"), PATTERN, **args)
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "one_head"])
+def test_gqa_packing(monkeypatch, backward_mode, pack):
+    """Forward and dQ programs stack the 4 query heads of a KV group (kv_group heads share their
+    lists) in their 128 rows, 32 positions per head, or serve one head: same function."""
+    monkeypatch.setattr(kernel, "PACK_GQA", pack)
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
+    q, k, v = draw((1, 40, 8, 32), (1, 40, 2, 32), (1, 40, 2, 32), seed=36)
+    kl = kernel.kernel_layout(get_layout(pattern, 8, 2, 40), 32, 4)
+    assert (kl.q_pack, kl.q_positions) == ((4, 32) if pack else (1, 128))
+    compare(pattern, q, k, v, seed=37)
+
+
+def test_heads_share_lists_only_in_kv_groups_that_read_the_same_blocks():
+    def shares(group, **kw):
+        return kernel._group_shares_lists(get_layout(S2Pattern(block_size=16, local_blocks=2, vert_stride=4, **kw),
+                                                     8, 8 // group, 200), group)
+
+    assert shares(4, head_pattern="kv_group") and shares(8, head_pattern="homogeneous")
+    assert not shares(4) and not shares(4, head_pattern="homogeneous", num_dense_heads=1)

@@ -82,8 +82,9 @@ def test_head_dim_256_and_block_128(backward_mode):
                 run_reference(q, k, v, pattern, grad_out, grad_lse), torch.bfloat16)
 
 
-def test_packed_sequences_gqa(backward_mode):
-    pattern = S2Pattern(block_size=64, local_blocks=3, vert_stride=4)
+@pytest.mark.parametrize("head_pattern", ["heterogeneous", "kv_group"])  # kv_group: GQA packing
+def test_packed_sequences_gqa(backward_mode, head_pattern):
+    pattern = S2Pattern(block_size=64, local_blocks=3, vert_stride=4, head_pattern=head_pattern)
     lengths = [700, 64, 1, 2000, 333]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     tokens = sum(lengths)
@@ -138,13 +139,15 @@ def test_32k_tokens_last_chunk_against_reference(backward_mode):
     assert dq[:, :-tail].abs().max().item() == 0.0
 
 
-def test_context_parallel_chunk_offsets(backward_mode):
-    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
+@pytest.mark.parametrize("kv_heads,head_pattern", [(8, "heterogeneous"), (4, "kv_group")])
+def test_context_parallel_chunk_offsets(backward_mode, kv_heads, head_pattern):
+    """A CP chunk (query offset) of a TP rank's heads (the second half of the model's)."""
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
     seq, q_start = 3072, 1024
-    q, k, v = inputs((1, 1024, 8, 64), (1, seq, 8, 64), torch.bfloat16, seed=13)
+    q, k, v = inputs((1, 1024, 8, 64), (1, seq, kv_heads, 64), torch.bfloat16, seed=13)
     grad_out = torch.randn_like(q)
     grad_lse = torch.randn((1, 8, 1024), device=DEVICE)
-    kw = dict(q_start=q_start, head_start=8, num_q_heads=16, num_kv_heads=16)
+    kw = dict(q_start=q_start, head_start=8, num_q_heads=16, num_kv_heads=2 * kv_heads)
     check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse, **kw),
                 run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)
 
