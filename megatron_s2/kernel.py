@@ -6,7 +6,10 @@ Hopper's tensor cores are underused at 64 rows. ``kernel_layout`` derives, once 
 for every tile the union of its units' lists, each entry tagged with a bit per unit saying which
 units of the tile really use it:
 
-- query tiles (forward, dQ) are consecutive units, which share almost all their key units;
+- query tiles (forward, dQ) are consecutive units, which share almost all their key units. When
+  the query heads of a GQA group read the same blocks (``kv_group``, ``homogeneous``), a program
+  stacks the group's heads in its rows instead (``rows / group`` positions of each head, GQA
+  packing): each K/V unit is then loaded once for the whole group;
 - key tiles (dK/dV) pair, per KV head, units whose query lists are alike (a stripe unit with the
   next stripe unit of the same heads, window-only units with each other): a stripe unit's
   neighbour is not a stripe, and a tile of neighbours would compute the stripe's long list twice.

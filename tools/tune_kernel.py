@@ -9,7 +9,8 @@ What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed c
 - every config of each launch list (forward, deterministic dK/dV, dQ, fast fused dK/dV+dQ) for head
   dims 128 and 64, one list at a time with the others at their defaults (the candidate is moved to
   the front of its list, where the launcher takes it from);
-- 64-row against 128-row query tiles (head dim 64) and key tiles (fused pass).
+- GQA packing of the forward and dQ programs on and off (``kv_group``);
+- 64-row against 128-row query and key tiles, and at head dim 64 every forward config at 64 rows.
 Each stage prints its variants with the winner marked; a summary of the winners comes last, with
 what to change in ``megatron_s2/kernel.py``. Stops starting new variants after ``--max-minutes``.
 """
@@ -183,7 +184,13 @@ def main(argv=None):
             stage = "GQA dK/dV " + ("(det)" if deterministic else "(fast)")
             for ratio, name in ((float("inf"), "per group"), (0.0, "per head")):
                 sweep.run(stage, case, name, backward_timer(deterministic), BWD, SPLIT_HEADS_RATIO=ratio)
-    # 3. Launch configs per list, head dims 128 and 64; tile rows.
+    # 3. GQA packing of the forward and dQ programs (kv_group heads share their lists).
+    for case in (gqa_cases[1], Case(131072, kv_heads=8, head_pattern="kv_group")):
+        for pack in (False, True):
+            name = "packed" if pack else "one head"
+            sweep.run("GQA packing (fwd)", case, name, forward_timer, 1.0, PACK_GQA=pack)
+            sweep.run("GQA packing (det bwd)", case, name, backward_timer(True), BWD, PACK_GQA=pack)
+    # 4. Launch configs per list, head dims 128 and 64; tile rows.
     for case in (mha128, mha64):
         cls = kernel.head_dim_class(case.dim)
         which = kernel.HEAD_DIM_CLASSES.index(cls)
@@ -200,6 +207,10 @@ def main(argv=None):
             sweep.run("key tile rows (det)", case, str(rows), backward_timer(True), BWD, KEY_TILE_ROWS=key_rows)
             query_rows = {**kernel.QUERY_TILE_ROWS, cls: rows}
             sweep.run("query tile rows (fwd)", case, str(rows), forward_timer, 1.0, QUERY_TILE_ROWS=query_rows)
+        if case.dim == 64:  # small tiles, several programs per SM: each forward config at 64 rows
+            for index, config in enumerate(kernel._fwd.config_lists[which]):
+                sweep.run("fwd config, 64 rows", case, _label(config), forward_timer, 1.0, launcher=kernel._fwd,
+                          index=index, dim=case.dim, QUERY_TILE_ROWS={**kernel.QUERY_TILE_ROWS, cls: 64})
     report(sweep.rows, args.out)
 
 
