@@ -360,9 +360,9 @@ def _query_tile_program(CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len
                         VARLEN: tl.constexpr):
     """A query-tile program (forward, dQ): ``POS`` positions of ``PACK`` query heads, ``PACK * POS``
     rows. ``PACK`` > 1 stacks the heads of one GQA group that share their lists (GQA packing: each
-    K/V unit is loaded once for the group). Returns ``(b, first head, first position, row heads,
-    row positions, list row, row unit slots, q_tok0, len_q, k_tok0, len_k)``. Programs of one head
-    (pack) run together, so its K/V stays in L2; late (heavy) positions first for load balance."""
+    K/V unit is loaded once for the group). Returns ``(b, first head, first position, row position
+    offsets, row head offsets, list row, row unit slots, q_tok0, len_q, k_tok0, len_k)``. Programs of
+    one head (pack) run together, so its K/V stays in L2; late (heavy) positions first."""
     pid_bh = tl.program_id(1)
     tile = num_programs - 1 - tl.program_id(0)
     b = pid_bh // (num_heads // PACK)
@@ -371,12 +371,26 @@ def _query_tile_program(CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len
     k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
     pos0 = tile * POS
     rows = tl.arange(0, PACK * POS)
-    pos = pos0 + rows % POS
-    head = h0 + rows // POS
-    list_tile = pos0 // (UNIT * MERGE)  # a list tile holds MERGE units, one or more programs' positions
-    unit_of_row = pos // UNIT - list_tile * MERGE
-    return (b, h0, pos0, head, pos, h0 * num_list_tiles + list_tile, unit_of_row, q_tok0, len_q, k_tok0,
-            len_k)
+    list_tile = pos0 // (UNIT * MERGE)  # a list tile holds MERGE units: one or more programs' positions
+    if PACK == 1:  # the plain form: the compiler then sees the rows' contiguity (and less to keep live)
+        rel_pos = rows
+        rel_head = 0
+        unit_of_row = rows // UNIT
+    else:
+        rel_pos = rows % POS
+        rel_head = rows // POS
+        unit_of_row = (pos0 - list_tile * (UNIT * MERGE) + rel_pos) // UNIT
+    return (b, h0, pos0, rel_pos, rel_head, h0 * num_list_tiles + list_tile, unit_of_row, q_tok0, len_q,
+            k_tok0, len_k)
+
+
+@triton.jit
+def _row_offsets(rel_pos, rel_head, stride_s, stride_h, PACK: tl.constexpr):
+    """Offsets of a program's rows from its first (position, head): positions, and heads if packed."""
+    offsets = rel_pos * stride_s
+    if PACK > 1:
+        offsets += rel_head * stride_h
+    return offsets
 
 
 @triton.jit
@@ -446,21 +460,23 @@ def _fwd_kernel(
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, RESUME: tl.constexpr, STEP: tl.constexpr,
 ):
     ROWS: tl.constexpr = PACK * POS
-    b, h0, pos0, head, pos, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
+    b, h0, pos0, rel_pos, rel_head, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
         CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len_q_all, len_k_all, UNIT, MERGE, PACK, POS, VARLEN)
     if pos0 < len_q:
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
-        row_ok = pos < len_q
-        tok = (q_tok0 + pos).to(tl.int64)
-        q = tl.load(Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
+        tok0 = (q_tok0 + pos0).to(tl.int64)
+        row_ok = (pos0 + rel_pos) < len_q
+        q_rows = _row_offsets(rel_pos, rel_head, stride_qs, stride_qh, PACK)
+        q = tl.load(Q + b64 * stride_qb + tok0 * stride_qs + h0 * stride_qh + q_rows[:, None] + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h0 // group, stride_kb, stride_ks, stride_kh,
                                         stride_vb, stride_vs, stride_vh)
         e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, list_row, STEP)
-        q_pos = q_pos0 + pos
-        o_ptrs = O + b64 * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :]
-        l_ptrs = LSE + b64 * stride_lb + head * stride_lh + tok
+        q_pos = q_pos0 + pos0 + rel_pos
+        o_ptrs = (O + b64 * stride_ob + tok0 * stride_os + h0 * stride_oh
+                  + _row_offsets(rel_pos, rel_head, stride_os, stride_oh, PACK)[:, None] + offs_d[None, :])
+        l_ptrs = LSE + b64 * stride_lb + h0 * stride_lh + tok0 + _row_offsets(rel_pos, rel_head, 1, stride_lh, PACK)
         if RESUME:
             # Continue the softmax already in O/LSE (earlier keys): normalized out with l = 1.
             lse_prev = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
@@ -662,31 +678,34 @@ def _bwd_dq_kernel(
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
 ):
     ROWS: tl.constexpr = PACK * POS
-    b, h0, pos0, head, pos, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
+    b, h0, pos0, rel_pos, rel_head, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
         CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len_q_all, len_k_all, UNIT, MERGE, PACK, POS, VARLEN)
     if pos0 < len_q:
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
-        row_ok = pos < len_q
-        tok = (q_tok0 + pos).to(tl.int64)
-        q = tl.load(Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
+        tok0 = (q_tok0 + pos0).to(tl.int64)
+        row_ok = (pos0 + rel_pos) < len_q
+        q = tl.load(Q + b64 * stride_qb + tok0 * stride_qs + h0 * stride_qh
+                    + _row_offsets(rel_pos, rel_head, stride_qs, stride_qh, PACK)[:, None] + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b64 * stride_db + tok[:, None] * stride_ds + head[:, None] * stride_dh + offs_d[None, :],
+        do = tl.load(DO + b64 * stride_db + tok0 * stride_ds + h0 * stride_dh
+                     + _row_offsets(rel_pos, rel_head, stride_ds, stride_dh, PACK)[:, None] + offs_d[None, :],
                      mask=row_ok[:, None], other=0.0)
-        l_off = b64 * stride_lb + head * stride_lh + tok
+        l_off = b64 * stride_lb + h0 * stride_lh + tok0 + _row_offsets(rel_pos, rel_head, 1, stride_lh, PACK)
         lse2 = tl.load(LSE + l_off, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
         k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h0 // group, stride_kb, stride_ks, stride_kh,
                                         stride_vb, stride_vs, stride_vh)
         e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, list_row, STEP)
-        q_pos = q_pos0 + pos
+        q_pos = q_pos0 + pos0 + rel_pos
         dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_mid,
                        qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, STEP, False, DOT_PREC)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_mid, e_hi,
                        qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, 1, True, DOT_PREC)
         dq *= sm_scale
-        tl.store(DQ + b64 * stride_dqb + tok[:, None] * stride_dqs + head[:, None] * stride_dqh + offs_d[None, :],
+        tl.store(DQ + b64 * stride_dqb + tok0 * stride_dqs + h0 * stride_dqh
+                 + _row_offsets(rel_pos, rel_head, stride_dqs, stride_dqh, PACK)[:, None] + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
