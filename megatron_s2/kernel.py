@@ -541,7 +541,7 @@ def _bwd_delta_kernel(
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds, stride_as,
                 ENTRIES, e_lo, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0, unit_of_row, offs_d,
                 UNIT: tl.constexpr, QSTEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-                FUSED_DQ: tl.constexpr):
+                FUSED_DQ: tl.constexpr, DQ_T: tl.constexpr):
     """dK/dV of one key tile from the query units at ``ENTRIES[e_lo:e_hi]``, ``QSTEP`` query rows
     at a time (32 keeps the [tile, QSTEP] fp32 temporaries small enough to avoid spills); with
     ``FUSED_DQ`` also adds each step's dQ part into the float32 accumulator at ``dq_base``."""
@@ -567,8 +567,12 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_q
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
             dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PREC)
-            if FUSED_DQ:
-                # Key rows past the end or in empty slots were loaded as 0: they add nothing.
+            # Key rows past the end or in empty slots were loaded as 0: they add nothing to dQ.
+            if FUSED_DQ and DQ_T:  # dQᵀ = Kᵀ·dSᵀ: the head dim as the product's rows (see _FUSED_CONFIGS)
+                dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PREC) * sm_scale
+                tl.atomic_add(dq_base + q_off * stride_as + offs_u[None, :] * stride_as + offs_d[:, None], dqt,
+                              mask=q_ok[None, :], sem="relaxed")
+            elif FUSED_DQ:
                 dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
                 tl.atomic_add(dq_base + q_off * stride_as + offs_u[:, None] * stride_as + offs_d[None, :], dq,
                               mask=q_ok[:, None], sem="relaxed")
@@ -585,6 +589,7 @@ def _bwd_dkdv_kernel(
     heads_per_program, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, QSTEP: tl.constexpr,
+    DQ_T: tl.constexpr = True,
 ):
     """One key tile against ``heads_per_program`` query heads (one, or a GQA group); writes dK/dV
     at head index ``program head`` of DK/DV (the KV head, or per-query-head partials)."""
@@ -630,10 +635,10 @@ def _bwd_dkdv_kernel(
                 e_stop = e_mid
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds,
                                  stride_as, ENTRIES, e_lo, e_stop, qk_scale, sm_scale, k_pos, len_q, q_pos0,
-                                 unit_of_row, offs_d, UNIT, QSTEP, False, DOT_PREC, FUSED_DQ)
+                                 unit_of_row, offs_d, UNIT, QSTEP, False, DOT_PREC, FUSED_DQ, DQ_T)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds,
                                  stride_as, ENTRIES, e_mid, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0,
-                                 unit_of_row, offs_d, UNIT, QSTEP, True, DOT_PREC, FUSED_DQ)
+                                 unit_of_row, offs_d, UNIT, QSTEP, True, DOT_PREC, FUSED_DQ, DQ_T)
         dk *= sm_scale
         tl.store(DK + b64 * stride_dkb + out_head * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
@@ -723,30 +728,36 @@ def _tune_bucket(length: int) -> int:
     return min(2, max(0, (max(length, 1) - 1).bit_length() - 12) // 2)
 
 
-def _configs(params, triples):
-    """Configs from (value of the tuned constexpr or None, warps, stages); the first is the default."""
-    return [triton.Config({} if value is None else {params: value}, num_warps=w, num_stages=s)
-            for value, w, s in triples]
+def _configs(names, rows):
+    """Configs from rows (values of the tuned constexprs ``names``, warps, stages); the first is the
+    default."""
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
 # One list per head-dim class (HEAD_DIM_CLASSES: <= 64 | 128 | 256; 64-row tiles at 256, less shared
 # memory per stage). The first of each list is the default: at head dims 64 and 128 the configs
 # measured best on an H100 at head dim 128; tools/tune_kernel.py times the others.
-_FWD_CONFIGS = (_configs("STEP", [(2, 8, 2), (2, 4, 3), (2, 4, 2), (2, 8, 3), (1, 4, 3), (2, 4, 4)]),
-                _configs("STEP", [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
-                _configs("STEP", [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
+_FWD_CONFIGS = (_configs(("STEP",), [(2, 8, 2), (2, 4, 3), (2, 4, 2), (2, 8, 3), (1, 4, 3), (2, 4, 4)]),
+                _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
+                _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
 # Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
-_DKDV_CONFIGS = (_configs("QSTEP", [(64, 8, 3), (64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 8, 2), (16, 4, 2)]),
-                 _configs("QSTEP", [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
+_DKDV_CONFIGS = (_configs(("QSTEP",), [(64, 8, 3), (64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 8, 2), (16, 4, 2)]),
+                 _configs(("QSTEP",), [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
                                     (64, 4, 3), (16, 8, 2)]),
-                 _configs("QSTEP", [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
-_DQ_CONFIGS = (_configs("STEP", [(2, 8, 3), (2, 4, 3), (1, 4, 3), (2, 4, 2)]),
-               _configs("STEP", [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
-               _configs("STEP", [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
+                 _configs(("QSTEP",), [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
+_DQ_CONFIGS = (_configs(("STEP",), [(2, 8, 3), (2, 4, 3), (1, 4, 3), (2, 4, 2)]),
+               _configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
+               _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
 # The fast backward's dK/dV pass with the dQ product and its atomics (not yet measured: candidates).
-_FUSED_CONFIGS = (_configs("QSTEP", [(32, 8, 2), (64, 8, 2), (32, 4, 2), (64, 4, 3), (16, 4, 2)]),
-                  _configs("QSTEP", [(32, 8, 2), (64, 8, 2), (32, 8, 3), (64, 8, 3), (16, 8, 2), (32, 4, 2)]),
-                  _configs("QSTEP", [(32, 8, 1), (16, 8, 1), (32, 4, 1)]))
+# DQ_T: dQ computed transposed (Kᵀ·dSᵀ, the tile's rows as the product's rows: warpgroup MMA on
+# Hopper; sm_90 ptxas: a little more spilling) or directly (dSᵀ·K, query-step rows: mma.sync).
+_FUSED_CONFIGS = (_configs(("QSTEP", "DQ_T"), [(64, True, 8, 3), (32, True, 8, 2), (32, False, 8, 2), (32, True, 4, 2),
+                                               (64, True, 4, 3), (16, True, 4, 2)]),
+                  _configs(("QSTEP", "DQ_T"), [(64, True, 8, 3), (64, False, 8, 3), (32, True, 8, 2),
+                                               (32, False, 8, 2), (64, True, 8, 2), (32, True, 8, 3),
+                                               (16, True, 8, 2)]),
+                  _configs(("QSTEP", "DQ_T"), [(32, True, 8, 1), (32, False, 8, 1), (16, True, 8, 1),
+                                               (32, True, 4, 1)]))
 
 
 def _fits(config, unit):
