@@ -586,7 +586,7 @@ def _bwd_dkdv_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh, stride_ab, stride_as, stride_ah, stride_lb, stride_lh,
-    heads_per_program, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
+    heads_per_program, group, num_seqs, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, QSTEP: tl.constexpr,
     DQ_T: tl.constexpr = True,
@@ -594,8 +594,9 @@ def _bwd_dkdv_kernel(
     """One key tile against ``heads_per_program`` query heads (one, or a GQA group); writes dK/dV
     at head index ``program head`` of DK/DV (the KV head, or per-query-head partials)."""
     TILE: tl.constexpr = UNIT * MERGE
-    work = tl.load(ORDER + tl.program_id(0))  # heaviest programs first
-    b = tl.program_id(1)
+    # Heaviest (head, tile) first, for every sequence of the batch before the next lighter one.
+    work = tl.load(ORDER + tl.program_id(0) // num_seqs)
+    b = tl.program_id(0) % num_seqs
     out_head = work // num_tiles
     tile = work % num_tiles
     h_first = out_head * heads_per_program
@@ -905,12 +906,12 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem, deterministic: bool):
     qk_scale = prob.sm_scale * _LOG2E
     prec = _dot_precision(q.dtype)
     kt = kl.k_tiles
-    (_dkdv if deterministic else _fused).launch((kl.k_order.numel(), prob.num_seqs), dim,
+    (_dkdv if deterministic else _fused).launch((kl.k_order.numel() * prob.num_seqs,), dim,
         q, k, v, do, dk, dv, dq_acc, lse, delta, kt.ptr, kt.nfull, kt.entries, kt.units, kl.k_order, cu_q, cu_k,
         qk_scale, prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dk, varlen), *_bsh(dv, varlen), *acc_strides, *_lse_strides(lse, varlen),
-        1 if partial else group, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0,
-        _tune_bucket(prob.len_q), HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.k_merge, VARLEN=varlen, DOT_PREC=prec,
+        1 if partial else group, group, prob.num_seqs, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0,
+        prob.k_pos0, _tune_bucket(prob.len_q), HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.k_merge, VARLEN=varlen, DOT_PREC=prec,
         FUSED_DQ=not deterministic,
     )
     if partial:
