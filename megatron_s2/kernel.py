@@ -749,13 +749,14 @@ _DKDV_CONFIGS = (_configs(("QSTEP",), [(64, 8, 3), (64, 4, 3), (64, 4, 2), (32, 
 _DQ_CONFIGS = (_configs(("STEP",), [(2, 8, 3), (2, 4, 3), (1, 4, 3), (2, 4, 2)]),
                _configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
                _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
-# The fast backward's dK/dV pass with the dQ product and its atomics (not yet measured: candidates).
-# DQ_T: dQ computed transposed (Kᵀ·dSᵀ, the tile's rows as the product's rows: warpgroup MMA on
-# Hopper; sm_90 ptxas: a little more spilling) or directly (dSᵀ·K, query-step rows: mma.sync).
-_FUSED_CONFIGS = (_configs(("QSTEP", "DQ_T"), [(64, True, 8, 3), (32, True, 8, 2), (32, False, 8, 2), (32, True, 4, 2),
-                                               (64, True, 4, 3), (16, True, 4, 2)]),
-                  _configs(("QSTEP", "DQ_T"), [(64, True, 8, 3), (64, False, 8, 3), (32, True, 8, 2),
-                                               (32, False, 8, 2), (64, True, 8, 2), (32, True, 8, 3),
+# The fast backward's dK/dV pass with the dQ product and its atomics (not yet measured on a GPU: the
+# defaults spill least among the warpgroup-MMA forms in sm_90 ptxas). DQ_T: dQ computed transposed
+# (Kᵀ·dSᵀ, the head dim as the product's rows: warpgroup MMA on Hopper) or directly (dSᵀ·K, the
+# query step's 16-64 rows: mma.sync, a little less spilling).
+_FUSED_CONFIGS = (_configs(("QSTEP", "DQ_T"), [(32, True, 8, 2), (64, True, 8, 3), (32, False, 8, 2), (32, True, 4, 2),
+                                               (16, True, 4, 2)]),
+                  _configs(("QSTEP", "DQ_T"), [(32, True, 8, 3), (64, True, 8, 3), (32, True, 8, 2),
+                                               (32, False, 8, 2), (64, False, 8, 3), (64, True, 8, 2),
                                                (16, True, 8, 2)]),
                   _configs(("QSTEP", "DQ_T"), [(32, True, 8, 1), (32, False, 8, 1), (16, True, 8, 1),
                                                (32, True, 4, 1)]))
@@ -911,8 +912,8 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem, deterministic: bool):
         qk_scale, prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dk, varlen), *_bsh(dv, varlen), *acc_strides, *_lse_strides(lse, varlen),
         1 if partial else group, group, prob.num_seqs, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0,
-        prob.k_pos0, _tune_bucket(prob.len_q), HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.k_merge, VARLEN=varlen, DOT_PREC=prec,
-        FUSED_DQ=not deterministic,
+        prob.k_pos0, _tune_bucket(prob.len_q), HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.k_merge, VARLEN=varlen,
+        DOT_PREC=prec, FUSED_DQ=not deterministic,
     )
     if partial:
         dk, dv = (t.unflatten(2, (kv_heads, group)).sum(3).to(k.dtype) for t in (dk, dv))

@@ -303,7 +303,8 @@ def print_table(meta, results, layouts, tuned):
             continue
         ratios = [r["fwd_bwd_ms"] / ref[r["case"]]["fwd_bwd_ms"] if r["case"] in ref else float("nan") for ref in refs]
         print(f"{r['case']:<31} {r['impl']:<8} {r['fwd_ms']:8.2f} {r['fwd_bwd_ms']:8.2f} "
-              f"{r['fwd_tflops']:9.0f} {r['fwd_bwd_tflops']:9.0f} {r['peak_gib']:9.2f} {ratios[0]:9.2f} {ratios[1]:8.2f}")
+              f"{r['fwd_tflops']:9.0f} {r['fwd_bwd_tflops']:9.0f} {r['peak_gib']:9.2f} {ratios[0]:9.2f} "
+              f"{ratios[1]:8.2f}")
 
 
 if __name__ == "__main__":
