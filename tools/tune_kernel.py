@@ -190,28 +190,40 @@ def main(argv=None):
             name = "packed" if pack else "one head"
             sweep.run("GQA packing (fwd)", case, name, forward_timer, 1.0, PACK_GQA=pack)
             sweep.run("GQA packing (det bwd)", case, name, backward_timer(True), BWD, PACK_GQA=pack)
-    # 4. Launch configs per list, head dims 128 and 64; tile rows.
-    for case in (mha128, mha64):
-        cls = kernel.head_dim_class(case.dim)
-        which = kernel.HEAD_DIM_CLASSES.index(cls)
-        for name, launcher, timer, factor in (
-                ("config fwd", kernel._fwd, forward_timer, 1.0),
-                ("config fused (fast)", kernel._fused, backward_timer(False), BWD),
-                ("config dkdv (det)", kernel._dkdv, backward_timer(True), BWD),
-                ("config dq (det)", kernel._dq, backward_timer(True), BWD)):
-            for index, config in enumerate(launcher.config_lists[which]):
-                sweep.run(name, case, _label(config), timer, factor, launcher=launcher, index=index, dim=case.dim)
-        for rows in (128, 64):
-            key_rows = {**kernel.KEY_TILE_ROWS, cls: rows}
-            sweep.run("key tile rows (fast)", case, str(rows), backward_timer(False), BWD, KEY_TILE_ROWS=key_rows)
-            sweep.run("key tile rows (det)", case, str(rows), backward_timer(True), BWD, KEY_TILE_ROWS=key_rows)
-            query_rows = {**kernel.QUERY_TILE_ROWS, cls: rows}
-            sweep.run("query tile rows (fwd)", case, str(rows), forward_timer, 1.0, QUERY_TILE_ROWS=query_rows)
-        if case.dim == 64:  # small tiles, several programs per SM: each forward config at 64 rows
-            for index, config in enumerate(kernel._fwd.config_lists[which]):
-                sweep.run("fwd config, 64 rows", case, _label(config), forward_timer, 1.0, launcher=kernel._fwd,
-                          index=index, dim=case.dim, QUERY_TILE_ROWS={**kernel.QUERY_TILE_ROWS, cls: 64})
+    # 4. Launch configs and tile rows, most open questions first: head dim 64 (no tuning so far),
+    # the new fused pass at head dim 128, then the head-dim-128 lists that were tuned on an H100.
+    fwd = ("config fwd", kernel._fwd, forward_timer, 1.0)
+    fused = ("config fused (fast)", kernel._fused, backward_timer(False), BWD)
+    dkdv = ("config dkdv (det)", kernel._dkdv, backward_timer(True), BWD)
+    dq = ("config dq (det)", kernel._dq, backward_timer(True), BWD)
+    for stage in (fwd, fused, dkdv, dq):
+        run_config_list(sweep, mha64, *stage)
+    run_tile_rows(sweep, mha64)
+    run_config_list(sweep, mha64, "fwd config, 64 rows", *fwd[1:], QUERY_TILE_ROWS={**kernel.QUERY_TILE_ROWS, 64: 64})
+    run_config_list(sweep, mha128, *fused)
+    run_tile_rows(sweep, mha128)
+    for stage in (fwd, dkdv, dq):
+        run_config_list(sweep, mha128, *stage)
     report(sweep.rows, args.out)
+
+
+def run_config_list(sweep, case, stage, launcher, timer, factor, **module_values):
+    """Every config of ``launcher``'s list for the case's head dim, each moved to the front in turn."""
+    which = kernel.HEAD_DIM_CLASSES.index(kernel.head_dim_class(case.dim))
+    for index, config in enumerate(launcher.config_lists[which]):
+        sweep.run(stage, case, _label(config), timer, factor, launcher=launcher, index=index, dim=case.dim,
+                  **module_values)
+
+
+def run_tile_rows(sweep, case):
+    """128- (default) against 64-row key tiles (both backwards) and query tiles (forward)."""
+    cls = kernel.head_dim_class(case.dim)
+    for rows in (128, 64):
+        key_rows = {**kernel.KEY_TILE_ROWS, cls: rows}
+        sweep.run("key tile rows (fast)", case, str(rows), backward_timer(False), BWD, KEY_TILE_ROWS=key_rows)
+        sweep.run("key tile rows (det)", case, str(rows), backward_timer(True), BWD, KEY_TILE_ROWS=key_rows)
+        query_rows = {**kernel.QUERY_TILE_ROWS, cls: rows}
+        sweep.run("query tile rows (fwd)", case, str(rows), forward_timer, 1.0, QUERY_TILE_ROWS=query_rows)
 
 
 def report(rows, out):
