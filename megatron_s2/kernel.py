@@ -737,16 +737,17 @@ def _configs(names, rows):
 
 # One list per head-dim class (HEAD_DIM_CLASSES: <= 64 | 128 | 256; 64-row tiles at 256, less shared
 # memory per stage). The first of each list is the default: at head dims 64 and 128 the configs
-# measured best on an H100 at head dim 128; tools/tune_kernel.py times the others.
-_FWD_CONFIGS = (_configs(("STEP",), [(2, 8, 2), (2, 4, 3), (2, 4, 2), (2, 8, 3), (1, 4, 3), (2, 4, 4)]),
+# measured best on an H100 at head dim 128; tools/tune_kernel.py times the others. At head dim 64,
+# 4 warps spill heavily on 128-row tiles (sm_90 ptxas, 1.7-2 KB): they are candidates for 64-row tiles.
+_FWD_CONFIGS = (_configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (2, 8, 4), (2, 4, 3), (1, 4, 3)]),
                 _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
                 _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
 # Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
-_DKDV_CONFIGS = (_configs(("QSTEP",), [(64, 8, 3), (64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 8, 2), (16, 4, 2)]),
+_DKDV_CONFIGS = (_configs(("QSTEP",), [(64, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 3), (16, 4, 2)]),
                  _configs(("QSTEP",), [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
                                     (64, 4, 3), (16, 8, 2)]),
                  _configs(("QSTEP",), [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
-_DQ_CONFIGS = (_configs(("STEP",), [(2, 8, 3), (2, 4, 3), (1, 4, 3), (2, 4, 2)]),
+_DQ_CONFIGS = (_configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 3), (2, 4, 3)]),
                _configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
                _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
 # The fast backward's dK/dV pass with the dQ product and its atomics (not yet measured on a GPU: the
