@@ -12,7 +12,9 @@ What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed c
 - GQA packing of the forward and dQ programs on and off (``kv_group``);
 - 64-row against 128-row query and key tiles, and at head dim 64 every forward config at 64 rows.
 Each stage prints its variants with the winner marked; a summary of the winners comes last, with
-what to change in ``megatron_s2/kernel.py``. Stops starting new variants after ``--max-minutes``.
+what to change in ``megatron_s2/kernel.py``, then the registers and spills (ptxas) of each kernel's
+default config. Stops starting new variants after ``--max-minutes`` (6.5: the whole run stays
+under 8 minutes).
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def backward_timer(deterministic):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--max-minutes", type=float, default=7.0, help="start no variant after this")
+    parser.add_argument("--max-minutes", type=float, default=6.5, help="start no variant after this")
     parser.add_argument("--out", default="runs/tune_kernel")
     args = parser.parse_args(argv)
     sweep = Sweep(args.max_minutes)
@@ -204,6 +206,7 @@ def main(argv=None):
     run_tile_rows(sweep, mha128)
     for stage in (fwd, dkdv, dq):
         run_config_list(sweep, mha128, *stage)
+    print_spills()
     report(sweep.rows, args.out)
 
 
@@ -224,6 +227,55 @@ def run_tile_rows(sweep, case):
         sweep.run("key tile rows (det)", case, str(rows), backward_timer(True), BWD, KEY_TILE_ROWS=key_rows)
         query_rows = {**kernel.QUERY_TILE_ROWS, cls: rows}
         sweep.run("query tile rows (fwd)", case, str(rows), forward_timer, 1.0, QUERY_TILE_ROWS=query_rows)
+
+
+# Pointer arguments of the kernels (bf16 inputs; the rest are int32 scalars unless listed).
+_ARG_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")},
+              **{n: "*fp32" for n in ("DQ_ACC", "LSE", "DELTA")},
+              **{n: "*i32" for n in ("T_PTR", "T_NFULL", "ENTRIES", "T_UNITS", "ORDER", "CU_Q", "CU_K")},
+              "qk_scale": "fp32", "sm_scale": "fp32"}
+
+
+def print_spills():
+    """Registers and spills (ptxas) of each kernel's default config on this GPU and Triton, head
+    dims 64 and 128, 128-row tiles of 64-token units: spills in the hot loops cost speed."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import triton
+
+    major, minor = torch.cuda.get_device_capability()
+    target = GPUTarget("cuda", major * 10 + minor, 32)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    print("\nptxas registers and spills of the default configs (sm_%d%d):" % (major, minor))
+    for dim in (64, 128):
+        which = kernel.HEAD_DIM_CLASSES.index(kernel.head_dim_class(dim))
+        shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32")
+        query = dict(shape, PACK=1, POS=128)
+        for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False)), ("dq", kernel._dq, query),
+                                          ("dkdv", kernel._dkdv, dict(shape, FUSED_DQ=False)),
+                                          ("fused", kernel._fused, dict(shape, FUSED_DQ=True))):
+            config = launcher.config_lists[which][0]
+            constants = dict(constants, **config.kwargs)
+            fn = launcher.kernel
+            signature = {n: "constexpr" if n in constants else _ARG_TYPES.get(n, "i32") for n in fn.arg_names}
+            try:
+                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target,
+                                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                    f.write(compiled.asm["ptx"])
+                    f.flush()
+                    arch = "sm_%d%d%s" % (major, minor, "a" if major >= 9 else "")
+                    log = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull],
+                                         capture_output=True, text=True).stderr
+                info = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
+                                if "registers" in line or "spill" in line)
+            except Exception as exc:  # diagnostics only
+                info = f"{type(exc).__name__}: {exc}"[:120]
+            print(f"  d{dim} {name:<5} {_label(config):<28} {info}")
 
 
 def report(rows, out):
