@@ -205,6 +205,9 @@ HEAD_DIM_CLASSES = (64, 128, 256)
 # Hopper's tensor cores are underused at 64 rows; 64 at head dim 256 (registers, shared memory).
 QUERY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
+# Tensor-descriptor (TMA) loads of K/V in the forward's unmasked loop, on Hopper and newer: no
+# per-element pointers. Off until measured (tools/tune_kernel.py); other GPUs keep pointer loads.
+TMA_LOADS = False
 # GQA packing: when the query heads of a KV group read the same blocks (kv_group, homogeneous),
 # forward and dQ programs stack them in their rows and load each K/V unit once for the group.
 PACK_GQA = True
@@ -451,13 +454,43 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, 
 
 
 @triton.jit
+def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, ENTRIES, e_lo, e_hi, qk_scale,
+                   UNIT: tl.constexpr, STEP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The unmasked loop of ``_fwd_inner`` with tensor-descriptor (TMA on Hopper) loads of whole
+    key units: no per-element pointers. With ``STEP`` 2 the two units' scores share one online
+    softmax update, as the pointer loop's 128-key step does."""
+    for e in range(e_lo, e_hi, STEP):
+        row0 = (tl.load(ENTRIES + e) >> 8) * UNIT
+        s0 = tl.dot(q, tl.trans(k_desc.load([row0, 0])), input_precision=DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(s0, 1) * qk_scale)
+        if STEP == 2:
+            row1 = (tl.load(ENTRIES + e + 1) >> 8) * UNIT
+            s1 = tl.dot(q, tl.trans(k_desc.load([row1, 0])), input_precision=DOT_PREC)
+            m_new = tl.maximum(m_new, tl.max(s1, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        p0 = tl.math.exp2(s0 * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p0, 1)
+        acc = acc * alpha[:, None]
+        v0 = v_desc.load([row0, 0])
+        acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=DOT_PREC)
+        if STEP == 2:
+            p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
+            l_i += tl.sum(p1, 1)
+            v1 = v_desc.load([row1, 0])
+            acc = tl.dot(p1.to(v1.dtype), v1, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
     num_heads, group, len_q_all, len_k_all, num_programs, num_list_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr, PACK: tl.constexpr, POS: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, RESUME: tl.constexpr, STEP: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, RESUME: tl.constexpr, TMA: tl.constexpr,
+    STEP: tl.constexpr,
 ):
     ROWS: tl.constexpr = PACK * POS
     b, h0, pos0, rel_pos, rel_head, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
@@ -488,9 +521,17 @@ def _fwd_kernel(
             m_i = tl.full([ROWS], float("-inf"), tl.float32)
             l_i = tl.zeros([ROWS], tl.float32)
             acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
-                                   e_lo, e_mid, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
-                                   offs_d, UNIT, STEP, False, DOT_PREC)
+        if TMA:
+            k_desc = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_ks, 1],
+                                               block_shape=[UNIT, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vs, 1],
+                                               block_shape=[UNIT, HEAD_DIM])
+            acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, ENTRIES, e_lo, e_mid, qk_scale,
+                                           UNIT, STEP, DOT_PREC)
+        else:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
+                                       e_lo, e_mid, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
+                                       offs_d, UNIT, STEP, False, DOT_PREC)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
                                    e_mid, e_hi, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
                                    offs_d, UNIT, 1, True, DOT_PREC)
@@ -865,9 +906,34 @@ def forward(q, k, v, prob: Problem, out=None, lse=None, resume=False):
         *_lse_strides(lse, prob.varlen),
         heads, heads // k.shape[2], prob.len_q, prob.len_k, num_programs, tiles.num_tiles, prob.q_pos0,
         prob.k_pos0, _tune_bucket(prob.len_q),
-        HEAD_DIM=dim, VARLEN=prob.varlen, DOT_PREC=_dot_precision(q.dtype), RESUME=resume, **shape,
+        HEAD_DIM=dim, VARLEN=prob.varlen, DOT_PREC=_dot_precision(q.dtype), RESUME=resume,
+        TMA=_use_tma(q, k, v), **shape,
     )
     return out, lse
+
+
+def _use_tma(q, k, v) -> bool:
+    """Tensor-descriptor loads in the forward: when ``TMA_LOADS`` asks for them, the GPU is a Hopper
+    or newer (the interpreter emulates them) and the rows meet TMA's 16-byte alignment."""
+    if not TMA_LOADS or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if not INTERPRET and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(1) * t.element_size() % 16 == 0 for t in (k, v))
+    if aligned and not INTERPRET:
+        _set_descriptor_allocator()
+    return aligned
+
+
+def _set_descriptor_allocator():
+    """Device-side descriptors need global scratch memory from Triton's allocator hook (set once)."""
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
+
+
+_allocator_set = False
 
 
 def _query_programs(kl: KernelLayout, prob: Problem, heads: int):

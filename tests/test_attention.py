@@ -396,3 +396,16 @@ def test_heads_share_lists_only_in_kv_groups_that_read_the_same_blocks():
 
     assert shares(4, head_pattern="kv_group") and shares(8, head_pattern="homogeneous")
     assert not shares(4) and not shares(4, head_pattern="homogeneous", num_dense_heads=1)
+
+
+@pytest.mark.parametrize("name", ["block64_two_unit_tiles", "gqa_kv_group_ragged"])  # one / two units per step
+def test_tensor_descriptor_loads(monkeypatch, name):
+    """The forward's unmasked loop with tensor-descriptor loads (kernel.TMA_LOADS, off by default)
+    computes the same function; the interpreter emulates the descriptors."""
+    monkeypatch.setattr(kernel, "TMA_LOADS", True)
+    params, batch, seq, heads, kv_heads, dim = CASES[name]
+    q, k, v = draw((batch, seq, heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim), seed=38)
+    assert kernel._use_tma(q, k, v)
+    layout = kernel.kernel_layout(get_layout(S2Pattern(**params), heads, kv_heads, seq), dim, heads // kv_heads)
+    assert layout.q_tiles.nfull.sum() > 0  # the unmasked loop has work
+    compare(S2Pattern(**params), q, k, v, seed=39)
