@@ -398,11 +398,14 @@ def test_heads_share_lists_only_in_kv_groups_that_read_the_same_blocks():
     assert not shares(4) and not shares(4, head_pattern="homogeneous", num_dense_heads=1)
 
 
-@pytest.mark.parametrize("name", ["block64_two_unit_tiles", "gqa_kv_group_ragged"])  # one / two units per step
-def test_tensor_descriptor_loads(monkeypatch, name):
-    """The forward's unmasked loop with tensor-descriptor loads (kernel.TMA_LOADS, off by default)
-    computes the same function; the interpreter emulates the descriptors."""
+@pytest.mark.parametrize("step", [1, 2])
+@pytest.mark.parametrize("name", ["block64_two_unit_tiles", "gqa_kv_group_ragged"])
+def test_tensor_descriptor_loads(monkeypatch, name, step):
+    """The forward's unmasked loop with tensor-descriptor loads (kernel.TMA_LOADS, off by default),
+    one or two key units per step, computes the same function; the interpreter emulates them."""
     monkeypatch.setattr(kernel, "TMA_LOADS", True)
+    lists = [sorted(configs, key=lambda c: c.kwargs["STEP"] != step) for configs in kernel._fwd.config_lists]
+    monkeypatch.setattr(kernel._fwd, "config_lists", lists)
     params, batch, seq, heads, kv_heads, dim = CASES[name]
     q, k, v = draw((batch, seq, heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim), seed=38)
     assert kernel._use_tma(q, k, v)

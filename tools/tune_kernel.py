@@ -10,6 +10,7 @@ What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed c
   dims 128 and 64, one list at a time with the others at their defaults (the candidate is moved to
   the front of its list, where the launcher takes it from);
 - GQA packing of the forward and dQ programs on and off (``kv_group``);
+- tensor-descriptor (TMA) against pointer loads in the forward (``kernel.TMA_LOADS``);
 - 64-row against 128-row query and key tiles, and at head dim 64 every forward config at 64 rows.
 Each stage prints its variants with the winner marked; a summary of the winners comes last, with
 what to change in ``megatron_s2/kernel.py``, then the registers and spills (ptxas) of each kernel's
@@ -161,6 +162,13 @@ def forward_timer(bench):
     return bench.time_forward()
 
 
+def tma_timer(bench):
+    """The forward, refusing to time pointer loads as descriptor loads (no Hopper, older Triton)."""
+    if kernel.TMA_LOADS and not kernel._use_tma(bench.q, bench.k, bench.v):
+        raise RuntimeError("tensor descriptors unavailable on this GPU / Triton")
+    return bench.time_forward()
+
+
 def backward_timer(deterministic):
     return lambda bench: bench.time_backward(deterministic)
 
@@ -192,7 +200,11 @@ def main(argv=None):
             name = "packed" if pack else "one head"
             sweep.run("GQA packing (fwd)", case, name, forward_timer, 1.0, PACK_GQA=pack)
             sweep.run("GQA packing (det bwd)", case, name, backward_timer(True), BWD, PACK_GQA=pack)
-    # 4. Launch configs and tile rows, most open questions first: head dim 64 (no tuning so far),
+    # 4. Tensor-descriptor (TMA) loads in the forward's unmasked loop (Hopper and newer).
+    for case in (mha128, mha64, Case(131072)):
+        for tma in (False, True):
+            sweep.run("TMA loads (fwd)", case, "descriptors" if tma else "pointers", tma_timer, 1.0, TMA_LOADS=tma)
+    # 5. Launch configs and tile rows, most open questions first: head dim 64 (no tuning so far),
     # the new fused pass at head dim 128, then the head-dim-128 lists that were tuned on an H100.
     fwd = ("config fwd", kernel._fwd, forward_timer, 1.0)
     fused = ("config fused (fast)", kernel._fused, backward_timer(False), BWD)
@@ -255,7 +267,8 @@ def print_spills():
         which = kernel.HEAD_DIM_CLASSES.index(kernel.head_dim_class(dim))
         shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32")
         query = dict(shape, PACK=1, POS=128)
-        for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False)), ("dq", kernel._dq, query),
+        for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False, TMA=kernel.TMA_LOADS)),
+                                          ("dq", kernel._dq, query),
                                           ("dkdv", kernel._dkdv, dict(shape, FUSED_DQ=False)),
                                           ("fused", kernel._fused, dict(shape, FUSED_DQ=True))):
             config = launcher.config_lists[which][0]
