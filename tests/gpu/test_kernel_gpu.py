@@ -119,6 +119,27 @@ def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, spli
                 run_reference(q, k, v, pattern, grad_out, grad_lse), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dim,kv_heads,head_pattern,packed", [(128, 8, "heterogeneous", False),
+                                                               (64, 2, "kv_group", False), (128, 2, "kv_group", True)])
+def test_tensor_descriptor_loads(monkeypatch, dim, kv_heads, head_pattern, packed):
+    """kernel.TMA_LOADS (off by default): the forward's descriptor loads against float64."""
+    monkeypatch.setattr(kernel, "TMA_LOADS", True)
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
+    q, k, v = inputs((1, 2100, 8, dim), (1, 2100, kv_heads, dim), torch.bfloat16, seed=19)
+    if not kernel._use_tma(q, k, v):
+        pytest.skip("tensor descriptors need a Hopper GPU and a Triton with tl.make_tensor_descriptor")
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn((1, 8, 2100), device=DEVICE)
+    kw = {}
+    if packed:  # sequences of 1000 and 1100 tokens
+        q, k, v, grad_out = (t[0] for t in (q, k, v, grad_out))
+        grad_lse = grad_lse[0]
+        cu = torch.tensor([0, 1000, 2100], dtype=torch.int32, device=DEVICE)
+        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1100, max_seqlen_k=1100)
+    check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse, **kw),
+                run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)
+
+
 def test_32k_tokens_last_chunk_against_reference(backward_mode):
     """At 32k the dense reference is too big; the last 512 queries and keys are checked exactly:
     their dq and the last keys' dk/dv only depend on the last queries' loss."""
