@@ -376,15 +376,18 @@ def test_input_errors(overrides, error, message):
         s2_attention(args.pop("q"), args.pop("k"), args.pop("v"), PATTERN, **args)
 
 
-@pytest.mark.parametrize("pack,kv_heads,rows", [(True, 2, (4, 32)), (True, 1, (8, 16)), (False, 2, (1, 128))],
-                         ids=["packed_group4", "packed_group8", "one_head"])
-def test_gqa_packing(monkeypatch, backward_mode, pack, kv_heads, rows):
+@pytest.mark.parametrize("pack,block,kv_heads,rows", [
+    (True, 16, 2, (4, 32)), (True, 16, 1, (8, 16)), (True, 64, 2, (4, 32)), (False, 16, 2, (1, 128))],
+    ids=["packed_group4", "packed_group8", "packed_two_programs_per_unit", "one_head"])
+def test_gqa_packing(monkeypatch, backward_mode, pack, block, kv_heads, rows):
     """Forward and dQ programs stack the query heads of a KV group (kv_group heads share their
-    lists) in their 128 rows, ``128 / group`` positions per head, or serve one head: same function."""
+    lists) in their 128 rows, ``128 / group`` positions per head (with 64-token units, two programs
+    per unit), or serve one head: same function."""
     monkeypatch.setattr(kernel, "PACK_GQA", pack)
-    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
-    q, k, v = draw((1, 40, 8, 32), (1, 40, kv_heads, 32), (1, 40, kv_heads, 32), seed=36)
-    kl = kernel.kernel_layout(get_layout(pattern, 8, kv_heads, 40), 32, 8 // kv_heads)
+    pattern = S2Pattern(block_size=block, local_blocks=2, vert_stride=3, head_pattern="kv_group")
+    seq = 40 if block == 16 else 230
+    q, k, v = draw((1, seq, 8, 32), (1, seq, kv_heads, 32), (1, seq, kv_heads, 32), seed=36)
+    kl = kernel.kernel_layout(get_layout(pattern, 8, kv_heads, seq), 32, 8 // kv_heads)
     assert (kl.q_pack, kl.q_positions) == rows
     compare(pattern, q, k, v, seed=37)
 
