@@ -35,8 +35,8 @@ from megatron_s2.layout import clear_layout_cache  # noqa: E402
 from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs, dense_causal_pairs  # noqa: E402
 
 DEVICE = "cuda"
-# s2-fast / s2-det: the kernel's fast and deterministic backward (same forward).
-IMPLS = ("s2-fast", "s2-det", "dkernel", "flex", "cudnn", "flash", "sdpa")
+# s2-fast / s2-det: the kernel's fast and deterministic backward (same forward); s2: its default mode.
+IMPLS = ("s2-fast", "s2-det", "s2", "dkernel", "flex", "cudnn", "flash", "sdpa")
 DEFAULT_IMPLS = ("s2-fast", "s2-det", "dkernel", "flex", "cudnn", "flash")
 DENSE_IMPLS = ("sdpa", "flash", "cudnn")
 
@@ -125,8 +125,8 @@ def make_runner(impl, pattern, case, q, k, v):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if impl in ("s2-fast", "s2-det"):
-        deterministic = impl == "s2-det"
+    if impl in ("s2-fast", "s2-det", "s2"):
+        deterministic = {"s2-fast": False, "s2-det": True, "s2": None}[impl]
         return lambda: s2_attention(q, k, v, pattern, deterministic=deterministic)
     if impl == "dkernel":
         return dkernel_runner(pattern, case, q, k, v)
@@ -239,6 +239,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     impls = args.impls.split(",")
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        parser.error(f"unknown --impls {unknown}; choose from {IMPLS}")
     dims = args.head_dims
     cases = default_cases(args.seqs, dims)
     os.makedirs(args.out, exist_ok=True)
