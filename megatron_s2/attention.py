@@ -160,14 +160,21 @@ def _last_dim_contiguous(*tensors):
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
+def _deterministic(deterministic: Optional[bool]) -> bool:
+    from . import kernel
+
+    return kernel.DETERMINISTIC_BY_DEFAULT if deterministic is None else bool(deterministic)
+
+
 class _S2AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, prob):
+    def forward(ctx, q, k, v, prob, deterministic):
         from . import kernel
 
         out, lse = kernel.forward(q, k, v, prob)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.prob = prob
+        ctx.deterministic = deterministic
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -177,8 +184,8 @@ class _S2AttentionFunction(torch.autograd.Function):
 
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)[0]
-        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, dlse, ctx.prob)
-        return dq, dk, dv, None
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, dlse, ctx.prob, ctx.deterministic)
+        return dq, dk, dv, None, None
 
 
 def s2_attention(
@@ -198,6 +205,7 @@ def s2_attention(
     max_seqlen_q: Optional[int] = None,
     max_seqlen_k: Optional[int] = None,
     return_lse: bool = False,
+    deterministic: Optional[bool] = None,
 ):
     """S2 attention: causal attention restricted to the blocks of ``pattern``.
 
@@ -211,7 +219,9 @@ def s2_attention(
     ``return_lse`` is set: a key range may then end before some queries (context parallelism splits
     a softmax by key ranges); rows without keys give out 0 and lse -inf. With packed input,
     ``max_seqlen_q`` must be at least the longest sequence (it is not checked, to avoid a device
-    sync; omitted, it is computed).
+    sync; omitted, it is computed). ``deterministic`` chooses the backward: True gives gradients
+    bit-identical from run to run (dQ in its own pass), False the faster backward whose dQ is summed
+    by float32 atomics (last bits vary); None takes ``kernel.DETERMINISTIC_BY_DEFAULT``.
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, packed, num_q_heads, num_kv_heads, q_start, k_start)
@@ -238,7 +248,7 @@ def s2_attention(
     prob = _kernel_problem(q4, k4, pattern, softmax_scale=softmax_scale, head_start=head_start,
                            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start,
                            packed=packed_shape)
-    out, lse = _S2AttentionFunction.apply(q4, k4, v4, prob)
+    out, lse = _S2AttentionFunction.apply(q4, k4, v4, prob, _deterministic(deterministic))
     if packed:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
@@ -312,6 +322,7 @@ def s2_attention_backward(
     num_kv_heads: Optional[int] = None,
     q_start: int = 0,
     k_start: int = 0,
+    deterministic: Optional[bool] = None,
 ):
     """``(dq, dk, dv)`` of one key range of a softmax that was split by key ranges.
 
@@ -320,7 +331,8 @@ def s2_attention_backward(
     ``grad_out`` the gradient of the merged output. Summing ``dq`` over the ranges (and taking
     ``dk, dv`` of each) gives the gradient of the whole softmax, as in FlashAttention's backward,
     which needs only the final output and lse. For one range alone, pass its own ``out`` and
-    ``lse``. Unpacked input only (``[batch, seq, heads, dim]``).
+    ``lse``. Unpacked input only (``[batch, seq, heads, dim]``). ``deterministic`` as in
+    ``s2_attention``.
     """
     if grad_out.shape != q.shape:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} must have q's shape {tuple(q.shape)}")
@@ -331,4 +343,5 @@ def s2_attention_backward(
     from . import kernel
 
     grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
-    return kernel.backward(grad_out, q, k, v, out, lse, None, _kernel_problem(q, k, pattern, **options))
+    return kernel.backward(grad_out, q, k, v, out, lse, None, _kernel_problem(q, k, pattern, **options),
+                           _deterministic(deterministic))

@@ -402,6 +402,7 @@ class _Attention:
     head_start: int
     num_q_heads: int
     num_kv_heads: int
+    deterministic: Optional[bool] = None  # backward mode (s2_attention's argument)
 
     def _args(self):
         return dict(softmax_scale=self.softmax_scale, head_start=self.head_start,
@@ -413,7 +414,7 @@ class _Attention:
 
     def backward(self, grad_out, q, k, v, out, lse, q_start, k_start):
         return s2_attention_backward(grad_out, q, k, v, out, lse, self.pattern, q_start=q_start,
-                                     k_start=k_start, **self._args())
+                                     k_start=k_start, deterministic=self.deterministic, **self._args())
 
 
 class _ContextParallelAttention(torch.autograd.Function):
@@ -498,6 +499,7 @@ def context_parallel_attention(
     head_start: int = 0,
     num_q_heads: Optional[int] = None,
     num_kv_heads: Optional[int] = None,
+    deterministic: Optional[bool] = None,
 ) -> torch.Tensor:
     """S2 attention over a sequence split across the CP group, equal to the CP=1 result.
 
@@ -505,8 +507,8 @@ def context_parallel_attention(
     load-balanced chunks (``r`` and ``2*cp-1-r``) concatenated; ``num_q_heads``/``num_kv_heads``
     are global head counts and ``head_start`` the global index of the first local query head (all
     ranks of a CP group hold the same heads). ``overlap`` hides the exchange behind each chunk's
-    attention to its own keys (None: ``OVERLAP_DEFAULTS[exchange]``). Returns ``out [b, s_local,
-    h_local, d]``.
+    attention to its own keys (None: ``OVERLAP_DEFAULTS[exchange]``); ``deterministic`` is the
+    kernel's backward mode (``s2_attention``). Returns ``out [b, s_local, h_local, d]``.
     """
     _check_exchange(exchange)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -521,10 +523,10 @@ def context_parallel_attention(
     cp_size = dist.get_world_size(cp_group)
     if cp_size == 1:
         return s2_attention(q, k, v, pattern, softmax_scale=softmax_scale, head_start=head_start,
-                            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
+                            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, deterministic=deterministic)
     validate_context_parallel(s_local * cp_size, cp_size, pattern.block_size)
     check_head_counts(num_q_heads, num_kv_heads)
-    attention = _Attention(pattern, softmax_scale, head_start, num_q_heads, num_kv_heads)
+    attention = _Attention(pattern, softmax_scale, head_start, num_q_heads, num_kv_heads, deterministic)
     mover = make_exchange(exchange, pattern, cp_group=cp_group, seq_len=s_local * cp_size, overlap=overlap,
                           num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
                           num_local_heads=local_heads, num_local_kv_heads=k.shape[2], device=k.device)

@@ -92,6 +92,8 @@ class _CoreAttentionBase(MegatronModule):
             softmax_scale = config.softmax_scale
         self.softmax_scale = 1.0 / math.sqrt(self.head_dim) if softmax_scale is None else softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        # --deterministic-mode asks for bit-identical gradients; otherwise the kernel's default mode.
+        self.deterministic = True if config.deterministic_mode else None
 
     def _check_mask_type(self, mask_type) -> None:
         if mask_type not in _CAUSAL_MASK_TYPES:
@@ -180,7 +182,7 @@ class S2CoreAttention(_CoreAttentionBase):
             out = s2_attention(
                 query, key, value, self.pattern, softmax_scale=self.softmax_scale,
                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=packed_seq_params.max_seqlen_q,
-                max_seqlen_k=packed_seq_params.max_seqlen_kv, **heads,
+                max_seqlen_k=packed_seq_params.max_seqlen_kv, deterministic=self.deterministic, **heads,
             )
             return out.reshape(out.shape[0], -1)
         # [s, b, h, d] -> [b, s, h, d] views; the kernel takes strided input.
@@ -191,7 +193,7 @@ class S2CoreAttention(_CoreAttentionBase):
                                     "(training); decode with --context-parallel-size 1")
             out = context_parallel_attention(
                 q, k, v, self.pattern, cp_group=self.cp_group, exchange=self.cp_exchange,
-                overlap=self.cp_overlap,
+                overlap=self.cp_overlap, deterministic=self.deterministic,
                 softmax_scale=self.softmax_scale, **heads,
             )
         else:
@@ -206,7 +208,7 @@ class S2CoreAttention(_CoreAttentionBase):
         if pad:
             q = torch.cat([q.new_zeros(q.shape[0], pad, *q.shape[2:]), q], 1)
         out = s2_attention(q, k, v, self.pattern, softmax_scale=self.softmax_scale,
-                           q_start=q_start - pad, **heads)
+                           q_start=q_start - pad, deterministic=self.deterministic, **heads)
         return out[:, pad:]
 
 
@@ -251,7 +253,7 @@ class SDPACoreAttention(_CoreAttentionBase):
                 q, k, v, _dense_pattern(q.shape[1]), cp_group=self.cp_group, exchange="allgather",
                 overlap=self.cp_overlap,
                 softmax_scale=self.softmax_scale, head_start=self.head_start,
-                num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
+                num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads, deterministic=self.deterministic,
             )
             return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
         out = self._attend(query, key, value)

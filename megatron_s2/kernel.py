@@ -6,7 +6,10 @@ Hopper's tensor cores are underused at 64 rows. ``kernel_layout`` derives, once 
 for every tile the union of its units' lists, each entry tagged with a bit per unit saying which
 units of the tile really use it:
 
-- query tiles (forward, dQ) are consecutive units, which share almost all their key units;
+- query tiles (forward, dQ) are consecutive units, which share almost all their key units. When
+  the query heads of a GQA group read the same blocks (``kv_group``, ``homogeneous``), a program
+  stacks the group's heads in its rows instead (``rows / group`` positions of each head, GQA
+  packing): each K/V unit is then loaded once for the whole group;
 - key tiles (dK/dV) pair, per KV head, units whose query lists are alike (a stripe unit with the
   next stripe unit of the same heads, window-only units with each other): a stripe unit's
   neighbour is not a stripe, and a tile of neighbours would compute the stripe's long list twice.
@@ -15,12 +18,23 @@ Entries that need no token mask (every unit uses them, no pair crosses the causa
 first in each list so the hot loop runs without masks, two key units (128 keys) per step; the few
 diagonal and partial entries follow and are masked token by token.
 
-Backward is deterministic (no atomics): one program per (KV head, key tile) loops over the query heads
-of its GQA group and their transposed lists, accumulating dK/dV in registers; one program per
-(query head, query tile) computes dQ. The gradient of the returned log-sum-exp enters through
-``delta = rowsum(dO * O) - dlse`` (dS = P * (dP - delta)). Packed sequences share the lists of one
-length at least the longest sequence's: rows past a sequence's end are skipped, and the ascending
-transposed lists are cut by binary search.
+Backward, two modes. Both run one program per key tile and query heads, accumulating dK/dV in
+registers over the tile's transposed lists, heaviest programs first:
+- deterministic: no atomics, bit-identical from run to run; dQ has its own pass, one program per
+  (query head, query tile), which recomputes P and dP (7 matrix products per block pair);
+- fast: the dK/dV pass also adds each block pair's dQ part into a float32 accumulator with atomics
+  (5 products per pair, FlashAttention's scheme); the accumulator is cast to the input dtype at the
+  end. The order of the float32 adds varies, so dQ may differ in the last bits from run to run.
+A program serves one query head, or all query heads of a GQA group (their K/V tile loaded once),
+whichever gives the shorter longest program (``KernelLayout.split_heads``): when the group's heads
+read the same blocks (``kv_group``/``homogeneous``), one program per group would run the group's
+long stripe lists one after the other. Per-head programs write float32 partial dK/dV that are summed
+over the group in a fixed order.
+
+The gradient of the returned log-sum-exp enters through ``delta = rowsum(dO * O) - dlse``
+(dS = P * (dP - delta)). Packed sequences share the lists of one length at least the longest
+sequence's: rows past a sequence's end are skipped, and the ascending transposed lists are cut by
+binary search.
 """
 from __future__ import annotations
 
@@ -35,6 +49,9 @@ import triton.language as tl
 from .layout import S2Layout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The backward mode when the caller does not choose (s2_attention(deterministic=None)): True runs
+# the deterministic backward (separate dQ pass), False the fast one (dQ by atomics in the dK/dV pass).
+DETERMINISTIC_BY_DEFAULT = True
 # Fixed launch configs by default (the first of each list, measured best on H100), so that every
 # process runs the same code and gradients are bit-identical from run to run. S2_AUTOTUNE=1 lets
 # Triton's autotuner choose per shape class (other cards); its choice may differ between processes.
@@ -70,10 +87,15 @@ class TileLists:
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
     unit: int
-    q_merge: int  # units per query tile (forward, dQ)
+    q_merge: int  # units per query list tile (forward, dQ)
     k_merge: int  # units per key tile (dK/dV)
     q_tiles: TileLists  # for the forward and dQ: key units per query tile (consecutive units)
+    q_pack: int  # query heads stacked in one forward/dQ program (GQA packing; 1: none)
+    q_positions: int  # positions per forward/dQ program (its rows: q_pack * q_positions)
     k_tiles: TileLists  # for dK/dV: query units per key tile (units paired per KV head)
+    group: int  # query heads per KV head
+    split_heads: bool  # dK/dV programs serve one query head each (else a whole GQA group)
+    k_order: torch.Tensor  # dK/dV work items (program head * tiles + tile), most list entries first
 
 
 def _unit_entries(ptr, idx, heads, n_rows, row_start, col_start, refine, rows_are_queries):
@@ -177,13 +199,71 @@ def _merge_lists(head, row, col, tiles, heads, group, n_rows, n_cols, row_start,
                      n_tiles)
 
 
+# Head-dim classes of the launch choices: head dims 16-64, 128, 256.
+HEAD_DIM_CLASSES = (64, 128, 256)
+# Rows of a query tile (forward, dQ) and of a key tile (dK/dV) per head-dim class: 128, since
+# Hopper's tensor cores are underused at 64 rows; 64 at head dim 256 (registers, shared memory).
+QUERY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
+KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
+# Tensor-descriptor (TMA) loads of K/V in the forward's unmasked loop, on Hopper and newer: no
+# per-element pointers. Off until measured (tools/tune_kernel.py); other GPUs keep pointer loads.
+TMA_LOADS = False
+# GQA packing: when the query heads of a KV group read the same blocks (kv_group, homogeneous),
+# forward and dQ programs stack them in their rows and load each K/V unit once for the group.
+PACK_GQA = True
+# dK/dV programs serve one query head each when one program per GQA group would make the longest
+# program at least this many times longer (its heads read the same long lists one after another).
+SPLIT_HEADS_RATIO = 1.5
+
+
+def head_dim_class(head_dim: int) -> int:
+    return next(c for c in HEAD_DIM_CLASSES if head_dim <= c)
+
+
 def tile_sizes(block_size: int, head_dim: int):
-    """(unit, units per query tile, units per key tile) for this block size and head dim: tiles
-    of 128 rows (64 at head dim 256), since Hopper's tensor cores are underused at 64 rows."""
+    """(unit, units per query tile, units per key tile) for this block size and head dim."""
     unit = min(block_size, _MAX_UNIT)
-    rows = 128 if head_dim <= 128 else 64
-    merge = max(1, rows // unit)
-    return unit, merge, merge
+    dim_class = head_dim_class(head_dim)
+    return unit, max(1, QUERY_TILE_ROWS[dim_class] // unit), max(1, KEY_TILE_ROWS[dim_class] // unit)
+
+
+def _group_shares_lists(layout: S2Layout, group: int) -> bool:
+    """Whether the query heads of every KV group have the same block lists."""
+    ptr, idx, n_rows = layout.q2k_ptr.long(), layout.q2k_idx, layout.num_q_blocks
+    counts = (ptr[1:] - ptr[:-1]).view(-1, group, n_rows)
+    if not bool((counts == counts[:, :1]).all()):
+        return False
+    heads = layout.num_heads
+    head_start = ptr[:-1:n_rows]  # first entry of each head
+    length = counts.sum(-1).flatten()
+    head_of_entry = torch.repeat_interleave(torch.arange(heads, device=idx.device), length, output_size=idx.numel())
+    within = torch.arange(idx.numel(), device=idx.device) - head_start[head_of_entry]
+    lead = head_start[head_of_entry // group * group]
+    return torch.equal(idx, idx[lead + within])
+
+
+def _query_packing(layout: S2Layout, head_dim: int, group: int, unit: int, q_merge: int):
+    """(heads per program, positions per program, units per list tile) of the forward and dQ: a
+    group of 2-8 heads with shared lists fills the rows of one program with ``rows // group``
+    positions of each head (lists then cover ``max(unit, positions)`` positions)."""
+    positions = QUERY_TILE_ROWS[head_dim_class(head_dim)] // group
+    if (PACK_GQA and 1 < group and group & (group - 1) == 0 and positions >= 16
+            and _group_shares_lists(layout, group)):
+        return group, positions, max(1, positions // unit)
+    return 1, unit * q_merge, q_merge
+
+
+def _key_work_order(k_tiles: TileLists, heads: int, group: int):
+    """(split_heads, order) of the dK/dV programs. A program's cost is its list entries (query units
+    against its key tile); one program per group costs the sum over the group's heads. Programs
+    run heaviest first, so that no long program starts last (ties keep head-major order: the
+    programs running together read one head's Q and dO from L2)."""
+    per_head = (k_tiles.ptr[1:] - k_tiles.ptr[:-1]).view(heads, k_tiles.num_tiles).long()
+    per_group = per_head.view(heads // group, group, -1).sum(1)
+    split = group > 1 and per_group.max().item() >= SPLIT_HEADS_RATIO * per_head.max().item()
+    cost = (per_head if split else per_group).flatten()
+    order = torch.sort(-cost, stable=True).indices
+    return split, order.to(torch.int32)
 
 
 _derived: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -193,7 +273,7 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     """Tile lists for ``layout`` and ``group`` query heads per KV head, cached by layout identity
     (get_layout caches the layouts themselves)."""
     unit, q_merge, k_merge = tile_sizes(layout.block_size, head_dim)
-    key = (id(layout), unit, q_merge, k_merge, group)
+    key = (id(layout), unit, q_merge, k_merge, group, SPLIT_HEADS_RATIO, PACK_GQA)
     hit = _derived.get(key)
     if hit is not None and hit[0] is layout:
         _derived.move_to_end(key)
@@ -205,6 +285,7 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     device = layout.q2k_idx.device
     hq, rq, cq = _unit_entries(layout.q2k_ptr, layout.q2k_idx, heads, layout.num_q_blocks, q_start, k_start,
                                refine, rows_are_queries=True)
+    q_pack, q_positions, q_merge = _query_packing(layout, head_dim, group, unit, q_merge)
     q_tiles = _merge_lists(hq, rq, cq, _consecutive_tiles(q_units, q_merge, device), heads, heads,
                            q_units, k_units, q_start, k_start, rows_are_queries=True)
     hk, rk, ck = _unit_entries(layout.k2q_ptr, layout.k2q_idx, heads, layout.num_k_blocks, k_start, q_start,
@@ -212,7 +293,10 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     k_pairs = _paired_tiles(hk, rk, ck, heads, group, k_merge, k_units, q_units)
     k_tiles = _merge_lists(hk, rk, ck, k_pairs, heads, group, k_units, q_units, k_start, q_start,
                            rows_are_queries=False)
-    derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles)
+    split_heads, k_order = _key_work_order(k_tiles, heads, group)
+    derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles,
+                           q_pack=q_pack, q_positions=q_positions, group=group, split_heads=split_heads,
+                           k_order=k_order)
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
         _derived.popitem(last=False)
@@ -274,17 +358,42 @@ def _key_ptrs(base, ENTRIES, e, stride, offs_n, offs_d, UNIT: tl.constexpr, STEP
 
 
 @triton.jit
-def _query_tile_program(CU_Q, CU_K, num_heads, num_tiles, len_q_all, len_k_all, VARLEN: tl.constexpr):
-    """``(b, h, tile, q_tok0, len_q, k_tok0, len_k)`` of a query-tile program (forward, dQ). Tiles vary
-    fastest, so the programs running together share one head's K/V in L2; late (heavy) tiles first
-    for load balance."""
+def _query_tile_program(CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len_q_all, len_k_all,
+                        UNIT: tl.constexpr, MERGE: tl.constexpr, PACK: tl.constexpr, POS: tl.constexpr,
+                        VARLEN: tl.constexpr):
+    """A query-tile program (forward, dQ): ``POS`` positions of ``PACK`` query heads, ``PACK * POS``
+    rows. ``PACK`` > 1 stacks the heads of one GQA group that share their lists (GQA packing: each
+    K/V unit is loaded once for the group). Returns ``(b, first head, first position, row position
+    offsets, row head offsets, list row, row unit slots, q_tok0, len_q, k_tok0, len_k)``. Programs of
+    one head (pack) run together, so its K/V stays in L2; late (heavy) positions first."""
     pid_bh = tl.program_id(1)
-    tile = num_tiles - 1 - tl.program_id(0)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    tile = num_programs - 1 - tl.program_id(0)
+    b = pid_bh // (num_heads // PACK)
+    h0 = (pid_bh % (num_heads // PACK)) * PACK
     q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
     k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
-    return b, h, tile, q_tok0, len_q, k_tok0, len_k
+    pos0 = tile * POS
+    rows = tl.arange(0, PACK * POS)
+    list_tile = pos0 // (UNIT * MERGE)  # a list tile holds MERGE units: one or more programs' positions
+    if PACK == 1:  # the plain form: the compiler then sees the rows' contiguity (and less to keep live)
+        rel_pos = rows
+        rel_head = 0
+        unit_of_row = rows // UNIT
+    else:
+        rel_pos = rows % POS
+        rel_head = rows // POS
+        unit_of_row = (pos0 - list_tile * (UNIT * MERGE) + rel_pos) // UNIT
+    return (b, h0, pos0, rel_pos, rel_head, h0 * num_list_tiles + list_tile, unit_of_row, q_tok0, len_q,
+            k_tok0, len_k)
+
+
+@triton.jit
+def _row_offsets(rel_pos, rel_head, stride_s, stride_h, PACK: tl.constexpr):
+    """Offsets of a program's rows from its first (position, head): positions, and heads if packed."""
+    offsets = rel_pos * stride_s
+    if PACK > 1:
+        offsets += rel_head * stride_h
+    return offsets
 
 
 @triton.jit
@@ -345,33 +454,62 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, 
 
 
 @triton.jit
+def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, ENTRIES, e_lo, e_hi, qk_scale,
+                   UNIT: tl.constexpr, STEP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The unmasked loop of ``_fwd_inner`` with tensor-descriptor (TMA on Hopper) loads of whole
+    key units: no per-element pointers. With ``STEP`` 2 the two units' scores share one online
+    softmax update, as the pointer loop's 128-key step does."""
+    for e in range(e_lo, e_hi, STEP):
+        row0 = (tl.load(ENTRIES + e) >> 8) * UNIT
+        s0 = tl.dot(q, tl.trans(k_desc.load([row0, 0])), input_precision=DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(s0, 1) * qk_scale)
+        if STEP == 2:
+            row1 = (tl.load(ENTRIES + e + 1) >> 8) * UNIT
+            s1 = tl.dot(q, tl.trans(k_desc.load([row1, 0])), input_precision=DOT_PREC)
+            m_new = tl.maximum(m_new, tl.max(s1, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        p0 = tl.math.exp2(s0 * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p0, 1)
+        acc = acc * alpha[:, None]
+        v0 = v_desc.load([row0, 0])
+        acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=DOT_PREC)
+        if STEP == 2:
+            p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
+            l_i += tl.sum(p1, 1)
+            v1 = v_desc.load([row1, 0])
+            acc = tl.dot(p1.to(v1.dtype), v1, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-    num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
-    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, RESUME: tl.constexpr, STEP: tl.constexpr,
+    num_heads, group, len_q_all, len_k_all, num_programs, num_list_tiles, q_pos0, k_pos0, tune_bucket,
+    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr, PACK: tl.constexpr, POS: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, RESUME: tl.constexpr, TMA: tl.constexpr,
+    STEP: tl.constexpr,
 ):
-    TILE: tl.constexpr = UNIT * MERGE
-    b, h, tile, q_tok0, len_q, k_tok0, len_k = _query_tile_program(CU_Q, CU_K, num_heads, num_tiles, len_q_all,
-                                                                    len_k_all, VARLEN)
-    row0 = tile * TILE
-    if row0 < len_q:
-        offs_m = tl.arange(0, TILE)
+    ROWS: tl.constexpr = PACK * POS
+    b, h0, pos0, rel_pos, rel_head, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
+        CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len_q_all, len_k_all, UNIT, MERGE, PACK, POS, VARLEN)
+    if pos0 < len_q:
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
-        q_base = Q + b64 * stride_qb + (q_tok0 + row0).to(tl.int64) * stride_qs + h * stride_qh
-        row_ok = (row0 + offs_m) < len_q
-        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h // group, stride_kb, stride_ks, stride_kh,
+        tok0 = (q_tok0 + pos0).to(tl.int64)
+        row_ok = (pos0 + rel_pos) < len_q
+        q_rows = _row_offsets(rel_pos, rel_head, stride_qs, stride_qh, PACK)
+        q = tl.load(Q + b64 * stride_qb + tok0 * stride_qs + h0 * stride_qh + q_rows[:, None] + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h0 // group, stride_kb, stride_ks, stride_kh,
                                         stride_vb, stride_vs, stride_vh)
-        e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, STEP)
-        q_pos = q_pos0 + row0 + offs_m
-        unit_of_row = offs_m // UNIT
-        o_ptrs = (O + b64 * stride_ob + (q_tok0 + row0).to(tl.int64) * stride_os + h * stride_oh
-                  + offs_m[:, None] * stride_os + offs_d[None, :])
-        l_ptrs = LSE + b64 * stride_lb + h * stride_lh + q_tok0 + row0 + offs_m
+        e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, list_row, STEP)
+        q_pos = q_pos0 + pos0 + rel_pos
+        o_ptrs = (O + b64 * stride_ob + tok0 * stride_os + h0 * stride_oh
+                  + _row_offsets(rel_pos, rel_head, stride_os, stride_oh, PACK)[:, None] + offs_d[None, :])
+        l_ptrs = LSE + b64 * stride_lb + h0 * stride_lh + tok0 + _row_offsets(rel_pos, rel_head, 1, stride_lh, PACK)
         if RESUME:
             # Continue the softmax already in O/LSE (earlier keys): normalized out with l = 1.
             lse_prev = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
@@ -380,12 +518,20 @@ def _fwd_kernel(
             l_i = tl.where(started, 1.0, 0.0)
             acc = tl.load(o_ptrs, mask=row_ok[:, None] & started[:, None], other=0.0).to(tl.float32)
         else:
-            m_i = tl.full([TILE], float("-inf"), tl.float32)
-            l_i = tl.zeros([TILE], tl.float32)
-            acc = tl.zeros([TILE, HEAD_DIM], tl.float32)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
-                                   e_lo, e_mid, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
-                                   offs_d, UNIT, STEP, False, DOT_PREC)
+            m_i = tl.full([ROWS], float("-inf"), tl.float32)
+            l_i = tl.zeros([ROWS], tl.float32)
+            acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        if TMA:
+            k_desc = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_ks, 1],
+                                               block_shape=[UNIT, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vs, 1],
+                                               block_shape=[UNIT, HEAD_DIM])
+            acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, ENTRIES, e_lo, e_mid, qk_scale,
+                                           UNIT, STEP, DOT_PREC)
+        else:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
+                                       e_lo, e_mid, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
+                                       offs_d, UNIT, STEP, False, DOT_PREC)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
                                    e_mid, e_hi, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
                                    offs_d, UNIT, 1, True, DOT_PREC)
@@ -401,11 +547,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
-    stride_lb, stride_lh, num_heads, len_q_all,
+    O, DO, DLSE, DELTA, DQ_ACC, CU_Q, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+    stride_lb, stride_lh, stride_ab, stride_as, stride_ah, num_heads, len_q_all,
     HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
+    ZERO_DQ: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) - dlse, laid out like the lse."""
+    """delta = rowsum(dO * O) - dlse, laid out like the lse; zeroes the dQ accumulator (fast mode)."""
     pid_bh = tl.program_id(0)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -426,14 +573,19 @@ def _bwd_delta_kernel(
         if HAS_DLSE:
             delta -= tl.load(DLSE + l_off, mask=row_ok, other=0.0)
         tl.store(DELTA + l_off, delta, mask=row_ok)
+        if ZERO_DQ:
+            tl.store(DQ_ACC + b64 * stride_ab + h * stride_ah + tok[:, None] * stride_as + offs_d[None, :],
+                     tl.zeros([ROWS, HEAD_DIM], tl.float32), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds, ENTRIES, e_lo, e_hi,
-                qk_scale, k_pos, len_q, q_pos0, unit_of_row, offs_d,
-                UNIT: tl.constexpr, QSTEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds, stride_as,
+                ENTRIES, e_lo, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0, unit_of_row, offs_d,
+                UNIT: tl.constexpr, QSTEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+                FUSED_DQ: tl.constexpr, DQ_T: tl.constexpr):
     """dK/dV of one key tile from the query units at ``ENTRIES[e_lo:e_hi]``, ``QSTEP`` query rows
-    at a time (32 keeps the [tile, QSTEP] fp32 temporaries small enough to avoid spills)."""
+    at a time (32 keeps the [tile, QSTEP] fp32 temporaries small enough to avoid spills); with
+    ``FUSED_DQ`` also adds each step's dQ part into the float32 accumulator at ``dq_base``."""
     offs_u = tl.arange(0, QSTEP)
     for e in range(e_lo, e_hi):
         entry = tl.load(ENTRIES + e)
@@ -454,26 +606,42 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride
                 pt = tl.where(keep, pt, 0.0)
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+            dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
+            dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PREC)
+            # Key rows past the end or in empty slots were loaded as 0: they add nothing to dQ.
+            if FUSED_DQ and DQ_T:  # dQᵀ = Kᵀ·dSᵀ: the head dim as the product's rows (see _FUSED_CONFIGS)
+                dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PREC) * sm_scale
+                tl.atomic_add(dq_base + q_off * stride_as + offs_u[None, :] * stride_as + offs_d[:, None], dqt,
+                              mask=q_ok[None, :], sem="relaxed")
+            elif FUSED_DQ:
+                dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
+                tl.atomic_add(dq_base + q_off * stride_as + offs_u[:, None] * stride_as + offs_d[None, :], dq,
+                              mask=q_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, T_UNITS, CU_Q, CU_K, qk_scale, sm_scale,
+    Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, T_UNITS, ORDER, CU_Q, CU_K,
+    qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-    num_kv_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
+    stride_dvb, stride_dvs, stride_dvh, stride_ab, stride_as, stride_ah, stride_lb, stride_lh,
+    heads_per_program, group, num_seqs, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, QSTEP: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, QSTEP: tl.constexpr,
+    DQ_T: tl.constexpr = True,
 ):
+    """One key tile against ``heads_per_program`` query heads (one, or a GQA group); writes dK/dV
+    at head index ``program head`` of DK/DV (the KV head, or per-query-head partials)."""
     TILE: tl.constexpr = UNIT * MERGE
-    pid_bh = tl.program_id(1)
-    tile = tl.program_id(0)  # tiles of long-list (heavy) key units come first
-    b = pid_bh // num_kv_heads
-    kh = pid_bh % num_kv_heads
+    # Heaviest (head, tile) first, for every sequence of the batch before the next lighter one.
+    work = tl.load(ORDER + tl.program_id(0) // num_seqs)
+    b = tl.program_id(0) % num_seqs
+    out_head = work // num_tiles
+    tile = work % num_tiles
+    h_first = out_head * heads_per_program
+    kh = h_first // group
     q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
     k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
     offs_m = tl.arange(0, TILE)
@@ -495,10 +663,10 @@ def _bwd_dkdv_kernel(
         dk = tl.zeros([TILE, HEAD_DIM], tl.float32)
         dv = tl.zeros([TILE, HEAD_DIM], tl.float32)
         q_tok = q_tok0.to(tl.int64)
-        for j in range(0, group):
-            h = kh * group + j
+        for h in range(h_first, h_first + heads_per_program):
             q_base = Q + b64 * stride_qb + h * stride_qh + q_tok * stride_qs
             do_base = DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
+            dq_base = DQ_ACC + b64 * stride_ab + h * stride_ah + q_tok * stride_as
             l_base = LSE + b64 * stride_lb + h * stride_lh + q_tok
             d_base = DELTA + b64 * stride_lb + h * stride_lh + q_tok
             e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, 1)
@@ -507,16 +675,16 @@ def _bwd_dkdv_kernel(
                 e_hi = _lower_bound(ENTRIES, e_mid, e_hi, q_units)
             else:
                 e_stop = e_mid
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds,
-                                 ENTRIES, e_lo, e_stop, qk_scale, k_pos, len_q, q_pos0, unit_of_row,
-                                 offs_d, UNIT, QSTEP, False, DOT_PREC)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qs, stride_ds,
-                                 ENTRIES, e_mid, e_hi, qk_scale, k_pos, len_q, q_pos0, unit_of_row,
-                                 offs_d, UNIT, QSTEP, True, DOT_PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds,
+                                 stride_as, ENTRIES, e_lo, e_stop, qk_scale, sm_scale, k_pos, len_q, q_pos0,
+                                 unit_of_row, offs_d, UNIT, QSTEP, False, DOT_PREC, FUSED_DQ, DQ_T)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds,
+                                 stride_as, ENTRIES, e_mid, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0,
+                                 unit_of_row, offs_d, UNIT, QSTEP, True, DOT_PREC, FUSED_DQ, DQ_T)
         dk *= sm_scale
-        tl.store(DK + b64 * stride_dkb + kh * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :],
+        tl.store(DK + b64 * stride_dkb + out_head * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(DV + b64 * stride_dvb + kh * stride_dvh + k_off[:, None] * stride_dvs + offs_d[None, :],
+        tl.store(DV + b64 * stride_dvb + out_head * stride_dvh + k_off[:, None] * stride_dvs + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -552,41 +720,40 @@ def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, CU_Q, CU_K, qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
-    num_heads, group, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
-    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
+    num_heads, group, len_q_all, len_k_all, num_programs, num_list_tiles, q_pos0, k_pos0, tune_bucket,
+    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr, PACK: tl.constexpr, POS: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
 ):
-    TILE: tl.constexpr = UNIT * MERGE
-    b, h, tile, q_tok0, len_q, k_tok0, len_k = _query_tile_program(CU_Q, CU_K, num_heads, num_tiles, len_q_all,
-                                                                    len_k_all, VARLEN)
-    row0 = tile * TILE
-    if row0 < len_q:
-        offs_m = tl.arange(0, TILE)
+    ROWS: tl.constexpr = PACK * POS
+    b, h0, pos0, rel_pos, rel_head, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
+        CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len_q_all, len_k_all, UNIT, MERGE, PACK, POS, VARLEN)
+    if pos0 < len_q:
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
-        row_ok = (row0 + offs_m) < len_q
-        q_tok = (q_tok0 + row0).to(tl.int64)
-        q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_tok * stride_qs
-                    + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
-                     + offs_m[:, None] * stride_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        l_off = b64 * stride_lb + h * stride_lh + q_tok + offs_m
+        tok0 = (q_tok0 + pos0).to(tl.int64)
+        row_ok = (pos0 + rel_pos) < len_q
+        q = tl.load(Q + b64 * stride_qb + tok0 * stride_qs + h0 * stride_qh
+                    + _row_offsets(rel_pos, rel_head, stride_qs, stride_qh, PACK)[:, None] + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b64 * stride_db + tok0 * stride_ds + h0 * stride_dh
+                     + _row_offsets(rel_pos, rel_head, stride_ds, stride_dh, PACK)[:, None] + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        l_off = b64 * stride_lb + h0 * stride_lh + tok0 + _row_offsets(rel_pos, rel_head, 1, stride_lh, PACK)
         lse2 = tl.load(LSE + l_off, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
-        k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h // group, stride_kb, stride_ks, stride_kh,
+        k_base, v_base = _head_kv_bases(K, V, b64, k_tok0, h0 // group, stride_kb, stride_ks, stride_kh,
                                         stride_vb, stride_vs, stride_vh)
-        e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, STEP)
-        q_pos = q_pos0 + row0 + offs_m
-        unit_of_row = offs_m // UNIT
-        dq = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, list_row, STEP)
+        q_pos = q_pos0 + pos0 + rel_pos
+        dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_mid,
                        qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, STEP, False, DOT_PREC)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_mid, e_hi,
                        qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, 1, True, DOT_PREC)
         dq *= sm_scale
-        tl.store(DQ + b64 * stride_dqb + h * stride_dqh + q_tok * stride_dqs
-                 + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=row_ok[:, None])
+        tl.store(DQ + b64 * stride_dqb + tok0 * stride_dqs + h0 * stride_dqh
+                 + _row_offsets(rel_pos, rel_head, stride_dqs, stride_dqh, PACK)[:, None] + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,21 +770,38 @@ def _tune_bucket(length: int) -> int:
     return min(2, max(0, (max(length, 1) - 1).bit_length() - 12) // 2)
 
 
-def _configs(params, triples):
-    """Configs from (value of the tuned constexpr or None, warps, stages); the first is the default."""
-    return [triton.Config({} if value is None else {params: value}, num_warps=w, num_stages=s)
-            for value, w, s in triples]
+def _configs(names, rows):
+    """Configs from rows (values of the tuned constexprs ``names``, warps, stages); the first is the
+    default."""
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
-# Head dim <= 128 | head dim 256 (64-row tiles, less shared memory per stage).
-_FWD_CONFIGS = (_configs("STEP", [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
-                _configs("STEP", [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
+# One list per head-dim class (HEAD_DIM_CLASSES: <= 64 | 128 | 256; 64-row tiles at 256, less shared
+# memory per stage). The first of each list is the default: at head dims 64 and 128 the configs
+# measured best on an H100 at head dim 128; tools/tune_kernel.py times the others. At head dim 64,
+# 4 warps spill heavily on 128-row tiles (sm_90 ptxas, 1.7-2 KB): they are candidates for 64-row tiles.
+_FWD_CONFIGS = (_configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (2, 8, 4), (2, 4, 3), (1, 4, 3)]),
+                _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
+                _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
 # Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
-_DKDV_CONFIGS = (_configs("QSTEP", [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
+_DKDV_CONFIGS = (_configs(("QSTEP",), [(64, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 3), (16, 4, 2)]),
+                 _configs(("QSTEP",), [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
                                     (64, 4, 3), (16, 8, 2)]),
-                 _configs("QSTEP", [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
-_DQ_CONFIGS = (_configs("STEP", [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
-               _configs("STEP", [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
+                 _configs(("QSTEP",), [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
+_DQ_CONFIGS = (_configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 3), (2, 4, 3)]),
+               _configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
+               _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
+# The fast backward's dK/dV pass with the dQ product and its atomics (not yet measured on a GPU: the
+# defaults spill least among the warpgroup-MMA forms in sm_90 ptxas). DQ_T: dQ computed transposed
+# (Kᵀ·dSᵀ, the head dim as the product's rows: warpgroup MMA on Hopper) or directly (dSᵀ·K, the
+# query step's 16-64 rows: mma.sync, a little less spilling).
+_FUSED_CONFIGS = (_configs(("QSTEP", "DQ_T"), [(32, True, 8, 2), (64, True, 8, 3), (32, False, 8, 2), (32, True, 4, 2),
+                                               (16, True, 4, 2)]),
+                  _configs(("QSTEP", "DQ_T"), [(32, True, 8, 3), (64, True, 8, 3), (32, True, 8, 2),
+                                               (32, False, 8, 2), (64, False, 8, 3), (64, True, 8, 2),
+                                               (16, True, 8, 2)]),
+                  _configs(("QSTEP", "DQ_T"), [(32, True, 8, 1), (32, False, 8, 1), (16, True, 8, 1),
+                                               (32, True, 4, 1)]))
 
 
 def _fits(config, unit):
@@ -633,17 +817,19 @@ def _prune(configs, named_args, **kwargs):
 class _Launcher:
     """The kernel with its first fitting config, or autotuned (S2_AUTOTUNE=1)."""
 
-    def __init__(self, kernel, config_lists):
+    def __init__(self, kernel, config_lists, reset_to_zero=None):
         self.kernel = kernel
         self.config_lists = config_lists
+        # reset_to_zero: accumulators the tuner must clear between its trial runs.
         self.tuned = [
-            triton.autotune(configs=c, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+            triton.autotune(configs=c, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+                            reset_to_zero=reset_to_zero)(kernel)
             if AUTOTUNE else None
             for c in config_lists
         ]
 
     def launch(self, grid, head_dim, *args, **kwargs):
-        which = 0 if head_dim <= 128 else 1
+        which = HEAD_DIM_CLASSES.index(head_dim_class(head_dim))
         if self.tuned[which] is not None:
             self.tuned[which][grid](*args, **kwargs)
             return
@@ -655,6 +841,7 @@ class _Launcher:
 _fwd = _Launcher(_fwd_kernel, _FWD_CONFIGS)
 _dkdv = _Launcher(_bwd_dkdv_kernel, _DKDV_CONFIGS)
 _dq = _Launcher(_bwd_dq_kernel, _DQ_CONFIGS)
+_fused = _Launcher(_bwd_dkdv_kernel, _FUSED_CONFIGS, reset_to_zero=["DQ_ACC"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -712,20 +899,52 @@ def forward(q, k, v, prob: Problem, out=None, lse=None, resume=False):
     tiles = kl.q_tiles
     cu_q = prob.cu_q if prob.varlen else lse  # unused pointer when not packed
     cu_k = prob.cu_k if prob.varlen else lse
-    grid = (tiles.num_tiles, prob.num_seqs * heads)
+    grid, num_programs, shape = _query_programs(kl, prob, heads)
     _fwd.launch(grid, dim,
         q, k, v, out, lse, tiles.ptr, tiles.nfull, tiles.entries, cu_q, cu_k, prob.sm_scale * _LOG2E,
         *_bsh(q, prob.varlen), *_bsh(k, prob.varlen), *_bsh(v, prob.varlen), *_bsh(out, prob.varlen),
         *_lse_strides(lse, prob.varlen),
-        heads, heads // k.shape[2], prob.len_q, prob.len_k, tiles.num_tiles, prob.q_pos0, prob.k_pos0,
-        _tune_bucket(prob.len_q),
-        HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.q_merge, VARLEN=prob.varlen,
-        DOT_PREC=_dot_precision(q.dtype), RESUME=resume,
+        heads, heads // k.shape[2], prob.len_q, prob.len_k, num_programs, tiles.num_tiles, prob.q_pos0,
+        prob.k_pos0, _tune_bucket(prob.len_q),
+        HEAD_DIM=dim, VARLEN=prob.varlen, DOT_PREC=_dot_precision(q.dtype), RESUME=resume,
+        TMA=_use_tma(q, k, v), **shape,
     )
     return out, lse
 
 
-def backward(do, q, k, v, out, lse, dlse, prob: Problem):
+def _use_tma(q, k, v) -> bool:
+    """Tensor-descriptor loads in the forward: when ``TMA_LOADS`` asks for them, the GPU is a Hopper
+    or newer (the interpreter emulates them) and the rows meet TMA's 16-byte alignment."""
+    if not TMA_LOADS or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if not INTERPRET and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(1) * t.element_size() % 16 == 0 for t in (k, v))
+    if aligned and not INTERPRET:
+        _set_descriptor_allocator()
+    return aligned
+
+
+def _set_descriptor_allocator():
+    """Device-side descriptors need global scratch memory from Triton's allocator hook (set once)."""
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
+
+
+_allocator_set = False
+
+
+def _query_programs(kl: KernelLayout, prob: Problem, heads: int):
+    """Grid, programs per (pack of) head(s) and tile constants of the forward and dQ kernels."""
+    num_programs = kl.q_tiles.num_tiles * (kl.unit * kl.q_merge // kl.q_positions)
+    grid = (num_programs, prob.num_seqs * heads // kl.q_pack)
+    return grid, num_programs, dict(UNIT=kl.unit, MERGE=kl.q_merge, PACK=kl.q_pack, POS=kl.q_positions)
+
+
+def backward(do, q, k, v, out, lse, dlse, prob: Problem, deterministic: bool):
+    """``(dq, dk, dv)``; ``deterministic`` chooses the backward mode (module docstring)."""
     batch, _, heads, dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -738,32 +957,43 @@ def backward(do, q, k, v, out, lse, dlse, prob: Problem):
     cu_q = prob.cu_q if varlen else lse
     cu_k = prob.cu_k if varlen else lse
     delta = new_output(lse.shape, lse.dtype, lse.device)
+    # Fast mode: dQ accumulates in float32 (zeroed by the delta kernel, which visits every row).
+    dq_acc = new_output(q.shape, torch.float32, q.device) if not deterministic else delta
+    acc_strides = _bsh(dq_acc, varlen) if not deterministic else (0, 0, 0)
     rows = 64
     _bwd_delta_kernel[(prob.num_seqs * heads, triton.cdiv(prob.len_q, rows))](
-        out, do, dlse if dlse is not None else lse, delta, cu_q, *_bsh(out, varlen), *_bsh(do, varlen),
-        *_lse_strides(lse, varlen), heads, prob.len_q,
-        HEAD_DIM=dim, ROWS=rows, HAS_DLSE=dlse is not None, VARLEN=varlen,
+        out, do, dlse if dlse is not None else lse, delta, dq_acc, cu_q, *_bsh(out, varlen), *_bsh(do, varlen),
+        *_lse_strides(lse, varlen), *acc_strides, heads, prob.len_q,
+        HEAD_DIM=dim, ROWS=rows, HAS_DLSE=dlse is not None, VARLEN=varlen, ZERO_DQ=not deterministic,
     )
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
-    dv = new_output(v.shape, v.dtype, v.device)
+    # Per-head programs of a GQA group write float32 partials, summed below in a fixed order.
+    partial = kl.split_heads
+    grad_shape, grad_dtype = ((*k.shape[:2], heads, dim), torch.float32) if partial else (k.shape, k.dtype)
+    dk = new_output(grad_shape, grad_dtype, k.device)
+    dv = new_output(grad_shape, grad_dtype, v.device)
     qk_scale = prob.sm_scale * _LOG2E
     prec = _dot_precision(q.dtype)
-    common = dict(HEAD_DIM=dim, UNIT=kl.unit, VARLEN=varlen, DOT_PREC=prec)
     kt = kl.k_tiles
-    _dkdv.launch((kt.num_tiles, prob.num_seqs * kv_heads), dim,
-        q, k, v, do, dk, dv, lse, delta, kt.ptr, kt.nfull, kt.entries, kt.units, cu_q, cu_k, qk_scale,
-        prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
-        *_bsh(dk, varlen), *_bsh(dv, varlen), *_lse_strides(lse, varlen),
-        kv_heads, group, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0, prob.k_pos0, _tune_bucket(prob.len_q),
-        MERGE=kl.k_merge, **common,
+    (_dkdv if deterministic else _fused).launch((kl.k_order.numel() * prob.num_seqs,), dim,
+        q, k, v, do, dk, dv, dq_acc, lse, delta, kt.ptr, kt.nfull, kt.entries, kt.units, kl.k_order, cu_q, cu_k,
+        qk_scale, prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
+        *_bsh(dk, varlen), *_bsh(dv, varlen), *acc_strides, *_lse_strides(lse, varlen),
+        1 if partial else group, group, prob.num_seqs, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0,
+        prob.k_pos0, _tune_bucket(prob.len_q), HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.k_merge, VARLEN=varlen,
+        DOT_PREC=prec, FUSED_DQ=not deterministic,
     )
+    if partial:
+        dk, dv = (t.unflatten(2, (kv_heads, group)).sum(3).to(k.dtype) for t in (dk, dv))
+    if not deterministic:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = new_output(q.shape, q.dtype, q.device)
     qt = kl.q_tiles
-    _dq.launch((qt.num_tiles, prob.num_seqs * heads), dim,
+    grid, num_programs, shape = _query_programs(kl, prob, heads)
+    _dq.launch(grid, dim,
         q, k, v, do, dq, lse, delta, qt.ptr, qt.nfull, qt.entries, cu_q, cu_k, qk_scale,
         prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
         *_bsh(dq, varlen), *_lse_strides(lse, varlen),
-        heads, group, prob.len_q, prob.len_k, qt.num_tiles, prob.q_pos0, prob.k_pos0, _tune_bucket(prob.len_q),
-        MERGE=kl.q_merge, **common,
+        heads, group, prob.len_q, prob.len_k, num_programs, qt.num_tiles, prob.q_pos0, prob.k_pos0,
+        _tune_bucket(prob.len_q), HEAD_DIM=dim, VARLEN=varlen, DOT_PREC=prec, **shape,
     )
     return dq, dk, dv

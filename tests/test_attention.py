@@ -1,8 +1,9 @@
 """The S2 Triton kernel (run by Triton's interpreter on CPU) against the float64 dense reference.
 
 Every kernel buffer is poisoned with NaN before the kernels run, so an element a kernel forgets to
-write fails the comparison. Inputs and output gradients (of ``out`` and of ``lse``) are fresh random
-draws for every case.
+write fails the comparison (the fast backward's dQ accumulator too: its zeroing is tested). Inputs
+and output gradients (of ``out`` and of ``lse``) are fresh random draws for every case. Tests that
+run a backward take the ``backward_mode`` fixture: they run in the fast and the deterministic mode.
 """
 
 import os
@@ -26,6 +27,13 @@ def poisoned_buffers(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(kernel, "new_output", poisoned)
+
+
+@pytest.fixture(params=["fast", "deterministic"])
+def backward_mode(request, monkeypatch):
+    """Runs the test with either backward mode as the default of every entry point."""
+    monkeypatch.setattr(kernel, "DETERMINISTIC_BY_DEFAULT", request.param == "deterministic")
+    return request.param
 
 
 def draw(*shapes, seed):
@@ -76,14 +84,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference(name):
+def test_matches_reference(backward_mode, name):
     params, batch, seq, heads, kv_heads, dim = CASES[name]
     q, k, v = draw((batch, seq, heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim),
                    seed=len(name))
     compare(S2Pattern(**params), q, k, v, seed=seq)
 
 
-def test_tensor_parallel_slice_equals_full_model_slice():
+def test_tensor_parallel_slice_equals_full_model_slice(backward_mode):
     """Rank 1 of TP=2 (global heads 2-3, KV head 1) equals the reference and the full run's slice."""
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=4)
     q, k, v = draw((1, 80, 4, 32), (1, 80, 2, 32), (1, 80, 2, 32), seed=3)
@@ -93,7 +101,7 @@ def test_tensor_parallel_slice_equals_full_model_slice():
     assert torch.allclose(sliced[0], full[:, :, 2:], atol=1e-6)
 
 
-def test_context_parallel_chunk_equals_full_sequence_rows():
+def test_context_parallel_chunk_equals_full_sequence_rows(backward_mode):
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
     q, k, v = draw((1, 96, 2, 32), (1, 96, 2, 32), (1, 96, 2, 32), seed=5)
     chunk = compare(pattern, q[:, 32:80], k, v, seed=6, q_start=32)
@@ -101,7 +109,7 @@ def test_context_parallel_chunk_equals_full_sequence_rows():
     assert torch.allclose(chunk[0], full[:, 32:80], atol=1e-6)
 
 
-def test_key_offset_chunk():
+def test_key_offset_chunk(backward_mode):
     """Keys starting later than position 0 (a CP rank that received keys from block 1 on)."""
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=2)
     q, k, v = draw((1, 40, 2, 32), (1, 56, 1, 32), (1, 56, 1, 32), seed=7)
@@ -125,7 +133,7 @@ def _split_by_keys(pattern, q, k, v, grad_out, q_start, split, dtype):
 
 
 @pytest.mark.parametrize("path", ["kernel", "reference"])
-def test_softmax_split_by_key_ranges_equals_one_call(monkeypatch, path):
+def test_softmax_split_by_key_ranges_equals_one_call(monkeypatch, backward_mode, path):
     """Context parallelism's building block: partial key ranges merged by lse, and their backward
     from the merged output, equal one call over all keys (float64 reference, autograd)."""
     if path == "reference":
@@ -179,7 +187,7 @@ def test_rows_without_keys_give_zero_and_minus_infinity(monkeypatch, path):
     assert torch.isneginf(lse[0][empty]).all() and torch.isfinite(lse[0][~empty]).all()
 
 
-def test_packed_sequences():
+def test_packed_sequences(backward_mode):
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
     lengths = [37, 16, 1, 50]
     cu = torch.tensor([0, 37, 53, 54, 104], dtype=torch.int32)
@@ -191,7 +199,7 @@ def test_packed_sequences():
     assert torch.allclose(got[0][54:104], alone[0], atol=1e-6)
 
 
-def test_window_only_tp_slice_cp_offsets_and_packed():
+def test_window_only_tp_slice_cp_offsets_and_packed(backward_mode):
     """Window-only (no stripes): a TP head slice, CP chunks at query/key offsets, packed sequences."""
     pattern = S2Pattern.window(block_size=16, local_blocks=2)
     q, k, v = draw((1, 96, 4, 16), (1, 96, 2, 16), (1, 96, 2, 16), seed=21)
@@ -209,7 +217,7 @@ def test_window_only_tp_slice_cp_offsets_and_packed():
     assert torch.allclose(packed[0][41:96], alone[0], atol=1e-6)
 
 
-def test_explicit_block_mask():
+def test_explicit_block_mask(backward_mode):
     gen = torch.Generator().manual_seed(11)
     mask = torch.rand(3, 6, 6, generator=gen) < 0.4
     mask |= torch.eye(6, dtype=torch.bool)
@@ -218,25 +226,27 @@ def test_explicit_block_mask():
     compare(pattern, q, k, v, seed=13)
 
 
-def test_softmax_scale():
+def test_softmax_scale(backward_mode):
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=2)
     q, k, v = draw((1, 50, 2, 32), (1, 50, 2, 32), (1, 50, 2, 32), seed=14)
     compare(pattern, q, k, v, seed=15, softmax_scale=0.37)
 
 
-@pytest.mark.parametrize("index", range(1, max(len(c[0]) for c in
-                                               (kernel._FWD_CONFIGS, kernel._DKDV_CONFIGS, kernel._DQ_CONFIGS))))
-def test_every_launch_config(monkeypatch, index):
+LAUNCHERS = (kernel._fwd, kernel._dkdv, kernel._dq, kernel._fused)
+
+
+@pytest.mark.parametrize("index", range(1, max(len(c) for launcher in LAUNCHERS for c in launcher.config_lists)))
+def test_every_launch_config(monkeypatch, backward_mode, index):
     """Each config (key units per step, dK/dV query step) computes the same function; config
     ``index`` of every list is moved to the front, where the launcher takes it from."""
-    for launcher in (kernel._fwd, kernel._dkdv, kernel._dq):
+    for launcher in LAUNCHERS:
         lists = [c[index % len(c):] + c[:index % len(c)] for c in launcher.config_lists]
         monkeypatch.setattr(launcher, "config_lists", lists)
     q, k, v = draw((1, 333, 2, 32), (1, 333, 1, 32), (1, 333, 1, 32), seed=16 + index)
     compare(S2Pattern(block_size=64, local_blocks=1, vert_stride=2), q, k, v, seed=17)
 
 
-def test_lse_only_gradient():
+def test_lse_only_gradient(backward_mode):
     """Only lse feeds the loss: the output gradient is absent and the lse gradient alone flows."""
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
     q, k, v = draw((1, 48, 2, 32), (1, 48, 2, 32), (1, 48, 2, 32), seed=18)
@@ -251,7 +261,7 @@ def test_lse_only_gradient():
         assert (g.double() - w).abs().max().item() < ATOL
 
 
-def test_strided_and_broadcast_output_gradients():
+def test_strided_and_broadcast_output_gradients(backward_mode):
     """Autograd hands the backward whatever strides the graph produced: a transposed grad_out (as
     after Megatron's [s, b, h, d] reshape) and a broadcast grad_lse (from ``lse.sum()``)."""
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
@@ -268,14 +278,50 @@ def test_strided_and_broadcast_output_gradients():
         assert (got.double() - want).abs().max() < ATOL * max(1.0, want.abs().max().item())
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("split_ratio", [0.0, float("inf")], ids=["per_head", "per_group"])
+def test_deterministic_backward_is_bit_identical(monkeypatch, split_ratio):
+    """deterministic=True overrides a fast default; dK/dV programs per query head (float32 partials
+    summed per group) and per GQA group."""
+    monkeypatch.setattr(kernel, "DETERMINISTIC_BY_DEFAULT", False)
+    monkeypatch.setattr(kernel, "SPLIT_HEADS_RATIO", split_ratio)
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
     q, k, v = draw((1, 64, 4, 32), (1, 64, 1, 32), (1, 64, 1, 32), seed=19)
     grad_out, grad_lse = draw((1, 64, 4, 32), (1, 4, 64), seed=20)
-    first = run(lambda *a, **kw: s2_attention(*a, pattern, **kw), q, k, v, grad_out, grad_lse, torch.float32)
-    second = run(lambda *a, **kw: s2_attention(*a, pattern, **kw), q, k, v, grad_out, grad_lse, torch.float32)
+    first, second = (run(lambda *a, **kw: s2_attention(*a, pattern, deterministic=True, **kw), q, k, v,
+                         grad_out, grad_lse, torch.float32) for _ in range(2))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("split_ratio", [0.0, float("inf")], ids=["per_head", "per_group"])
+def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, split_ratio):
+    """Both ways of serving a GQA group in the dK/dV pass compute the same gradients."""
+    monkeypatch.setattr(kernel, "SPLIT_HEADS_RATIO", split_ratio)
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
+    q, k, v = draw((1, 50, 6, 32), (1, 50, 2, 32), (1, 50, 2, 32), seed=34)
+    layout = get_layout(pattern, 6, 2, 50)
+    assert kernel.kernel_layout(layout, 32, 3).split_heads == (split_ratio == 0.0)
+    compare(pattern, q, k, v, seed=35)
+
+
+def test_gqa_key_programs_split_when_heads_share_lists():
+    """One dK/dV program per query head when a group's heads read the same blocks (kv_group: one
+    program per group would run the group's long stripe lists one after another), one per group
+    when their stripes differ (heterogeneous)."""
+    def split(head_pattern):
+        pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=8, head_pattern=head_pattern)
+        return kernel.kernel_layout(get_layout(pattern, 8, 2, 64 * 64), 128, 4).split_heads
+
+    assert split("kv_group") and split("homogeneous") and not split("heterogeneous")
+
+
+def test_key_work_order_is_heaviest_first():
+    pattern = S2Pattern(block_size=64, local_blocks=2, vert_stride=4)
+    kl = kernel.kernel_layout(get_layout(pattern, 4, 4, 40 * 64), 128, 1)
+    entries = (kl.k_tiles.ptr[1:] - kl.k_tiles.ptr[:-1]).long()
+    cost = entries[kl.k_order.long()]
+    assert sorted(kl.k_order.tolist()) == list(range(entries.numel()))
+    assert (cost[:-1] >= cost[1:]).all() and cost[0] > cost[-1]
 
 
 def test_tile_lists_are_cached(monkeypatch):
@@ -348,3 +394,44 @@ def test_input_errors(overrides, error, message):
     args.update(overrides)
     with pytest.raises(error, match=message):
         s2_attention(args.pop("q"), args.pop("k"), args.pop("v"), PATTERN, **args)
+
+
+@pytest.mark.parametrize("pack,block,kv_heads,rows", [
+    (True, 16, 2, (4, 32)), (True, 16, 1, (8, 16)), (True, 64, 2, (4, 32)), (False, 16, 2, (1, 128))],
+    ids=["packed_group4", "packed_group8", "packed_two_programs_per_unit", "one_head"])
+def test_gqa_packing(monkeypatch, backward_mode, pack, block, kv_heads, rows):
+    """Forward and dQ programs stack the query heads of a KV group (kv_group heads share their
+    lists) in their 128 rows, ``128 / group`` positions per head (with 64-token units, two programs
+    per unit), or serve one head: same function."""
+    monkeypatch.setattr(kernel, "PACK_GQA", pack)
+    pattern = S2Pattern(block_size=block, local_blocks=2, vert_stride=3, head_pattern="kv_group")
+    seq = 40 if block == 16 else 230
+    q, k, v = draw((1, seq, 8, 32), (1, seq, kv_heads, 32), (1, seq, kv_heads, 32), seed=36)
+    kl = kernel.kernel_layout(get_layout(pattern, 8, kv_heads, seq), 32, 8 // kv_heads)
+    assert (kl.q_pack, kl.q_positions) == rows
+    compare(pattern, q, k, v, seed=37)
+
+
+def test_heads_share_lists_only_in_kv_groups_that_read_the_same_blocks():
+    def shares(group, **kw):
+        return kernel._group_shares_lists(get_layout(S2Pattern(block_size=16, local_blocks=2, vert_stride=4, **kw),
+                                                     8, 8 // group, 200), group)
+
+    assert shares(4, head_pattern="kv_group") and shares(8, head_pattern="homogeneous")
+    assert not shares(4) and not shares(4, head_pattern="homogeneous", num_dense_heads=1)
+
+
+@pytest.mark.parametrize("step", [1, 2])
+@pytest.mark.parametrize("name", ["block64_two_unit_tiles", "gqa_kv_group_ragged"])
+def test_tensor_descriptor_loads(monkeypatch, name, step):
+    """The forward's unmasked loop with tensor-descriptor loads (kernel.TMA_LOADS, off by default),
+    one or two key units per step, computes the same function; the interpreter emulates them."""
+    monkeypatch.setattr(kernel, "TMA_LOADS", True)
+    lists = [sorted(configs, key=lambda c: c.kwargs["STEP"] != step) for configs in kernel._fwd.config_lists]
+    monkeypatch.setattr(kernel._fwd, "config_lists", lists)
+    params, batch, seq, heads, kv_heads, dim = CASES[name]
+    q, k, v = draw((batch, seq, heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim), seed=38)
+    assert kernel._use_tma(q, k, v)
+    layout = kernel.kernel_layout(get_layout(S2Pattern(**params), heads, kv_heads, seq), dim, heads // kv_heads)
+    assert layout.q_tiles.nfull.sum() > 0  # the unmasked loop has work
+    compare(S2Pattern(**params), q, k, v, seed=39)

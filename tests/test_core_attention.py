@@ -280,3 +280,25 @@ def test_rejects_what_it_cannot_do():
     for name, hint in hints.items():
         assert messages[name] is not None, f"{name} was accepted"
         assert hint in messages[name], (name, messages[name])
+
+
+def _backward_mode(rank, world_size):
+    import megatron_s2.core_attention as core_attention
+
+    seen = []
+    real = core_attention.s2_attention
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return real(*args, **kwargs)
+
+    core_attention.s2_attention = recording
+    for deterministic_mode in (True, False):
+        q, k, v = full_qkv(32, 1, 4, 4)
+        make_s2(make_config(4, deterministic_mode=deterministic_mode))(q, k, v, None)
+    return seen
+
+
+def test_deterministic_mode_selects_the_deterministic_kernel_backward():
+    """--deterministic-mode asks the kernel for its deterministic backward; otherwise its default."""
+    assert run_distributed(1, _backward_mode)[0] == [True, None]

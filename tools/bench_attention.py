@@ -1,12 +1,17 @@
-"""Benchmark S2 attention against dense SDPA (default, flash, cuDNN) and FlexAttention on the same layout.
+"""Benchmark S2 attention (fast and deterministic backward) against DKernel and FlexAttention on the
+same layout and dense SDPA (cuDNN, flash), side by side in one process.
 
-    python tools/bench_attention.py --out runs/bench            # the ANCHORS.md cases
-    python tools/bench_attention.py --seqs 32768 --impls s2,flex --head-dims 128 --out runs/quick
+    python tools/bench_attention.py --out runs/bench            # the cases of the kernel issues
+    python tools/bench_attention.py --seqs 32768 --impls s2-fast,flex --head-dims 128 --out runs/quick
 
-Times are medians of ``triton.testing.do_bench``; "useful TFLOP/s" counts only attended (query, key)
-pairs, 4*D per pair forward and 2.5x that backward (S2_SEMANTICS.md), so sparse and dense kernels
-compare fairly. Writes ``bench_attention.json`` and ``bench_attention.png`` under ``--out`` and prints
-a table last.
+Default cases: b1 8k/32k/128k MHA head dim 128; GQA 32/8 with heterogeneous and kv_group heads at
+32k and 128k; head dim 64 at 32k; b4 8k. Times are medians of ``triton.testing.do_bench``; "useful
+TFLOP/s" counts only attended (query, key) pairs, 4*D per pair forward and 2.5x that backward
+(S2_SEMANTICS.md), so sparse and dense kernels compare fairly. S2 runs its fixed default launch
+configs (what training runs; ``S2_AUTOTUNE=1`` for the tuner; tools/tune_kernel.py times the
+candidates). DKernel (``dkernel``, not vendored) runs when importable, with the same block mask.
+Dense SDPA does the same work for every head pattern, so it runs on the heterogeneous cases only.
+Writes ``bench_attention.json`` and ``bench_attention.png`` under ``--out`` and prints a table last.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-os.environ.setdefault("S2_AUTOTUNE", "1")  # measure the tuned kernel (S2_AUTOTUNE=0: the fixed defaults)
+os.environ.setdefault("S2_AUTOTUNE", "0")  # the fixed default configs, as in training
 
 from megatron_s2 import S2Pattern, get_layout, s2_attention  # noqa: E402
 from megatron_s2 import kernel as s2_kernel  # noqa: E402
@@ -30,7 +35,10 @@ from megatron_s2.layout import clear_layout_cache  # noqa: E402
 from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs, dense_causal_pairs  # noqa: E402
 
 DEVICE = "cuda"
-IMPLS = ("s2", "flex", "sdpa", "flash", "cudnn")
+# s2-fast / s2-det: the kernel's fast and deterministic backward (same forward); s2: its default mode.
+IMPLS = ("s2-fast", "s2-det", "s2", "dkernel", "flex", "cudnn", "flash", "sdpa")
+DEFAULT_IMPLS = ("s2-fast", "s2-det", "dkernel", "flex", "cudnn", "flash")
+DENSE_IMPLS = ("sdpa", "flash", "cudnn")
 
 
 @dataclasses.dataclass
@@ -40,19 +48,26 @@ class Case:
     heads: int = 32
     kv_heads: int = 32
     dim: int = 128
+    head_pattern: str = "heterogeneous"
 
     @property
     def name(self):
         gqa = f" gqa{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else ""
-        return f"b{self.batch} s{self.seq // 1024}k d{self.dim}{gqa}"
+        heads = "" if self.head_pattern == "heterogeneous" else f" {self.head_pattern}"
+        return f"b{self.batch} s{self.seq // 1024}k d{self.dim}{gqa}{heads}"
 
 
 def default_cases(seqs, dims):
-    cases = [Case(seq=s, dim=d) for d in dims for s in seqs]
+    """MHA at every length and the first head dim; GQA 32/8 heterogeneous and kv_group at 32k and
+    longer; the other head dims at 32k; batch 4 at 8k."""
+    cases = [Case(seq=s, dim=dims[0]) for s in seqs]
+    for s in seqs:
+        if s >= 32768:
+            cases += [Case(seq=s, kv_heads=8, dim=dims[0], head_pattern=p) for p in ("heterogeneous", "kv_group")]
     if 32768 in seqs:
-        cases.append(Case(seq=32768, kv_heads=8))
+        cases += [Case(seq=32768, dim=d) for d in dims[1:]]
     if 8192 in seqs:
-        cases.append(Case(seq=8192, batch=4))
+        cases.append(Case(seq=8192, batch=4, dim=dims[0]))
     return cases
 
 
@@ -93,12 +108,28 @@ def flex_block_mask(pattern, case):
                                     seq_lengths=(case.seq, case.seq))
 
 
+def dkernel_runner(pattern, case, q, k, v):
+    """DKernel's SparseAttention with the same block mask. Its per-head masks need K/V per query
+    head: GQA K/V are repeated before the timed call (their cost is not counted)."""
+    import dkernel
+
+    mask = get_layout(pattern, case.heads, case.kv_heads, case.seq, device=DEVICE).to_block_mask()
+    attention = dkernel.SparseAttention(pattern.block_size, mask.cpu(), seq_dim=1).to(DEVICE)
+    group = case.heads // case.kv_heads
+    if group > 1:
+        k, v = (t.detach().repeat_interleave(group, 2).requires_grad_() for t in (k, v))
+    return lambda: attention(q, k, v)
+
+
 def make_runner(impl, pattern, case, q, k, v):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if impl == "s2":
-        return lambda: s2_attention(q, k, v, pattern)
+    if impl in ("s2-fast", "s2-det", "s2"):
+        deterministic = {"s2-fast": False, "s2-det": True, "s2": None}[impl]
+        return lambda: s2_attention(q, k, v, pattern, deterministic=deterministic)
+    if impl == "dkernel":
+        return dkernel_runner(pattern, case, q, k, v)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     gqa = case.kv_heads != case.heads
     if impl == "flex":
@@ -196,7 +227,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
+    parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma list of {IMPLS}")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--local-blocks", type=int, default=16)
     parser.add_argument("--vert-stride", type=int, default=16)
@@ -208,12 +239,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     impls = args.impls.split(",")
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        parser.error(f"unknown --impls {unknown}; choose from {IMPLS}")
     dims = args.head_dims
-    cases = default_cases(args.seqs, [dims[0]]) + [Case(seq=32768, dim=d) for d in dims[1:] if 32768 in args.seqs]
+    cases = default_cases(args.seqs, dims)
     os.makedirs(args.out, exist_ok=True)
     results, layouts = [], []
     for case in cases:
         kw = dict(block_size=args.block_size, local_blocks=args.local_blocks, vert_stride=args.vert_stride)
+        kw["head_pattern"] = case.head_pattern
         pattern = S2Pattern.dkernel(case.heads, **kw) if args.dkernel else S2Pattern(**kw)
         pairs = attended_pairs(pattern, case.heads, case.kv_heads, case.seq)
         density = pairs / (case.heads * case.seq * case.seq)
@@ -222,10 +257,10 @@ def main(argv=None):
         cold, cached = layout_build_ms(pattern, case)
         layouts.append(dict(case=case.name, density=density, layout_cold_ms=cold, layout_cached_ms=cached))
         for impl in impls:
-            if impl in ("sdpa", "flash", "cudnn") and case.seq > args.dense_max_seq:
+            if impl in DENSE_IMPLS and (case.seq > args.dense_max_seq or case.head_pattern != "heterogeneous"):
                 continue
             try:
-                row = time_impl(impl, pattern, case, useful, useful if impl in ("s2", "flex") else dense)
+                row = time_impl(impl, pattern, case, useful, dense if impl in DENSE_IMPLS else useful)
             except Exception as exc:  # a backend missing on this card must not stop the others
                 row = dict(impl=impl, case=case.name, error=f"{type(exc).__name__}: {exc}"[:300])
             row["density"] = density
@@ -243,7 +278,8 @@ def write_report(out, results, layouts, argv):
                 card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 command="python tools/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     tuned = {name: {str(key): str(cfg) for t in launcher.tuned if t is not None for key, cfg in t.cache.items()}
-             for name, launcher in (("fwd", s2_kernel._fwd), ("dkdv", s2_kernel._dkdv), ("dq", s2_kernel._dq))}
+             for name, launcher in (("fwd", s2_kernel._fwd), ("dkdv", s2_kernel._dkdv), ("dq", s2_kernel._dq),
+                                    ("fused", s2_kernel._fused))}
     with open(os.path.join(out, "bench_attention.json"), "w") as f:
         json.dump(dict(meta=meta, results=results, layouts=layouts, tuned_configs=tuned), f, indent=1)
     ok = [r for r in results if "error" not in r]
@@ -260,16 +296,18 @@ def print_table(meta, results, layouts, tuned):
     for lay in layouts:
         print(f"layout {lay['case']:<20} density {lay['density']:.3f}  build cold {lay['layout_cold_ms']:.1f} ms"
               f"  cached {lay['layout_cached_ms'] * 1e3:.1f} us")
-    print(f"{'case':<20} {'impl':<6} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} {'peak GiB':>9}"
-          f" {'S2 f+b x':>9}")
-    s2 = {r["case"]: r for r in results if r["impl"] == "s2" and "error" not in r}
+    print(f"{'case':<31} {'impl':<8} {'fwd ms':>8} {'f+b ms':>8} {'fwd TF/s':>9} {'f+b TF/s':>9} {'peak GiB':>9}"
+          f" {'/s2-fast':>9} {'/s2-det':>8}")
+    # Forward+backward time over S2's, in both backward modes (> 1: S2 is faster).
+    refs = [{r["case"]: r for r in results if r["impl"] == name and "error" not in r} for name in ("s2-fast", "s2-det")]
     for r in results:
         if "error" in r:
-            print(f"{r['case']:<20} {r['impl']:<6} {r['error'][:80]}")
+            print(f"{r['case']:<31} {r['impl']:<8} {r['error'][:80]}")
             continue
-        speedup = r["fwd_bwd_ms"] / s2[r["case"]]["fwd_bwd_ms"] if r["case"] in s2 else float("nan")
-        print(f"{r['case']:<20} {r['impl']:<6} {r['fwd_ms']:9.2f} {r['fwd_bwd_ms']:9.2f} "
-              f"{r['fwd_tflops']:9.0f} {r['fwd_bwd_tflops']:9.0f} {r['peak_gib']:9.2f} {speedup:9.2f}")
+        ratios = [r["fwd_bwd_ms"] / ref[r["case"]]["fwd_bwd_ms"] if r["case"] in ref else float("nan") for ref in refs]
+        print(f"{r['case']:<31} {r['impl']:<8} {r['fwd_ms']:8.2f} {r['fwd_bwd_ms']:8.2f} "
+              f"{r['fwd_tflops']:9.0f} {r['fwd_bwd_tflops']:9.0f} {r['peak_gib']:9.2f} {ratios[0]:9.2f} "
+              f"{ratios[1]:8.2f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """S2 kernel on a CUDA GPU: bf16/fp16 error against the float64 reference, determinism, long sequences,
-GQA, packed sequences. Run: ``python -m pytest -q tests/gpu/test_kernel_gpu.py``."""
+GQA, packed sequences. Tests that run a backward take the ``backward_mode`` fixture (fast and
+deterministic). Run: ``python -m pytest -q tests/gpu/test_kernel_gpu.py``."""
 
 import pytest
 import torch
@@ -15,6 +16,12 @@ DEVICE = "cuda"
 # ||kernel - ref|| / ||ref|| with bf16/fp16 inputs and fp32 accumulation; gradients see one more
 # rounding of P and dS to the input dtype.
 TOL = {torch.bfloat16: (1.2e-2, 2.5e-2), torch.float16: (2e-3, 5e-3)}
+
+
+@pytest.fixture(params=["fast", "deterministic"])
+def backward_mode(request, monkeypatch):
+    monkeypatch.setattr(kernel, "DETERMINISTIC_BY_DEFAULT", request.param == "deterministic")
+    return request.param
 
 
 def rel_err(a, b):
@@ -52,9 +59,11 @@ def check_close(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("dim,heads,kv_heads,seq", [(128, 4, 4, 2048), (64, 8, 2, 1500), (32, 4, 1, 777)])
-def test_matches_float64_reference(dtype, dim, heads, kv_heads, seq):
-    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
+@pytest.mark.parametrize("dim,heads,kv_heads,seq,head_pattern", [
+    (128, 4, 4, 2048, "heterogeneous"), (64, 8, 2, 1500, "heterogeneous"), (32, 4, 1, 777, "heterogeneous"),
+    (128, 8, 2, 2048, "kv_group"), (64, 8, 2, 1500, "kv_group")])
+def test_matches_float64_reference(backward_mode, dtype, dim, heads, kv_heads, seq, head_pattern):
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
     q, k, v = inputs((2, seq, heads, dim), (2, seq, kv_heads, dim), dtype, seed=dim + seq)
     g = torch.Generator(device=DEVICE).manual_seed(1)
     grad_out = torch.randn(q.shape, generator=g, device=DEVICE).to(dtype)
@@ -64,7 +73,7 @@ def test_matches_float64_reference(dtype, dim, heads, kv_heads, seq):
     check_close(got, want, dtype)
 
 
-def test_head_dim_256_and_block_128():
+def test_head_dim_256_and_block_128(backward_mode):
     pattern = S2Pattern(block_size=128, local_blocks=2, vert_stride=3, num_dense_heads=1)
     q, k, v = inputs((1, 1100, 4, 256), (1, 1100, 2, 256), torch.bfloat16, seed=3)
     grad_out = torch.randn_like(q)
@@ -73,8 +82,9 @@ def test_head_dim_256_and_block_128():
                 run_reference(q, k, v, pattern, grad_out, grad_lse), torch.bfloat16)
 
 
-def test_packed_sequences_gqa():
-    pattern = S2Pattern(block_size=64, local_blocks=3, vert_stride=4)
+@pytest.mark.parametrize("head_pattern", ["heterogeneous", "kv_group"])  # kv_group: GQA packing
+def test_packed_sequences_gqa(backward_mode, head_pattern):
+    pattern = S2Pattern(block_size=64, local_blocks=3, vert_stride=4, head_pattern=head_pattern)
     lengths = [700, 64, 1, 2000, 333]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     tokens = sum(lengths)
@@ -86,18 +96,51 @@ def test_packed_sequences_gqa():
                 run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)
 
 
-def test_backward_is_bit_identical():
-    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
+@pytest.mark.parametrize("head_pattern", ["heterogeneous", "kv_group"])  # dK/dV per GQA group / per head
+def test_deterministic_backward_is_bit_identical(head_pattern):
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
     q, k, v = inputs((1, 4096, 16, 128), (1, 4096, 4, 128), torch.bfloat16, seed=7)
     grad_out = torch.randn_like(q)
     grad_lse = torch.zeros((1, 16, 4096), device=DEVICE)
-    first = run_kernel(q, k, v, pattern, grad_out, grad_lse)
-    second = run_kernel(q, k, v, pattern, grad_out, grad_lse)
+    first = run_kernel(q, k, v, pattern, grad_out, grad_lse, deterministic=True)
+    second = run_kernel(q, k, v, pattern, grad_out, grad_lse, deterministic=True)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_32k_tokens_last_chunk_against_reference():
+@pytest.mark.parametrize("split_ratio", [0.0, float("inf")], ids=["per_head", "per_group"])
+def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, split_ratio):
+    monkeypatch.setattr(kernel, "SPLIT_HEADS_RATIO", split_ratio)
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
+    q, k, v = inputs((1, 2000, 8, 128), (1, 2000, 2, 128), torch.bfloat16, seed=9)
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn((1, 8, 2000), device=DEVICE)
+    check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse),
+                run_reference(q, k, v, pattern, grad_out, grad_lse), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dim,kv_heads,head_pattern,packed", [(128, 8, "heterogeneous", False),
+                                                               (64, 2, "kv_group", False), (128, 2, "kv_group", True)])
+def test_tensor_descriptor_loads(monkeypatch, dim, kv_heads, head_pattern, packed):
+    """kernel.TMA_LOADS (off by default): the forward's descriptor loads against float64."""
+    monkeypatch.setattr(kernel, "TMA_LOADS", True)
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
+    q, k, v = inputs((1, 2100, 8, dim), (1, 2100, kv_heads, dim), torch.bfloat16, seed=19)
+    if not kernel._use_tma(q, k, v):
+        pytest.skip("tensor descriptors need a Hopper GPU and a Triton with tl.make_tensor_descriptor")
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn((1, 8, 2100), device=DEVICE)
+    kw = {}
+    if packed:  # sequences of 1000 and 1100 tokens
+        q, k, v, grad_out = (t[0] for t in (q, k, v, grad_out))
+        grad_lse = grad_lse[0]
+        cu = torch.tensor([0, 1000, 2100], dtype=torch.int32, device=DEVICE)
+        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1100, max_seqlen_k=1100)
+    check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse, **kw),
+                run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)
+
+
+def test_32k_tokens_last_chunk_against_reference(backward_mode):
     """At 32k the dense reference is too big; the last 512 queries and keys are checked exactly:
     their dq and the last keys' dk/dv only depend on the last queries' loss."""
     seq, tail, heads, dim = 32768, 512, 8, 128
@@ -129,19 +172,21 @@ def test_window_only_matches_float64_reference(dtype):
                 run_reference(q, k, v, pattern, grad_out, grad_lse), dtype)
 
 
-def test_context_parallel_chunk_offsets():
-    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
+@pytest.mark.parametrize("kv_heads,head_pattern", [(8, "heterogeneous"), (4, "kv_group")])
+def test_context_parallel_chunk_offsets(backward_mode, kv_heads, head_pattern):
+    """A CP chunk (query offset) of a TP rank's heads (the second half of the model's)."""
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
     seq, q_start = 3072, 1024
-    q, k, v = inputs((1, 1024, 8, 64), (1, seq, 8, 64), torch.bfloat16, seed=13)
+    q, k, v = inputs((1, 1024, 8, 64), (1, seq, kv_heads, 64), torch.bfloat16, seed=13)
     grad_out = torch.randn_like(q)
     grad_lse = torch.randn((1, 8, 1024), device=DEVICE)
-    kw = dict(q_start=q_start, head_start=8, num_q_heads=16, num_kv_heads=16)
+    kw = dict(q_start=q_start, head_start=8, num_q_heads=16, num_kv_heads=2 * kv_heads)
     check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse, **kw),
                 run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_softmax_split_by_key_ranges(dtype):
+def test_softmax_split_by_key_ranges(backward_mode, dtype):
     """Context parallelism's calls: the earlier keys resumed into the softmax of a chunk's own keys
     (s2_attention_into), and each range's backward from the merged result, against float64."""
     pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
@@ -161,16 +206,20 @@ def test_softmax_split_by_key_ranges(dtype):
     check_close(got, want, dtype)
 
 
-@pytest.mark.parametrize("index", range(8))
-def test_every_launch_config(monkeypatch, index):
-    """S2_AUTOTUNE=1 may pick any config: each must be right (config ``index`` of every list first,
-    the tuner switched off)."""
-    for launcher in (kernel._fwd, kernel._dkdv, kernel._dq):
+LAUNCHERS = (kernel._fwd, kernel._dkdv, kernel._dq, kernel._fused)
+
+
+@pytest.mark.parametrize("dim", [128, 64])
+@pytest.mark.parametrize("index", range(max(len(c) for launcher in LAUNCHERS for c in launcher.config_lists)))
+def test_every_launch_config(monkeypatch, backward_mode, index, dim):
+    """S2_AUTOTUNE=1 or tools/tune_kernel.py may pick any config: each must be right (config ``index``
+    of every list first, the tuner switched off)."""
+    for launcher in LAUNCHERS:
         lists = [c[index % len(c):] + c[:index % len(c)] for c in launcher.config_lists]
         monkeypatch.setattr(launcher, "config_lists", lists)
         monkeypatch.setattr(launcher, "tuned", [None] * len(lists))
     pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
-    q, k, v = inputs((1, 3000, 8, 128), (1, 3000, 2, 128), torch.bfloat16, seed=17 + index)
+    q, k, v = inputs((1, 3000, 8, dim), (1, 3000, 2, dim), torch.bfloat16, seed=17 + index)
     grad_out = torch.randn_like(q)
     grad_lse = torch.randn((1, 8, 3000), device=DEVICE)
     check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse),

@@ -1,0 +1,334 @@
+"""Time the S2 kernel's candidate launch choices on one GPU and print which wins.
+
+    python tools/tune_kernel.py --out runs/tune_kernel              # about 5-7 minutes on an H200
+
+What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed configs, no autotuner):
+- the backward modes at the default configs: fast (dQ by atomics in the dK/dV pass) against
+  deterministic (separate dQ pass), at 32k and 128k, MHA head dim 128 and 64 and GQA 32/8;
+- GQA dK/dV programs per query head against per KV group, for ``heterogeneous`` and ``kv_group``;
+- every config of each launch list (forward, deterministic dK/dV, dQ, fast fused dK/dV+dQ) for head
+  dims 128 and 64, one list at a time with the others at their defaults (the candidate is moved to
+  the front of its list, where the launcher takes it from);
+- GQA packing of the forward and dQ programs on and off (``kv_group``);
+- tensor-descriptor (TMA) against pointer loads in the forward (``kernel.TMA_LOADS``);
+- 64-row against 128-row query and key tiles, and at head dim 64 every forward config at 64 rows.
+Each stage prints its variants with the winner marked; a summary of the winners comes last, with
+what to change in ``megatron_s2/kernel.py``, then the registers and spills (ptxas) of each kernel's
+default config. Stops starting new variants after ``--max-minutes`` (6.5: the whole run stays
+under 8 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ["S2_AUTOTUNE"] = "0"  # the launcher's first config, so each variant runs what it names
+
+import torch  # noqa: E402
+
+from megatron_s2 import S2Pattern  # noqa: E402
+from megatron_s2 import kernel  # noqa: E402
+from megatron_s2.attention import _kernel_problem  # noqa: E402
+from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
+
+DEVICE = "cuda"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    seq: int
+    dim: int = 128
+    kv_heads: int = 32
+    head_pattern: str = "heterogeneous"
+    heads: int = 32
+
+    @property
+    def name(self):
+        gqa = f" gqa{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else ""
+        heads = "" if self.head_pattern == "heterogeneous" else f" {self.head_pattern}"
+        return f"s{self.seq // 1024}k d{self.dim}{gqa}{heads}"
+
+    @property
+    def pattern(self):
+        return S2Pattern(block_size=64, local_blocks=16, vert_stride=16, head_pattern=self.head_pattern)
+
+
+class Bench:
+    """Inputs of one case and timers of its forward and backward passes."""
+
+    def __init__(self, case: Case):
+        self.case = case
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+        make = lambda heads: torch.randn((1, case.seq, heads, case.dim), generator=gen, device=DEVICE,
+                                         dtype=torch.bfloat16)
+        self.q, self.k, self.v, self.do = make(case.heads), make(case.kv_heads), make(case.kv_heads), make(case.heads)
+        self.fwd_flops = 4.0 * case.dim * attended_pairs(case.pattern, case.heads, case.kv_heads, case.seq)
+
+    def problem(self):
+        c = self.case
+        return _kernel_problem(self.q, self.k, c.pattern, softmax_scale=None, head_start=0, num_q_heads=c.heads,
+                               num_kv_heads=c.kv_heads, q_start=0, k_start=0)
+
+    def time_forward(self):
+        prob = self.problem()
+        return _median_ms(lambda: kernel.forward(self.q, self.k, self.v, prob))
+
+    def time_backward(self, deterministic: bool):
+        prob = self.problem()
+        out, lse = kernel.forward(self.q, self.k, self.v, prob)
+        return _median_ms(lambda: kernel.backward(self.do, self.q, self.k, self.v, out, lse, None, prob,
+                                                  deterministic))
+
+
+def _median_ms(fn):
+    from triton.testing import do_bench
+
+    fn()  # compile outside the timing
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _label(config):
+    params = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{params} w{config.num_warps} s{config.num_stages}"
+
+
+@contextlib.contextmanager
+def settings(launcher=None, index=0, dim=128, **module_values):
+    """Config ``index`` of ``launcher``'s list for ``dim`` first, and module constants replaced
+    (tile rows, split ratio), for the duration of one variant."""
+    saved_lists = None if launcher is None else launcher.config_lists
+    saved_values = {name: getattr(kernel, name) for name in module_values}
+    try:
+        if launcher is not None:
+            which = kernel.HEAD_DIM_CLASSES.index(kernel.head_dim_class(dim))
+            lists = list(saved_lists)
+            configs = lists[which]
+            lists[which] = [configs[index]] + configs[:index] + configs[index + 1:]
+            launcher.config_lists = lists
+        for name, value in module_values.items():
+            setattr(kernel, name, value)
+        yield
+    finally:
+        if launcher is not None:
+            launcher.config_lists = saved_lists
+        for name, value in saved_values.items():
+            setattr(kernel, name, value)
+
+
+class Sweep:
+    def __init__(self, max_minutes):
+        self.deadline = time.monotonic() + 60 * max_minutes
+        self.rows = []
+        self.benches = {}
+
+    def bench(self, case):
+        if case not in self.benches:
+            self.benches.clear()  # one case's tensors at a time
+            torch.cuda.empty_cache()
+            self.benches[case] = Bench(case)
+        return self.benches[case]
+
+    def run(self, stage, case, variant, timer, flops_factor, **setting):
+        """Time one variant (``timer(bench)``), or record it as skipped past the deadline."""
+        row = dict(stage=stage, case=case.name, variant=variant)
+        if time.monotonic() > self.deadline:
+            row["error"] = "skipped: --max-minutes reached"
+        else:
+            try:
+                with settings(**setting):
+                    bench = self.bench(case)
+                    row["ms"] = timer(bench)
+                    row["fwd_flops"] = bench.fwd_flops
+                    row["useful_tflops"] = flops_factor * bench.fwd_flops / row["ms"] * 1e-9
+            except Exception as exc:  # a config that does not compile on this card must not stop the sweep
+                row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        self.rows.append(row)
+        shown = f"{row['ms']:.3f} ms" if "ms" in row else row["error"]
+        print(f"{stage:<22} {case.name:<26} {variant:<34} {shown}", flush=True)
+
+
+BWD = FORWARD_AND_BACKWARD_FACTOR - 1.0  # useful backward work over the forward's
+
+
+def forward_timer(bench):
+    return bench.time_forward()
+
+
+def tma_timer(bench):
+    """The forward, refusing to time pointer loads as descriptor loads (no Hopper, older Triton)."""
+    if kernel.TMA_LOADS and not kernel._use_tma(bench.q, bench.k, bench.v):
+        raise RuntimeError("tensor descriptors unavailable on this GPU / Triton")
+    return bench.time_forward()
+
+
+def backward_timer(deterministic):
+    return lambda bench: bench.time_backward(deterministic)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-minutes", type=float, default=6.5, help="start no variant after this")
+    parser.add_argument("--out", default="runs/tune_kernel")
+    args = parser.parse_args(argv)
+    sweep = Sweep(args.max_minutes)
+    mha128, mha64 = Case(32768), Case(32768, dim=64)
+    gqa_cases = [Case(32768, kv_heads=8, head_pattern=p) for p in ("heterogeneous", "kv_group")]
+
+    # 1. Backward modes at the defaults (the question of DETERMINISTIC_BY_DEFAULT).
+    for case in (mha128, Case(131072), mha64, *gqa_cases):
+        sweep.run("forward (default)", case, "default", forward_timer, 1.0)
+        for deterministic in (True, False):
+            name = "deterministic" if deterministic else "fast"
+            sweep.run("backward mode", case, name, backward_timer(deterministic), BWD)
+    # 2. GQA: dK/dV programs per query head or per KV group (SPLIT_HEADS_RATIO).
+    for case in gqa_cases + [Case(131072, kv_heads=8, head_pattern="kv_group")]:
+        for deterministic in (True, False):
+            stage = "GQA dK/dV " + ("(det)" if deterministic else "(fast)")
+            for ratio, name in ((float("inf"), "per group"), (0.0, "per head")):
+                sweep.run(stage, case, name, backward_timer(deterministic), BWD, SPLIT_HEADS_RATIO=ratio)
+    # 3. GQA packing of the forward and dQ programs (kv_group heads share their lists).
+    for case in (gqa_cases[1], Case(131072, kv_heads=8, head_pattern="kv_group")):
+        for pack in (False, True):
+            name = "packed" if pack else "one head"
+            sweep.run("GQA packing (fwd)", case, name, forward_timer, 1.0, PACK_GQA=pack)
+            sweep.run("GQA packing (det bwd)", case, name, backward_timer(True), BWD, PACK_GQA=pack)
+    # 4. Tensor-descriptor (TMA) loads in the forward's unmasked loop (Hopper and newer).
+    for case in (mha128, mha64, Case(131072)):
+        for tma in (False, True):
+            sweep.run("TMA loads (fwd)", case, "descriptors" if tma else "pointers", tma_timer, 1.0, TMA_LOADS=tma)
+    # 5. Launch configs and tile rows, most open questions first: head dim 64 (no tuning so far),
+    # the new fused pass at head dim 128, then the head-dim-128 lists that were tuned on an H100.
+    fwd = ("config fwd", kernel._fwd, forward_timer, 1.0)
+    fused = ("config fused (fast)", kernel._fused, backward_timer(False), BWD)
+    dkdv = ("config dkdv (det)", kernel._dkdv, backward_timer(True), BWD)
+    dq = ("config dq (det)", kernel._dq, backward_timer(True), BWD)
+    for stage in (fwd, fused, dkdv, dq):
+        run_config_list(sweep, mha64, *stage)
+    run_tile_rows(sweep, mha64)
+    run_config_list(sweep, mha64, "fwd config, 64 rows", *fwd[1:], QUERY_TILE_ROWS={**kernel.QUERY_TILE_ROWS, 64: 64})
+    run_config_list(sweep, mha128, *fused)
+    run_tile_rows(sweep, mha128)
+    for stage in (fwd, dkdv, dq):
+        run_config_list(sweep, mha128, *stage)
+    print_spills()
+    report(sweep.rows, args.out)
+
+
+def run_config_list(sweep, case, stage, launcher, timer, factor, **module_values):
+    """Every config of ``launcher``'s list for the case's head dim, each moved to the front in turn."""
+    which = kernel.HEAD_DIM_CLASSES.index(kernel.head_dim_class(case.dim))
+    for index, config in enumerate(launcher.config_lists[which]):
+        sweep.run(stage, case, _label(config), timer, factor, launcher=launcher, index=index, dim=case.dim,
+                  **module_values)
+
+
+def run_tile_rows(sweep, case):
+    """128- (default) against 64-row key tiles (both backwards) and query tiles (forward)."""
+    cls = kernel.head_dim_class(case.dim)
+    for rows in (128, 64):
+        key_rows = {**kernel.KEY_TILE_ROWS, cls: rows}
+        sweep.run("key tile rows (fast)", case, str(rows), backward_timer(False), BWD, KEY_TILE_ROWS=key_rows)
+        sweep.run("key tile rows (det)", case, str(rows), backward_timer(True), BWD, KEY_TILE_ROWS=key_rows)
+        query_rows = {**kernel.QUERY_TILE_ROWS, cls: rows}
+        sweep.run("query tile rows (fwd)", case, str(rows), forward_timer, 1.0, QUERY_TILE_ROWS=query_rows)
+
+
+# Pointer arguments of the kernels (bf16 inputs; the rest are int32 scalars unless listed).
+_ARG_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")},
+              **{n: "*fp32" for n in ("DQ_ACC", "LSE", "DELTA")},
+              **{n: "*i32" for n in ("T_PTR", "T_NFULL", "ENTRIES", "T_UNITS", "ORDER", "CU_Q", "CU_K")},
+              "qk_scale": "fp32", "sm_scale": "fp32"}
+
+
+def print_spills():
+    """Registers and spills (ptxas) of each kernel's default config on this GPU and Triton, head
+    dims 64 and 128, 128-row tiles of 64-token units: spills in the hot loops cost speed."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import triton
+
+    major, minor = torch.cuda.get_device_capability()
+    target = GPUTarget("cuda", major * 10 + minor, 32)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    print("\nptxas registers and spills of the default configs (sm_%d%d):" % (major, minor))
+    for dim in (64, 128):
+        which = kernel.HEAD_DIM_CLASSES.index(kernel.head_dim_class(dim))
+        shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32")
+        query = dict(shape, PACK=1, POS=128)
+        for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False, TMA=kernel.TMA_LOADS)),
+                                          ("dq", kernel._dq, query),
+                                          ("dkdv", kernel._dkdv, dict(shape, FUSED_DQ=False)),
+                                          ("fused", kernel._fused, dict(shape, FUSED_DQ=True))):
+            config = launcher.config_lists[which][0]
+            constants = dict(constants, **config.kwargs)
+            fn = launcher.kernel
+            signature = {n: "constexpr" if n in constants else _ARG_TYPES.get(n, "i32") for n in fn.arg_names}
+            try:
+                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target,
+                                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                    f.write(compiled.asm["ptx"])
+                    f.flush()
+                    arch = "sm_%d%d%s" % (major, minor, "a" if major >= 9 else "")
+                    log = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull],
+                                         capture_output=True, text=True).stderr
+                info = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
+                                if "registers" in line or "spill" in line)
+            except Exception as exc:  # diagnostics only
+                info = f"{type(exc).__name__}: {exc}"[:120]
+            print(f"  d{dim} {name:<5} {_label(config):<28} {info}")
+
+
+def report(rows, out):
+    os.makedirs(out, exist_ok=True)
+    meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    with open(os.path.join(out, "tune_kernel.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\n{meta['card']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
+    print(f"{'stage':<22} {'case':<26} {'variant':<34} {'ms':>8} {'TF/s':>6}  best")
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["stage"], r["case"]), []).append(r)
+    winners = []
+    for (stage, case), group in groups.items():
+        timed = [r for r in group if "ms" in r]
+        best = min(timed, key=lambda r: r["ms"]) if timed else None
+        for r in group:
+            if "ms" not in r:
+                print(f"{stage:<22} {case:<26} {r['variant']:<34} {r['error'][:40]}")
+                continue
+            mark = "  <== best" if r is best else ""
+            print(f"{stage:<22} {case:<26} {r['variant']:<34} {r['ms']:8.3f} {r['useful_tflops']:6.0f}{mark}")
+        if best is not None and len(timed) > 1:
+            first = group[0]
+            gain = first["ms"] / best["ms"] if "ms" in first else float("nan")
+            winners.append(f"{stage:<22} {case:<26} best {best['variant']:<34} {gain:5.2f}x the first listed")
+    print("\nWinners (the first listed variant is today's default; a gain above ~1.03x is worth a change):")
+    for line in winners:
+        print(line)
+    print("\nForward + backward at the default configs, useful TF/s (issue targets: >= 450 fwd, >= 400 f+b):")
+    for case in dict.fromkeys(r["case"] for r in rows):
+        fwd = groups.get(("forward (default)", case), [{}])[0]
+        modes = {r["variant"]: r for r in groups.get(("backward mode", case), []) if "ms" in r}
+        if "ms" not in fwd or not modes:
+            continue
+        both = "  ".join(f"{name} {FORWARD_AND_BACKWARD_FACTOR * fwd['fwd_flops'] / (fwd['ms'] + r['ms']) * 1e-9:4.0f}"
+                         f" ({fwd['ms'] + r['ms']:.2f} ms)" for name, r in modes.items())
+        print(f"{case:<26} fwd {fwd['useful_tflops']:4.0f} ({fwd['ms']:.2f} ms)  f+b {both}")
+
+
+if __name__ == "__main__":
+    main()
