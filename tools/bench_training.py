@@ -240,7 +240,7 @@ def main(argv=None) -> list:
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["dense", "s2"])
     parser.add_argument("--parallel", nargs="+", choices=sorted(PARALLEL), default=["cp1"],
-                        help="parallel layouts, run in this order for each sequence length")
+                        help="parallel layouts, run in this order for each sequence length (tp2 last)")
     parser.add_argument("--concurrent-single-gpu", action="store_true",
                         help="run the one-GPU runs of a sequence length side by side, one per GPU")
     parser.add_argument("--iters", type=int, default=12, help="training steps per run")
@@ -278,8 +278,11 @@ def main(argv=None) -> list:
                 parser.error(f"--parallel {' '.join(args.parallel)} needs 2 GPUs, found {gpus}")
 
     layers_table = layer_bench(args, flags, s2_section, log_dir, deadline) if args.layer_bench else None
+    # TP=2 is the comparison: its runs come after every CP run, so that a short budget drops them first.
+    layout_passes = [[p for p in args.parallel if p != "tp2"], [p for p in args.parallel if p == "tp2"]]
     runs = [Run(seq, variant, parallel, os.path.join(log_dir, f"bench_{variant}_{parallel}_{seq}.log"))
-            for seq in args.seq_lengths for parallel in args.parallel for variant in args.variants]
+            for layouts in layout_passes for seq in args.seq_lengths for parallel in layouts
+            for variant in args.variants]
     skipped = []
     for group in batches(runs, args.concurrent_single_gpu, gpus):
         if deadline is not None:
