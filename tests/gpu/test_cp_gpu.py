@@ -123,9 +123,9 @@ DENSE_CASES = [("dense_mha_8k", 8192, 8, 8, True), ("dense_gqa_8k", 8192, 8, 2, 
 
 
 def _sdpa(q, k, v):
-    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True,
-                                         enable_gqa=k.shape[2] != q.shape[2])
-    return out.transpose(1, 2)
+    """CP=1 dense attention; K/V repeated per query head, so that any SDPA backend takes GQA."""
+    k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], 2) for t in (k, v))
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
 
 
 def _run_dense_case(case, rank, backend):
