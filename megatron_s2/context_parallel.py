@@ -444,7 +444,7 @@ class _Attention:
 
 
 def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    """``[b, s, h, d]`` -> ``[b, h, s, d]`` view of a contiguous ``[b, s, h, d]`` tensor: every piece
+    """``[b, s, h, d]`` -> ``[b, h, s, d]`` view of a contiguous ``[b, s, h, d]`` tensor: every part
     reaches the fused ops in this one layout (cuDNN caches its graphs by the q/k/v strides only, so
     out, grad_out and lse must always come in the same layout too)."""
     return t.contiguous().transpose(1, 2)

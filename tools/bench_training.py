@@ -20,7 +20,7 @@ being perfect.
     # that would not end within the budget (and cuts one that overruns), then prints the tables
     python tools/bench_training.py --config configs/hybrid_1b_32k.yaml --seq-lengths 131072 32768 \
         --variants s2 all_s2 --parallel cp1 cp2 tp2 --concurrent-single-gpu --iters 5 --warmup 2 \
-        --layer-bench --budget-s 420 --output runs/cp_scaling/bench_training.json
+        --layer-bench --budget-s 400 --output runs/cp_scaling/bench_training.json
 
     # CPU smoke test of the script itself (tiny model, seconds per step)
     MEGATRON_S2_CPU=1 python tools/bench_training.py --config configs/quickstart.yaml \
