@@ -151,7 +151,8 @@ def finish(run: Run, deadline: Optional[float], warmup: int) -> None:
         "tflops_per_gpu": statistics.median(float(f["tflops"]) for f in steady),
         "step_ms": statistics.median(float(f["step_ms"]) for f in steady),
         "peak_memory_gib": max(peaks) if peaks else None,
-        "steps_measured": len(steady), "cut_by_budget": cut, "wall_s": round(wall, 1),
+        "steps_measured": len(steady), "cut_by_budget": cut, "exit_code": run.process.returncode,
+        "wall_s": round(wall, 1),
     }
     print(json.dumps(run.result), flush=True)
 
@@ -172,7 +173,7 @@ def batches(runs: list, concurrent: bool, gpus: int) -> list:
 
 def estimated_wall(group: list, done: list) -> Optional[float]:
     """Wall time of an earlier run of the same layout and length (the variants cost about alike)."""
-    walls = [r.result["wall_s"] for r in done if r.result and not r.result["cut_by_budget"]
+    walls = [r.result["wall_s"] for r in done if r.result and not (r.result["cut_by_budget"] or r.result["exit_code"])
              for g in group if (r.parallel, r.seq_length) == (g.parallel, g.seq_length)]
     return max(walls) if walls else None
 
@@ -227,7 +228,11 @@ def table(results: list) -> str:
         speedup = f"{r['tokens_per_s_per_gpu'] / dense['tokens_per_s_per_gpu']:.2f}x" if dense else "-"
         scaling = f"{r['tokens_per_s_per_gpu'] / one_gpu['tokens_per_s_per_gpu']:.0%}" if one_gpu else "-"
         peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        steps = f" ({r['steps_measured']} steps, cut)" if r["cut_by_budget"] else ""
+        if r["cut_by_budget"] or r["exit_code"]:
+            why = "cut" if r["cut_by_budget"] else f"failed, exit {r['exit_code']}"
+            steps = f" ({r['steps_measured']} steps, {why})"
+        else:
+            steps = ""
         lines.append(f"| {r['seq_length']} | {r['variant']} | {r['parallel']}{steps} | {r['gpus']} | "
                      f"{r['tokens_per_s_per_gpu']:,.0f} | {r['step_ms']:.0f} | {r['tflops_per_gpu']:.0f} | {peak} | "
                      f"{speedup} | {scaling} |")
