@@ -179,7 +179,8 @@ def estimated_wall(group: list, done: list) -> Optional[float]:
 
 
 def layer_bench(args, flags: dict, s2_section: dict, log_dir: str, deadline: Optional[float]) -> Optional[str]:
-    """``tools/bench_cp.py`` on two GPUs with the model's heads and S2 pattern; returns its table."""
+    """``tools/bench_cp.py`` on two GPUs with the model's heads, S2 pattern and exchange; returns its
+    table."""
     heads = int(flags["num-attention-heads"])
     kv_heads = int(flags.get("num-query-groups", heads)) if flags.get("group-query-attention") else heads
     head_dim = int(flags.get("kv-channels") or int(flags["hidden-size"]) // heads)
@@ -190,6 +191,7 @@ def layer_bench(args, flags: dict, s2_section: dict, log_dir: str, deadline: Opt
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                os.path.join(ROOT, "tools", "bench_cp.py"), "--seqs", *map(str, args.seq_lengths),
                "--heads", str(heads), "--kv-heads", str(kv_heads), "--head-dim", str(head_dim),
+               "--exchanges", s2_section.get("cp_exchange", "s2"),  # the model's exchange, both schedules
                "--warmup", "2", "--iters", "5", "--cp1", "--out", out]
     for key, value in pattern.items():
         command += ["--" + key.replace("_", "-"), str(value)]
