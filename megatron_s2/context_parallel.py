@@ -25,6 +25,11 @@ Backward runs the same parts in the order that hides communication: the early ch
 part while the buffer is rebuilt (all-gather: gathered again; S2: from the kept received blocks),
 then the earlier parts, then the late chunk's diagonal part while the buffer's gradients travel
 back. Between forward and backward a layer keeps q, k, v, out and lse (S2: plus the received blocks).
+
+Dense layers (``dense_context_parallel_attention``) run the same schedule over the all-gather, with
+each part on PyTorch's fused attention ops that return the log-sum-exp (cuDNN or flash, as SDPA
+would choose; on CPUs its flash kernel): the diagonal part is plain causal attention, the earlier
+part plain full attention, so each is one call of a dense kernel at its full speed.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend
 
 from .attention import s2_attention, s2_attention_backward, s2_attention_into
 from .config import CP_EXCHANGES
 from .layout import Pattern, s2_block_mask
-from .pattern import S2ConfigError, check_head_counts
+from .pattern import S2ConfigError, S2Pattern, check_head_counts
+from .reference import merge_by_lse
 
 EXCHANGES = CP_EXCHANGES
 # Whether each exchange hides its communication behind the chunks' attention to their own keys by
@@ -254,6 +261,9 @@ class _Exchange:
             slots.append((slice(chunk, 2 * chunk), slice(self.late * chunk, (self.late + 1) * chunk)))
         return slots
 
+    def _chunk_rows(self, chunk_index: int) -> slice:
+        return slice(chunk_index * self.chunk_len, (chunk_index + 1) * self.chunk_len)
+
 
 def _pack(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``[b, s, h, d]`` K and V -> one contiguous sequence-major ``[s, 2, b, h, d]`` buffer, in which a
@@ -267,14 +277,22 @@ def _unpack(kv: torch.Tensor):
 
 
 class AllGatherExchange(_Exchange):
-    """All-gather K/V into absolute order; the buffer's gradients are reduce-scattered to their owners."""
+    """All-gather K/V into absolute order; the buffer's gradients are reduce-scattered to their owners.
+
+    Chunks ``0..cp-1`` are the first halves of ranks ``0..cp-1`` and travel straight into place;
+    chunks ``cp..2cp-1`` are the second halves of ranks ``cp-1..0``, so they travel in reverse chunk
+    order and are put in place (or taken out of place for the gradients) one chunk at a time.
+    """
+
+    def _late_slot(self, chunk_index: int) -> slice:
+        """Rows of chunk ``chunk_index >= cp`` in the rank-ordered second halves."""
+        return self._chunk_rows(2 * self.cp_size - 1 - chunk_index)
 
     def start(self, k, v):
         local = _pack(k, v)
         cp, chunk = self.cp_size, self.chunk_len
         kv = local.new_empty(self.buffer_len, *local.shape[1:])
         late = local.new_empty(cp * chunk, *local.shape[1:])
-        # Chunks 0..cp-1 are the first halves of ranks 0..cp-1: gathered straight into place.
         works = [_all_gather_tensor(kv[: cp * chunk], local[:chunk], group=self.group, async_op=True),
                  _all_gather_tensor(late, local[chunk:], group=self.group, async_op=True)]
         return works, local, kv, late
@@ -285,25 +303,30 @@ class AllGatherExchange(_Exchange):
         works, _, kv, late = pending
         for work in works:
             work.wait()
-        # Chunks cp, cp+1, ... are the second halves of ranks cp-1, cp-2, ...
-        cp, chunk = self.cp_size, self.chunk_len
-        count = self.buffer_len // chunk - cp
-        kv[cp * chunk :].view(count, chunk, *kv.shape[1:]).copy_(
-            late.view(cp, chunk, *kv.shape[1:])[cp - count :].flip(0))
+        for index in range(self.cp_size, self.buffer_len // self.chunk_len):
+            kv[self._chunk_rows(index)] = late[self._late_slot(index)]
         return _unpack(kv)
 
     finish_rebuild = finish
 
-    def start_grads(self, dk_buf, dv_buf):
+    def start_grads(self, dk_buf, dv_buf, dk, dv):
+        """Reduce-scatter the buffer's gradients (own slots included) to their owners; ``dk, dv`` get
+        them in ``finish_grads``."""
         cp, chunk = self.cp_size, self.chunk_len
-        grads = dk_buf.new_zeros(2 * cp * chunk, 2, dk_buf.shape[0], *dk_buf.shape[2:])
-        grads[: self.buffer_len, 0] = dk_buf.transpose(0, 1)
-        grads[: self.buffer_len, 1] = dv_buf.transpose(0, 1)
-        late = grads[cp * chunk :].view(cp, chunk, *grads.shape[1:]).flip(0).reshape(cp * chunk, *grads.shape[1:])
-        mine = grads.new_empty(2 * chunk, *grads.shape[1:])
-        works = [_reduce_scatter_tensor(mine[:chunk], grads[: cp * chunk], group=self.group, async_op=True),
+        early = dk_buf.new_empty(cp * chunk, 2, dk_buf.shape[0], *dk_buf.shape[2:])
+        late = torch.empty_like(early)
+        for index in range(2 * cp):
+            slot = early[self._chunk_rows(index)] if index < cp else late[self._late_slot(index)]
+            if index * chunk < self.buffer_len:  # the buffer reads no keys after its end
+                rows = self._chunk_rows(index)
+                slot[:, 0] = dk_buf[:, rows].transpose(0, 1)
+                slot[:, 1] = dv_buf[:, rows].transpose(0, 1)
+            else:
+                slot.zero_()
+        mine = early.new_empty(2 * chunk, *early.shape[1:])
+        works = [_reduce_scatter_tensor(mine[:chunk], early, group=self.group, async_op=True),
                  _reduce_scatter_tensor(mine[chunk:], late, group=self.group, async_op=True)]
-        return works, grads, late, mine
+        return works, early, late, mine
 
     def finish_grads(self, pending, dk, dv):
         """Add the buffer's gradients (every rank's, own slots included) into ``dk, dv``."""
@@ -328,6 +351,8 @@ class S2Exchange(_Exchange):
         super().__init__(group, chunk_len, overlap)
         self.plan, self.block_size = plan, block_size
         self.received = None  # kept for backward
+        own = {self.early} | (set() if overlap else {self.late})
+        self.remote_chunks = [c for c in range(self.buffer_len // chunk_len) if c not in own]
 
     def _launch(self, k, v, blocks, heads, send_splits, recv_splits):
         """Send K/V (or their gradients) of the (block, head) pairs; returns (work, send, recv)."""
@@ -352,32 +377,34 @@ class S2Exchange(_Exchange):
         return self._buffer(k, v)
 
     def _buffer(self, k, v):
-        """Received blocks and own chunks at absolute positions. Other blocks stay zero: the kernels
-        read only listed blocks, but dK/dV tiles load whole units of any block."""
+        """Received blocks and own chunks at absolute positions. Other ranks' blocks that were not
+        received are zero: the kernels read only listed blocks, but dK/dV tiles load whole units of
+        any block (and the CPU reference multiplies every key); own chunks are copied over."""
         plan, buffers = self.plan, []
         for local, which in ((k, 0), (v, 1)):
-            buf = local.new_zeros(local.shape[0], self.buffer_len, *local.shape[2:])
+            buf = local.new_empty(local.shape[0], self.buffer_len, *local.shape[2:])
+            for index in self.remote_chunks:
+                buf[:, self._chunk_rows(index)] = 0
             _by_block(buf, self.block_size)[:, plan.recv_blocks, :, plan.recv_heads] = self.received[:, which]
             for local_rows, buffer_rows in self.own_slots():
                 buf[:, buffer_rows] = local[:, local_rows]
             buffers.append(buf)
         return buffers
 
-    def start_grads(self, dk_buf, dv_buf):
+    def start_grads(self, dk_buf, dv_buf, dk, dv):
+        """Send the received blocks' gradients back to their owners and add the own chunks' part of
+        the buffer's gradient into ``dk, dv`` meanwhile (so that the buffer's gradient can go)."""
         plan = self.plan
         work, send, recv = self._launch(dk_buf, dv_buf, plan.recv_blocks, plan.recv_heads, plan.recv_splits,
                                         plan.send_splits)
-        # Own chunks read through the buffer (copied, so that the buffer's gradient can go).
-        own = [(rows, dk_buf[:, buffer_rows].clone(), dv_buf[:, buffer_rows].clone())
-               for rows, buffer_rows in self.own_slots()]
-        return work, send, recv, own
+        for rows, buffer_rows in self.own_slots():
+            dk[:, rows] += dk_buf[:, buffer_rows]
+            dv[:, rows] += dv_buf[:, buffer_rows]
+        return work, send, recv
 
     def finish_grads(self, pending, dk, dv):
-        """Add the buffer's gradients (own slots and what other ranks return) into ``dk, dv``."""
-        work, _, recv, own = pending
-        for rows, dk_own, dv_own in own:
-            dk[:, rows] += dk_own
-            dv[:, rows] += dv_own
+        """Add what other ranks return for the blocks they received into ``dk, dv``."""
+        work, _, recv = pending
         work.wait()
         # Pairs from one rank are distinct; a block read by several ranks gets the sum of theirs.
         first = 0
@@ -415,6 +442,108 @@ class _Attention:
     def backward(self, grad_out, q, k, v, out, lse, q_start, k_start):
         return s2_attention_backward(grad_out, q, k, v, out, lse, self.pattern, q_start=q_start,
                                      k_start=k_start, deterministic=self.deterministic, **self._args())
+
+
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """``[b, s, h, d]`` -> ``[b, h, s, d]`` view of a contiguous ``[b, s, h, d]`` tensor: every part
+    reaches the fused ops in this one layout (cuDNN caches its graphs by the q/k/v strides only, so
+    out, grad_out and lse must always come in the same layout too)."""
+    return t.contiguous().transpose(1, 2)
+
+
+def fused_attention_backend(q: torch.Tensor) -> Optional[str]:
+    """The fused attention op that the dense CP path uses for queries like ``q [b, s, h, d]``:
+    ``"cudnn"`` or ``"flash"`` where SDPA would choose that backend for causal self-attention of this
+    shape and dtype (``torch.nn.attention.sdpa_kernel`` and the global SDPA switches apply), ``"cpu"``
+    (PyTorch's CPU flash kernel) on CPUs, None otherwise (e.g. float32 on a GPU: SDPA would pick the
+    memory-efficient or math kernel, which the CP path does not drive)."""
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type != "cuda":
+        return None
+    view = q.transpose(1, 2)  # K/V are expanded to the query heads, so the query stands in for them
+    choice = torch._fused_sdp_choice(view, view, view, is_causal=True)
+    return {SDPBackend.CUDNN_ATTENTION.value: "cudnn", SDPBackend.FLASH_ATTENTION.value: "flash"}.get(choice)
+
+
+class _FusedDenseAttention:
+    """Dense causal attention of one key range on PyTorch's fused attention ops, with ``_Attention``'s
+    interface: a chunk against its own keys is causal attention, against keys that end before it
+    full attention, each one call of the op. Forward parts are merged by their log-sum-exp; each
+    part's backward op gets the *merged* output and log-sum-exp, which makes its gradients those of
+    the whole softmax (as in FlashAttention's backward).
+
+    GQA: K/V are expanded to the query heads for each call and dK/dV summed back over each group,
+    because the ops' own GQA support differs between backends and PyTorch versions; the copy is
+    O(keys x dim) per head against the call's O(queries x keys x dim) work.
+    """
+
+    def __init__(self, backend: str, softmax_scale: Optional[float]):
+        self.backend, self.scale = backend, softmax_scale
+        # From the last forward op: its RNG state (dropout is 0, so the backward op only needs
+        # tensors of the right kind) and its log-sum-exp, whose layout the backward op gets.
+        self.rng, self.lse_like = (None, None), None
+
+    @staticmethod
+    def _is_causal(q, k, q_start, k_start) -> bool:
+        if q_start == k_start and q.shape[1] == k.shape[1]:
+            return True
+        if k_start + k.shape[1] <= q_start:
+            return False
+        raise ValueError(f"a key range must be the queries' own positions or end before them: queries "
+                         f"[{q_start}, {q_start + q.shape[1]}), keys [{k_start}, {k_start + k.shape[1]})")
+
+    @staticmethod
+    def _inputs(q, k, v):
+        group = q.shape[2] // k.shape[2]
+        k, v = (t.repeat_interleave(group, 2) if group > 1 else t for t in (k, v))
+        return _heads_first(q), _heads_first(k), _heads_first(v)
+
+    def _forward_op(self, q, k, v, causal):
+        ops = torch.ops.aten
+        if self.backend == "cudnn":
+            out, lse, _, _, _, _, seed, offset, _ = ops._scaled_dot_product_cudnn_attention(
+                q, k, v, None, True, 0.0, causal, False, scale=self.scale)
+            self.rng = (seed, offset)
+        elif self.backend == "flash":
+            out, lse, _, _, _, _, rng_state, unused, _ = ops._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, causal, False, scale=self.scale)
+            self.rng = (rng_state, unused)
+        else:
+            out, lse = ops._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=self.scale)
+        self.lse_like = lse  # cuDNN: [b, h, s, 1]
+        return out, lse.reshape(lse.shape[:3])
+
+    def _backward_op(self, grad_out, q, k, v, out, lse, causal):
+        ops = torch.ops.aten
+        lse = torch.empty_like(self.lse_like).copy_(lse.reshape(self.lse_like.shape))
+        q_len, k_len = q.shape[2], k.shape[2]
+        if self.backend == "cudnn":
+            return ops._scaled_dot_product_cudnn_attention_backward(
+                grad_out, q, k, v, out, lse, *self.rng, None, None, None, q_len, k_len, 0.0, causal,
+                scale=self.scale)
+        if self.backend == "flash":
+            return ops._scaled_dot_product_flash_attention_backward(
+                grad_out, q, k, v, out, lse, None, None, q_len, k_len, 0.0, causal, *self.rng, scale=self.scale)
+        return ops._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, causal, scale=self.scale)
+
+    def forward(self, q, k, v, out, lse, q_start, k_start, resume):
+        causal = self._is_causal(q, k, q_start, k_start)
+        part_out, part_lse = self._forward_op(*self._inputs(q, k, v), causal)
+        part = (part_out.transpose(1, 2), part_lse)
+        merged = merge_by_lse((out, lse), part) if resume else part
+        out.copy_(merged[0])
+        lse.copy_(merged[1])
+
+    def backward(self, grad_out, q, k, v, out, lse, q_start, k_start):
+        causal = self._is_causal(q, k, q_start, k_start)
+        grads = self._backward_op(_heads_first(grad_out), *self._inputs(q, k, v), _heads_first(out), lse, causal)
+        dq, dk, dv = (t.transpose(1, 2) for t in grads)
+        group = q.shape[2] // k.shape[2]
+        if group > 1:
+            dk, dv = (t.unflatten(2, (k.shape[2], group)).sum(3) for t in (dk, dv))
+        return dq, dk, dv
 
 
 class _ContextParallelAttention(torch.autograd.Function):
@@ -475,7 +604,7 @@ class _ContextParallelAttention(torch.autograd.Function):
             dk_buf[:, : buffer_ends[0]] += dk_part
             dv_buf[:, : buffer_ends[0]] += dv_part
         del k_buf, v_buf
-        pending = exchange.start_grads(dk_buf, dv_buf)
+        pending = exchange.start_grads(dk_buf, dv_buf, dk, dv)
         del dk_buf, dv_buf
         if overlap:
             own_keys(1)  # while the buffer's gradients travel to their owners
@@ -484,6 +613,17 @@ class _ContextParallelAttention(torch.autograd.Function):
 
 
 # -- entry point -------------------------------------------------------------------------------
+
+
+def _check_local_inputs(q, k, v) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [b, s, h, d] and k, v [b, s, h_kv, d] of equal shapes, got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"q and k must share batch and local sequence: {tuple(q.shape)} vs "
+                         f"{tuple(k.shape)} (packed/THD input is not supported under CP)")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
 
 
 def context_parallel_attention(
@@ -511,12 +651,7 @@ def context_parallel_attention(
     kernel's backward mode (``s2_attention``). Returns ``out [b, s_local, h_local, d]``.
     """
     _check_exchange(exchange)
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [b, s, h, d] and k, v [b, s, h_kv, d] of equal shapes, got "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2]:
-        raise ValueError(f"q and k must share batch and local sequence: {tuple(q.shape)} vs "
-                         f"{tuple(k.shape)} (packed/THD input is not supported under CP)")
+    _check_local_inputs(q, k, v)
     s_local, local_heads = q.shape[1], q.shape[2]
     num_q_heads = local_heads if num_q_heads is None else num_q_heads
     num_kv_heads = k.shape[2] if num_kv_heads is None else num_kv_heads
@@ -533,12 +668,58 @@ def context_parallel_attention(
     return _ContextParallelAttention.apply(q, k, v, mover, attention)
 
 
+def dense_context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cp_group,
+    softmax_scale: Optional[float] = None,
+    overlap: Optional[bool] = None,
+    deterministic: Optional[bool] = None,
+) -> torch.Tensor:
+    """Dense causal attention over a sequence split across the CP group, equal to the CP=1 result.
+
+    Inputs and output as in ``context_parallel_attention`` (GQA: local query heads a multiple of the
+    local KV heads). K/V are all-gathered while each chunk attends to its own keys (causal), then
+    each chunk attends to the earlier keys (full) and the two parts are merged by their log-sum-exp,
+    every part on the fused attention op of ``fused_attention_backend`` (cuDNN on Hopper GPUs in
+    bf16). Where no such op applies (e.g. float32 on a GPU) it runs the S2 kernel with a dense
+    pattern through ``context_parallel_attention`` (all-gather; ``overlap`` as there, None: its
+    default); the fused path always overlaps, since its parts are what the overlap splits.
+    ``deterministic=True`` also takes the S2 kernel (its backward is bit-identical run to run; the
+    fused ops' backward is not).
+    """
+    _check_local_inputs(q, k, v)
+    backend = fused_attention_backend(q)
+    if backend is None or deterministic:
+        return context_parallel_attention(q, k, v, dense_pattern(q.shape[1]), cp_group=cp_group,
+                                          exchange="allgather", overlap=overlap, softmax_scale=softmax_scale,
+                                          deterministic=deterministic)
+    if q.shape[1] % 2:
+        raise S2ConfigError(f"a CP rank holds two equal chunks, got {q.shape[1]} local tokens. Fix: make "
+                            "--seq-length a multiple of 2 * --context-parallel-size")
+    exchange = AllGatherExchange(cp_group, q.shape[1] // 2, overlap=True)
+    return _ContextParallelAttention.apply(q, k, v, exchange, _FusedDenseAttention(backend, softmax_scale))
+
+
+def dense_pattern(local_len: int) -> S2Pattern:
+    """A dense pattern whose block size divides the CP chunks (each rank holds two chunks)."""
+    for block_size in (64, 32, 16):
+        if (local_len // 2) % block_size == 0 and local_len % 2 == 0:
+            return S2Pattern.dense(block_size)
+    raise S2ConfigError(
+        f"dense attention under context parallelism needs CP chunks of a multiple of 16 tokens, got "
+        f"{local_len / 2:g}. Fix: make --seq-length a multiple of 32 * --context-parallel-size"
+    )
+
+
 def make_exchange(exchange: str, pattern: Pattern, *, cp_group, seq_len: int, num_q_heads: int,
                   num_kv_heads: int, head_start: int, num_local_heads: int, num_local_kv_heads: int,
                   device, overlap: Optional[bool] = None) -> _Exchange:
     """The K/V exchange of one layer call (``seq_len`` is the whole sequence): ``start(k, v)`` then
-    ``finish(pending, k, v)`` give the key buffer ``(k_buf, v_buf)``; ``start_grads(dk_buf, dv_buf)``
-    then ``finish_grads(pending, dk, dv)`` add the buffer's gradients into the local ``dk, dv``."""
+    ``finish(pending, k, v)`` give the key buffer ``(k_buf, v_buf)``; ``start_grads(dk_buf, dv_buf, dk,
+    dv)`` then ``finish_grads(pending, dk, dv)`` add the buffer's gradients into the local ``dk, dv``."""
     _check_exchange(exchange)
     overlap = OVERLAP_DEFAULTS[exchange] if overlap is None else overlap
     chunk_len = seq_len // (2 * dist.get_world_size(cp_group))

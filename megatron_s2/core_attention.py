@@ -27,7 +27,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from .attention import s2_attention
 from .config import CP_EXCHANGES
-from .context_parallel import context_parallel_attention
+from .context_parallel import context_parallel_attention, dense_context_parallel_attention
 from .pattern import S2ConfigError, S2Pattern
 
 # With THD input Megatron (and TE) describe causal attention as ``padding_causal``.
@@ -217,7 +217,9 @@ class SDPACoreAttention(_CoreAttentionBase):
     backends on GPUs), for dense layers when Transformer Engine is absent.
 
     GQA through ``enable_gqa`` (no repeated K/V); packed sequences attend one sequence
-    at a time; under context parallelism it runs the CP exchange with a dense pattern.
+    at a time; under context parallelism ``dense_context_parallel_attention`` splits each chunk's
+    softmax into PyTorch fused-attention calls (``cp_overlap`` applies only where it falls back to the
+    S2 kernel with a dense pattern, e.g. float32 on a GPU).
     """
 
     name = "SDPA core attention"
@@ -249,12 +251,8 @@ class SDPACoreAttention(_CoreAttentionBase):
             return out.reshape(out.shape[0], -1)
         if self.cp_size > 1:
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))
-            out = context_parallel_attention(
-                q, k, v, _dense_pattern(q.shape[1]), cp_group=self.cp_group, exchange="allgather",
-                overlap=self.cp_overlap,
-                softmax_scale=self.softmax_scale, head_start=self.head_start,
-                num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads, deterministic=self.deterministic,
-            )
+            out = dense_context_parallel_attention(q, k, v, cp_group=self.cp_group, softmax_scale=self.softmax_scale,
+                                                   overlap=self.cp_overlap, deterministic=self.deterministic)
             return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
         out = self._attend(query, key, value)
         return out.reshape(query.shape[0], query.shape[1], -1)
@@ -284,13 +282,3 @@ class SDPACoreAttention(_CoreAttentionBase):
 def _pairs(bounds_q, bounds_k):
     return [(q0, q1, k0, k1) for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:]))]
 
-
-def _dense_pattern(local_len: int) -> S2Pattern:
-    """A dense pattern whose block size divides the CP chunks (each rank holds two chunks)."""
-    for block_size in (64, 32, 16):
-        if (local_len // 2) % block_size == 0 and local_len % 2 == 0:
-            return S2Pattern.dense(block_size)
-    raise S2ConfigError(
-        f"dense attention under context parallelism needs CP chunks of a multiple of 16 tokens, got "
-        f"{local_len / 2:g}. Fix: make --seq-length a multiple of 32 * --context-parallel-size"
-    )

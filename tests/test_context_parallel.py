@@ -1,4 +1,5 @@
-"""Context parallelism: CP=2 (and TP=2 x CP=2) equals the CP=1 reference, for both exchanges.
+"""Context parallelism: CP=2 (and TP=2 x CP=2, CP=4) equals the CP=1 reference, for both exchanges
+of S2 layers and for dense layers on PyTorch's fused attention ops.
 
 The reference is the float64 dense-masked attention on the whole sequence (inputs drawn in float32,
 the kernel's widest type); every rank computes it itself from the same seeded inputs and compares
@@ -16,6 +17,8 @@ import torch
 from megatron_s2 import BlockMaskPattern, S2Pattern
 from megatron_s2.context_parallel import (
     context_parallel_attention,
+    dense_context_parallel_attention,
+    fused_attention_backend,
     kv_exchange_bytes,
     validate_context_parallel,
 )
@@ -57,7 +60,9 @@ CASES = [
 ]
 
 
-def _check_case(case, exchange, overlap, cp_rank, cp_size, cp_group, seed, dim=8, tolerance=1e-5):
+def _check_case(case, exchange, overlap, cp_rank, cp_size, cp_group, seed, dim=8, tolerance=1e-5,
+                softmax_scale=None):
+    """``exchange="dense"``: ``dense_context_parallel_attention`` (the case's pattern must be dense)."""
     name, pattern, num_q, num_kv, head_start, local_q, local_kv = case
     kv_start = head_start // (num_q // num_kv)
     gen = torch.Generator().manual_seed(seed)
@@ -70,14 +75,17 @@ def _check_case(case, exchange, overlap, cp_rank, cp_size, cp_group, seed, dim=8
         v[:, :, kv_start : kv_start + local_kv]
 
     ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out = s2_attention_reference(*ref_inputs, pattern, head_start=head_start,
+    ref_out = s2_attention_reference(*ref_inputs, pattern, softmax_scale=softmax_scale, head_start=head_start,
                                      num_q_heads=num_q, num_kv_heads=num_kv)
     ref_out.backward(grad_out.double())
 
     cp_inputs = [_local_chunks(t, cp_rank, cp_size).clone().requires_grad_() for t in (q, k, v)]
-    out = context_parallel_attention(*cp_inputs, pattern, cp_group=cp_group, exchange=exchange,
-                                     overlap=overlap, head_start=head_start, num_q_heads=num_q,
-                                     num_kv_heads=num_kv)
+    if exchange == "dense":
+        out = dense_context_parallel_attention(*cp_inputs, cp_group=cp_group, softmax_scale=softmax_scale)
+    else:
+        out = context_parallel_attention(*cp_inputs, pattern, cp_group=cp_group, exchange=exchange,
+                                         overlap=overlap, softmax_scale=softmax_scale, head_start=head_start,
+                                         num_q_heads=num_q, num_kv_heads=num_kv)
     out.backward(_local_chunks(grad_out, cp_rank, cp_size))
 
     label = f"{name}/{exchange}/overlap={overlap}/cp_rank{cp_rank}"
@@ -130,6 +138,37 @@ def test_cp4_matches_cp1():
     """Four CP ranks: blocks read by several ranks get the sum of their gradients."""
     results = run_distributed(4, _cp_body, [CASES[0], CASES[1]], ("allgather", "s2"), cp=4)
     assert all(len(r) == 8 for r in results)
+
+
+# -- dense layers on PyTorch's fused attention ops -------------------------------------------------
+
+DENSE = S2Pattern.dense(block_size=BLOCK)
+# (name, pattern, global q heads, global kv heads, head_start, local q heads, local kv heads)
+DENSE_CASES = [("dense_mha", DENSE, 4, 4, 0, 4, 4), ("dense_gqa", DENSE, 4, 2, 0, 4, 2),
+               ("dense_mqa", DENSE, 4, 1, 0, 4, 1)]
+
+
+def _dense_body(rank, world_size, cases):
+    """Each rank's chunks of out, dq, dk, dv against the float64 reference of the whole sequence."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_context_parallel_group()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    cp_size = parallel_state.get_context_parallel_world_size()
+    q = torch.randn(1, SEQ // cp_size, 4, 8)
+    assert fused_attention_backend(q) == "cpu"  # the fused path runs, not the S2-kernel fallback
+    for index, case in enumerate(cases):
+        _check_case(case, "dense", True, cp_rank, cp_size, group, seed=20 + index, softmax_scale=0.3)
+    return len(cases)
+
+
+def test_dense_cp2_on_fused_ops_matches_cp1():
+    assert run_distributed(2, _dense_body, DENSE_CASES, cp=2) == [len(DENSE_CASES)] * 2
+
+
+def test_dense_cp4_on_fused_ops_matches_cp1():
+    """Four ranks: a late chunk's earlier keys come from three other ranks and its own early chunk."""
+    assert run_distributed(4, _dense_body, DENSE_CASES[:2], cp=4) == [2] * 4
 
 
 def _interpreted_kernel_body(rank, world_size):
@@ -267,3 +306,5 @@ def test_entry_point_rejects_bad_input():
         context_parallel_attention(q, q, q, SPARSE, cp_group=None, exchange="ring")
     with pytest.raises(ValueError, match="equal shapes"):
         context_parallel_attention(q, q, q[:, :, :1], SPARSE, cp_group=None)
+    with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
+        dense_context_parallel_attention(torch.zeros(1, 64, 3, 8), q, q, cp_group=None)

@@ -1,10 +1,12 @@
-"""Context parallelism on two GPUs (NCCL, bf16, the Triton kernel): CP=2 equals CP=1.
+"""Context parallelism on two GPUs (NCCL, bf16): CP=2 equals CP=1, for S2 layers (the Triton kernel)
+and for dense layers (PyTorch's cuDNN and flash attention ops).
 
     python -m pytest -q tests/gpu/test_cp_gpu.py        # needs 2 GPUs; skipped otherwise
 
-Each rank runs the CP=1 kernel on the whole sequence itself (same seeded inputs) and compares its
-chunks of out, dq, dk, dv with the CP=2 result of both exchanges. At 8k tokens both are also checked
-against a float32 dense-masked reference: the CP error must be no larger than the CP=1 kernel's.
+Each rank runs the CP=1 attention on the whole sequence itself (same seeded inputs: the S2 kernel, or
+SDPA on the same backend for dense layers) and compares its chunks of out, dq, dk, dv with the CP=2
+result (S2: both exchanges and schedules). At 8k tokens both are also checked against a float32
+dense-masked reference: the CP error must be no larger than the CP=1 attention's.
 """
 
 import os
@@ -21,9 +23,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
-from megatron_s2.context_parallel import context_parallel_attention  # noqa: E402
+from megatron_s2.context_parallel import (  # noqa: E402
+    context_parallel_attention,
+    dense_context_parallel_attention,
+    fused_attention_backend,
+)
 from megatron_s2.reference import s2_attention_reference  # noqa: E402
 
 CP = 2
@@ -56,9 +64,7 @@ def _run(fn, inputs, grad):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def _run_case(case, rank):
-    """CP=1 and the float32 reference once per case, then CP=2 for every exchange and schedule."""
-    name, seq, pattern, num_q, num_kv, head_start, local_q, local_kv, with_fp32 = case
+def _inputs(seq, num_q, num_kv, head_start, local_q, local_kv):
     kv_start = head_start // (num_q // num_kv)
     gen = torch.Generator(device="cuda").manual_seed(seq + num_q)
     dim = 128
@@ -68,35 +74,73 @@ def _run_case(case, rank):
 
     q, k, v = randn(num_q), randn(num_kv), randn(num_kv)
     grad_out = randn(local_q)
-    q, k, v = q[:, :, head_start : head_start + local_q], k[:, :, kv_start : kv_start + local_kv], \
-        v[:, :, kv_start : kv_start + local_kv]
-    heads = dict(head_start=head_start, num_q_heads=num_q, num_kv_heads=num_kv)
+    return (q[:, :, head_start : head_start + local_q], k[:, :, kv_start : kv_start + local_kv],
+            v[:, :, kv_start : kv_start + local_kv]), grad_out
 
-    single = [_local_chunks(t, rank) for t in _run(lambda *t: s2_attention(*t, pattern, **heads), (q, k, v),
-                                                   grad_out)]
+
+def _compare(label, rank, cp2, single, exact):
+    for index, what in enumerate(("out", "dq", "dk", "dv")):
+        mine = cp2[index]
+        # bf16 results of the same kernels; only the order of accumulations differs.
+        err = _max_rel_err(mine, single[index])
+        assert err < 2e-2, f"{label}/rank{rank} {what}: CP=2 vs CP=1 {err}"
+        if exact is not None:
+            cp_err, single_err = _max_rel_err(mine, exact[index]), _max_rel_err(single[index], exact[index])
+            # CP rounds partial results to bf16 once more (a chunk's output between key ranges,
+            # dQ/dK/dV sums).
+            assert cp_err <= 2 * single_err + 5e-3, f"{label}/rank{rank} {what}: error {cp_err} vs CP=1 {single_err}"
+
+
+def _references(rank, single_fn, exact_fn, inputs, grad_out):
+    """This rank's chunks of the CP=1 bf16 run and (with ``exact_fn``) of the float32 reference."""
+    single = [_local_chunks(t, rank) for t in _run(single_fn, inputs, grad_out)]
     exact = None
-    if with_fp32:
-        ref = _run(lambda *t: s2_attention_reference(*t, pattern, **heads), [t.float() for t in (q, k, v)],
-                   grad_out.float())
-        exact = [_local_chunks(t, rank) for t in ref]
-        del ref
-    local_inputs = [_local_chunks(t, rank) for t in (q, k, v)]
+    if exact_fn is not None:
+        exact = [_local_chunks(t, rank) for t in _run(exact_fn, [t.float() for t in inputs], grad_out.float())]
+    return single, exact
+
+
+def _run_case(case, rank):
+    """CP=1 and the float32 reference once per case, then CP=2 for every exchange and schedule."""
+    name, seq, pattern, num_q, num_kv, head_start, local_q, local_kv, with_fp32 = case
+    inputs, grad_out = _inputs(seq, num_q, num_kv, head_start, local_q, local_kv)
+    heads = dict(head_start=head_start, num_q_heads=num_q, num_kv_heads=num_kv)
+    single, exact = _references(rank, lambda *t: s2_attention(*t, pattern, **heads),
+                                (lambda *t: s2_attention_reference(*t, pattern, **heads)) if with_fp32 else None,
+                                inputs, grad_out)
+    local_inputs = [_local_chunks(t, rank) for t in inputs]
     for exchange in ("allgather", "s2"):
         for overlap in (True, False):
             cp2 = _run(lambda *t: context_parallel_attention(*t, pattern, cp_group=None, exchange=exchange,
                                                              overlap=overlap, **heads),
                        local_inputs, _local_chunks(grad_out, rank))
-            for index, what in enumerate(("out", "dq", "dk", "dv")):
-                mine = cp2[index]
-                label = f"{name}/{exchange}/overlap={overlap}/rank{rank} {what}"
-                # bf16 results of the same kernel; only the order of dK/dV accumulation differs.
-                err = _max_rel_err(mine, single[index])
-                assert err < 2e-2, f"{label}: CP=2 vs CP=1 {err}"
-                if exact is not None:
-                    cp_err, single_err = _max_rel_err(mine, exact[index]), _max_rel_err(single[index], exact[index])
-                    # CP rounds partial results to bf16 once more (a chunk's output between key
-                    # ranges, dQ/dK/dV sums).
-                    assert cp_err <= 2 * single_err + 5e-3, f"{label}: error {cp_err} vs CP=1 {single_err}"
+            _compare(f"{name}/{exchange}/overlap={overlap}", rank, cp2, single, exact)
+
+
+# Dense layers: (name, seq, q heads, kv heads, compare with the float32 reference).
+DENSE_CASES = [("dense_mha_8k", 8192, 8, 8, True), ("dense_gqa_8k", 8192, 8, 2, True),
+               ("dense_gqa_32k", 32768, 16, 8, False)]
+
+
+def _sdpa(q, k, v):
+    """CP=1 dense attention; K/V repeated per query head, so that any SDPA backend takes GQA."""
+    k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], 2) for t in (k, v))
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+
+
+def _run_dense_case(case, rank, backend):
+    """Under ``sdpa_kernel(backend)`` both CP=1 (SDPA) and the CP=2 parts run on that backend."""
+    name, seq, num_q, num_kv, with_fp32 = case
+    inputs, grad_out = _inputs(seq, num_q, num_kv, 0, num_q, num_kv)
+    dense = S2Pattern.dense(64)
+    with sdpa_kernel(backend):
+        expected = {SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.FLASH_ATTENTION: "flash"}[backend]
+        assert fused_attention_backend(inputs[0]) == expected, "the fused dense CP path did not engage"
+        single, exact = _references(rank, _sdpa, (lambda *t: s2_attention_reference(*t, dense)) if with_fp32
+                                    else None, inputs, grad_out)
+        cp2 = _run(lambda *t: dense_context_parallel_attention(*t, cp_group=None),
+                   [_local_chunks(t, rank) for t in inputs], _local_chunks(grad_out, rank))
+    _compare(f"{name}/{expected}", rank, cp2, single, exact)
 
 
 def _worker(rank, port):
@@ -105,6 +149,9 @@ def _worker(rank, port):
     try:
         for case in CASES:
             _run_case(case, rank)
+        for case in DENSE_CASES:
+            for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+                _run_dense_case(case, rank, backend)
     finally:
         dist.destroy_process_group()
 
