@@ -53,8 +53,12 @@ def masked_attention(q, k, v, allowed, scale):
 
 def dense_attention(q, k, v, q_pos, k_pos, scale, unpadded):
     """Causal attention of a dense layer; without padding SDPA needs no mask (its fast kernels)."""
-    if unpadded and q.shape[2] == 1:  # one new token: every stored key is before it
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    if unpadded and q.shape[2] == 1:
+        # One new token sees every stored key: the query heads of a KV group become that group's
+        # queries, so each K/V is read once per group by any SDPA backend (no GQA support needed).
+        batch, heads, _, dim = q.shape
+        out = F.scaled_dot_product_attention(q.reshape(batch, k.shape[1], -1, dim), k, v, scale=scale)
+        return out.reshape(batch, heads, 1, dim)
     if unpadded and q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     return masked_attention(q, k, v, causal_token_mask(q_pos, k_pos), scale)
