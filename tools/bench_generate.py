@@ -263,8 +263,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            eager = " (eager)" if r["decode_mode"] == "eager" else ""
-        print(f"| {r['variant']}{eager} | {r['context'] // 1024}k | {r['batch']} | {r['error']} |")
+            print(f"| {r['variant']} | {r['context'] // 1024}k | {r['batch']} | {r['error']} |")
             continue
         d = dense.get((r["context"], r["batch"]), {})
         ratio = lambda key: f"{d[key] / r[key]:.2f}" if key in d and key in r else "-"  # noqa: E731
