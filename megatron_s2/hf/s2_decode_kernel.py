@@ -4,8 +4,8 @@ Self-contained (copied next to exported weights with the modeling file). Split-K
 program ``(sequence, KV head, split)`` walks its share of the KV head's blocks, the ``local_blocks``
 ring blocks first, then the stripe blocks, reading each block in place (its slot address is
 arithmetic on positions, no gather) and once for all query heads of the GQA group; a query head
-skips the stripe blocks of residues it does not read. The splits' partial softmax states are merged
-in PyTorch. The pure-PyTorch path (``S2KVCache.s2_decode`` on CPU) is the reference.
+skips the stripe blocks of residues it does not read. A second small kernel merges the splits'
+softmax states (one launch, not a chain of PyTorch ops: decode steps are microseconds). The pure-PyTorch path (``S2KVCache.s2_decode`` on CPU) is the reference.
 """
 
 import math
@@ -18,7 +18,6 @@ try:
 except ImportError:  # CPU-only installs: the PyTorch path serves every device
     triton = None
 
-MASKED = -1.0e30  # finite: a split whose keys are all masked keeps exp2(MASKED - max) = 0, not NaN
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -28,6 +27,9 @@ def s2_decode_kernel_runs_on(q) -> bool:
 
 
 if triton is not None:
+    # Finite (and a constexpr: kernels read only those globals): a split whose keys are all masked
+    # gets weight exp2(MASKED - max) = 0 in the merge, never inf - inf.
+    MASKED = tl.constexpr(-1.0e30)
 
     @triton.jit
     def _s2_decode_split_kernel(
@@ -38,7 +40,7 @@ if triton is not None:
         BLOCK: tl.constexpr, LOCAL: tl.constexpr, STRIDE: tl.constexpr, RESIDUES_PAD: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        RING: tl.constexpr = LOCAL * BLOCK
+        RING = LOCAL * BLOCK
         batch_head = tl.program_id(0)
         split = tl.program_id(1)
         b = batch_head // num_kv_heads
@@ -61,7 +63,7 @@ if triton is not None:
         residues = tl.load(RESIDUES + h * stride_rh + residue_index, mask=residue_index < count, other=STRIDE)
         eligible = tl.where(p >= RING, (p - RING) // BLOCK + 1, 0)
         stripe_blocks = (eligible // STRIDE) * count + tl.sum((residues < eligible % STRIDE).to(tl.int64), 0)
-        start = split * blocks_per_split
+        start = split.to(tl.int64) * blocks_per_split
         end = tl.minimum(start + blocks_per_split, LOCAL + stripe_blocks)
 
         m_i = tl.full([GROUP_PAD], MASKED, tl.float32)
@@ -108,6 +110,23 @@ if triton is not None:
         tl.store(L_OUT + partial, l_i, mask=row_ok)
         tl.store(ACC_OUT + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
 
+    @triton.jit
+    def _merge_splits_kernel(M, L, ACC, OUT, num_splits, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+                             SPLITS_PAD: tl.constexpr):
+        """One (sequence, query head): the splits' softmax states merged into the output."""
+        row = tl.program_id(0)
+        splits = tl.arange(0, SPLITS_PAD)
+        dims = tl.arange(0, DIM_PAD)
+        split_ok = splits < num_splits
+        dim_ok = dims < HEAD_DIM
+        m = tl.load(M + row * num_splits + splits, mask=split_ok, other=MASKED)
+        l = tl.load(L + row * num_splits + splits, mask=split_ok, other=0.0)
+        acc = tl.load(ACC + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
+                      mask=split_ok[:, None] & dim_ok[None, :], other=0.0)
+        weights = tl.exp2(m - tl.max(m, 0))
+        out = tl.sum(acc * weights[:, None], 0) / tl.sum(l * weights, 0)
+        tl.store(OUT + row * HEAD_DIM + dims, out.to(OUT.dtype.element_ty), mask=dim_ok)
+
 
 def _multiprocessors(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -149,16 +168,17 @@ def s2_decode_attention(q, keys, values, last, geometry, scale, max_blocks=None,
     l = torch.empty_like(m)
     acc = torch.empty(batch, heads, num_splits, dim, device=q.device, dtype=torch.float32)
     group = heads // kv_heads
+    dim_pad = max(16, triton.next_power_of_2(dim))
     _s2_decode_split_kernel[(batch * kv_heads, num_splits)](
         q, keys, values, last, geometry.head_reads, geometry.residues, geometry.count, m, l, acc,
         scale * 1.4426950408889634, blocks_per_split, kv_heads, num_splits,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), geometry.residues.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        DIM_PAD=max(16, triton.next_power_of_2(dim)), BLOCK=geometry.block, LOCAL=local,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, DIM_PAD=dim_pad, BLOCK=geometry.block, LOCAL=local,
         STRIDE=geometry.stride, RESIDUES_PAD=max(2, triton.next_power_of_2(geometry.residues.shape[1])),
         IEEE=q.dtype == torch.float32,
     )
-    weights = torch.exp2(m - m.amax(dim=-1, keepdim=True))
-    out = (acc * weights[..., None]).sum(dim=2) / (l * weights).sum(dim=2)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty_like(q)
+    _merge_splits_kernel[(batch * heads,)](m, l, acc, out, num_splits, HEAD_DIM=dim, DIM_PAD=dim_pad,
+                                           SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
+    return out
