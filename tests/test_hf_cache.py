@@ -148,6 +148,23 @@ def test_decode_kernel_matches_float64_attention_over_the_full_keys(name):
     assert (out.double() - reference).abs().max() < 1e-5
 
 
+@needs_interpreter
+@pytest.mark.parametrize("name", ["dense_heads", "heterogeneous", "kv_group"])
+def test_decode_store_kernel_fills_the_cache_like_the_pytorch_path(name, monkeypatch):
+    positions = left_padded([120, 77], 120)
+    keys, values = random_kv(2, KV_HEADS, 120, seed=5)
+    caches = []
+    for kernel in (False, True):
+        monkeypatch.setattr(sys.modules[S2KVCache.__module__], "s2_decode_kernel_runs_on", lambda t, k=kernel: k)
+        cache = S2KVCache(config([LAYERS[name]]))
+        fill(cache, 0, keys, values, positions, chunks=[30])
+        caches.append(cache.s2_entries(0))
+    (torch_k, torch_v, torch_pos), (kernel_k, kernel_v, kernel_pos) = caches
+    held = torch_pos >= 0  # other slots are scratch (dropped tokens, a grown buffer's old last slot)
+    assert torch.equal(torch_pos, kernel_pos)
+    assert torch.equal(torch_k[held], kernel_k[held]) and torch.equal(torch_v[held], kernel_v[held])
+
+
 def _model(s2_layers, seed=0, **overrides):
     torch.manual_seed(seed)
     model = S2LlamaForCausalLM(config(s2_layers, **overrides)).eval()

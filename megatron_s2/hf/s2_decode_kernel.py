@@ -111,6 +111,44 @@ if triton is not None:
         tl.store(ACC_OUT + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
 
     @triton.jit
+    def _store_token_kernel(
+        K, V, NEW_K, NEW_V, POS, PREVIOUS, MEMBER, RANK, COUNTS, num_kv_heads,
+        stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_mh,
+        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK: tl.constexpr, LOCAL: tl.constexpr,
+        STRIDE: tl.constexpr,
+    ):
+        """One (sequence, KV head): the token leaving the ring moves to its stripe slot if the KV head
+        keeps its block, then the new token takes its ring slot."""
+        RING = LOCAL * BLOCK
+        batch_head = tl.program_id(0)
+        b = batch_head // num_kv_heads
+        h = batch_head % num_kv_heads
+        p = tl.load(POS + b).to(tl.int64)
+        previous = tl.load(PREVIOUS + b).to(tl.int64)
+        dims = tl.arange(0, DIM_PAD)
+        dim_ok = dims < HEAD_DIM
+        if p >= 0:  # padding stores nothing
+            k_row = K + b * stride_kb + h * stride_kh
+            v_row = V + b * stride_vb + h * stride_vh
+            slot = p % RING
+            old = p - RING
+            if (old >= 0) & (previous >= 0):
+                old_block = old // BLOCK
+                residue = old_block % STRIDE
+                if tl.load(MEMBER + h * stride_mh + residue) != 0:
+                    stripe = (old_block // STRIDE) * tl.load(COUNTS + h) + tl.load(RANK + h * stride_mh + residue)
+                    dest = RING + stripe * BLOCK + old % BLOCK
+                    tl.store(k_row + dest * stride_ks + dims, tl.load(k_row + slot * stride_ks + dims, mask=dim_ok),
+                             mask=dim_ok)
+                    tl.store(v_row + dest * stride_vs + dims, tl.load(v_row + slot * stride_vs + dims, mask=dim_ok),
+                             mask=dim_ok)
+            tl.store(k_row + slot * stride_ks + dims,
+                     tl.load(NEW_K + b * stride_nkb + h * stride_nkh + dims, mask=dim_ok), mask=dim_ok)
+            tl.store(v_row + slot * stride_vs + dims,
+                     tl.load(NEW_V + b * stride_nvb + h * stride_nvh + dims, mask=dim_ok), mask=dim_ok)
+
+    @triton.jit
     def _merge_splits_kernel(M, L, ACC, OUT, num_splits, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
                              SPLITS_PAD: tl.constexpr):
         """One (sequence, query head): the splits' softmax states merged into the output."""
@@ -126,6 +164,23 @@ if triton is not None:
         weights = tl.exp2(m - tl.max(m, 0))
         out = tl.sum(acc * weights[:, None], 0) / tl.sum(l * weights, 0)
         tl.store(OUT + row * HEAD_DIM + dims, out.to(OUT.dtype.element_ty), mask=dim_ok)
+
+
+def s2_store_token(keys, values, new_keys, new_values, positions, previous, geometry):
+    """One decoding step's store into one S2 layer of the compacted cache, in one launch (the
+    PyTorch path of ``S2KVCache.s2_store`` is a chain of small ops, each a launch).
+
+    ``keys/values``: the layer's buffers; ``new_keys/new_values [b, h_kv, 1, d]`` at ``positions [b]``
+    (-1: padding); ``previous [b]``: the last position stored before.
+    """
+    batch, kv_heads, _, dim = new_keys.shape
+    _store_token_kernel[(batch * kv_heads,)](
+        keys, values, new_keys, new_values, positions.contiguous(), previous.contiguous(), geometry.member, geometry.rank, geometry.count,
+        kv_heads, keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
+        values.stride(2), new_keys.stride(0), new_keys.stride(1), new_values.stride(0), new_values.stride(1),
+        geometry.member.stride(0), HEAD_DIM=dim, DIM_PAD=max(16, triton.next_power_of_2(dim)),
+        BLOCK=geometry.block, LOCAL=geometry.ring // geometry.block, STRIDE=geometry.stride,
+    )
 
 
 def _multiprocessors(device) -> int:
@@ -163,7 +218,7 @@ def s2_decode_attention(q, keys, values, last, geometry, scale, max_blocks=None,
     blocks_per_split = math.ceil(max_blocks / num_splits)
     num_splits = math.ceil(max_blocks / blocks_per_split)
 
-    q = q.contiguous()
+    q, last = q.contiguous(), last.contiguous()  # the kernel indexes them densely
     m = torch.empty(batch, heads, num_splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(batch, heads, num_splits, dim, device=q.device, dtype=torch.float32)

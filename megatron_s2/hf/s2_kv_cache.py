@@ -25,7 +25,7 @@ attention mask's columns.
 import torch
 from transformers.cache_utils import DynamicCache
 
-from .s2_decode_kernel import s2_decode_attention, s2_decode_kernel_runs_on
+from .s2_decode_kernel import s2_decode_attention, s2_decode_kernel_runs_on, s2_store_token
 from .token_masks import masked_attention, s2_token_mask
 
 
@@ -52,8 +52,8 @@ class S2LayerGeometry:
         self.residues = torch.tensor([r + [0] * (width - len(r)) for r in residues], dtype=torch.int32,
                                      device=device)  # [h_kv, max G]: sorted residues, padded
         self.count = torch.tensor(self.counts, dtype=torch.int64, device=device)
-        self.member = member.to(device)
-        self.rank = (member.cumsum(dim=1) - member.long()).to(device)  # stripe index of r among residues
+        self.member = member.to(device=device, dtype=torch.int8)  # [h_kv, V]: the KV head keeps residue r
+        self.rank = (member.cumsum(dim=1) - member.long()).to(device)  # [h_kv, V]: index of r among them
         self.kv_head = torch.arange(num_kv_heads, device=device)[None, :, None]
 
     def stripe_blocks(self, length: int) -> int:
@@ -77,7 +77,7 @@ class S2LayerGeometry:
         stripe_slot = self.ring + self.block * ((kb // self.stride) * self.count[None, :, None]
                                                 + self.rank[self.kv_head, residue]) + positions % self.block
         in_ring = positions > (last - self.ring)[:, None, None]
-        kept = torch.where(self.member[self.kv_head, residue], stripe_slot, trash)
+        kept = torch.where(self.member[self.kv_head, residue] != 0, stripe_slot, trash)
         return torch.where(positions < 0, trash, torch.where(in_ring, positions % self.ring, kept))
 
     def positions(self, last, num_slots: int):
@@ -148,6 +148,10 @@ class S2KVCache(DynamicCache):
                                            geometry.slots(geometry.stripe_blocks(self.capacity or 0)))
         previous = self.last_position[layer_idx]
         last = torch.maximum(previous, positions.amax(dim=1))
+        self.last_position[layer_idx] = last
+        if keys.shape[2] == 1 and s2_decode_kernel_runs_on(keys):
+            s2_store_token(stored_k, stored_v, keys, values, positions[:, 0], previous, geometry)
+            return
         if keys.shape[2] == 1:  # decoding: only the ring slot of the new token is freed
             slot = (positions[:, 0] % geometry.ring)[:, None, None]
             old_pos = torch.where(previous >= 0, positions[:, 0] - geometry.ring, -1)[:, None, None]
@@ -162,7 +166,6 @@ class S2KVCache(DynamicCache):
         dest = dest[..., None].expand(-1, -1, -1, keys.shape[3])
         stored_k.scatter_(2, dest, torch.cat([old_k, keys], dim=2))
         stored_v.scatter_(2, dest, torch.cat([old_v, values], dim=2))
-        self.last_position[layer_idx] = last
 
     def s2_entries(self, layer_idx):
         """Stored keys, values ``[b, h_kv, slots, d]`` and positions ``[b, h_kv, slots]`` (-1: empty)."""
