@@ -43,7 +43,7 @@ from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM  # noqa: E402
 from megatron_s2.hf.token_masks import dense_attention  # noqa: E402
 
 DEVICE = "cuda"
-VARIANTS = ("kv_group", "heterogeneous", "kv_group_hybrid", "heterogeneous_hybrid", "dense")
+VARIANTS = ("kv_group", "dense", "heterogeneous", "kv_group_hybrid", "heterogeneous_hybrid")
 MODEL_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072 + 4096,
                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--ttft-max-tokens", type=int, default=262144, help="prefill only where batch*N <= this")
     parser.add_argument("--iters", type=int, default=20, help="graph replays per decode timing")
     parser.add_argument("--layers", type=int, default=None, help="override the built model's layer count")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: start no new variant after this, and print the table of what ran")
     parser.add_argument("--out", default="runs/bench_generate")
     args = parser.parse_args(argv)
     known = ("exported", "dense") if args.hf else VARIANTS
@@ -182,6 +184,21 @@ def ideal_ratio(entry, context, kv_heads):
     return blocks / (min(local, blocks) + kept * max(blocks - local, 0) / (stride or 1))
 
 
+def prefill_ms(model, batch, context):
+    """Time to the first token: one prefill into an empty cache (after a warm-up at 4096 tokens that
+    compiles the kernels; the S2 layout of this length is built inside, once, as in serving)."""
+    vocab = model.config.vocab_size
+    model(torch.randint(0, vocab, (batch, 4096), device=DEVICE), past_key_values=model.make_s2_kv_cache(),
+          logits_to_keep=1)
+    prompt = torch.randint(0, vocab, (batch, context), device=DEVICE)
+    cache = model.make_s2_kv_cache(capacity=context + 1)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(prompt, past_key_values=cache, logits_to_keep=1)
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start)
+
+
 def measure(model, variant, context, batch, args):
     config = model.config
     row = {"variant": variant, "context": context, "batch": batch}
@@ -189,18 +206,10 @@ def measure(model, variant, context, batch, args):
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         if batch * context <= args.ttft_max_tokens:
-            warm = model.make_s2_kv_cache()
-            model(torch.randint(0, config.vocab_size, (batch, 4096), device=DEVICE), past_key_values=warm,
-                  logits_to_keep=1)
-            del warm
-            prompt = torch.randint(0, config.vocab_size, (batch, context), device=DEVICE)
-            cache = model.make_s2_kv_cache(capacity=context + 1)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(prompt, past_key_values=cache, logits_to_keep=1)
-            torch.cuda.synchronize()
-            row["ttft_ms"] = 1e3 * (time.perf_counter() - start)
-            del cache, prompt
+            try:
+                row["ttft_ms"] = prefill_ms(model, batch, context)
+            except torch.cuda.OutOfMemoryError:
+                row["ttft_error"] = "out of memory"
             torch.cuda.empty_cache()
 
         cache = model.make_s2_kv_cache(capacity=context + 1)
@@ -238,7 +247,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     models = Models(args)
     rows = []
+    started = time.perf_counter()
     for variant in args.variants:
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            print(f"time budget of {args.time_budget:.0f} s spent: skipping variant {variant}", flush=True)
+            continue
         model = models.build(variant)
         for context in args.contexts:
             for batch in args.batches:
@@ -267,7 +280,7 @@ def main(argv=None):
             continue
         d = dense.get((r["context"], r["batch"]), {})
         ratio = lambda key: f"{d[key] / r[key]:.2f}" if key in d and key in r else "-"  # noqa: E731
-        ttft = f"{r['ttft_ms']:.0f}" if "ttft_ms" in r else "-"
+        ttft = f"{r['ttft_ms']:.0f}" if "ttft_ms" in r else r.get("ttft_error", "-")
         eager = " (eager)" if r["decode_mode"] == "eager" else ""
         print(f"| {r['variant']}{eager} | {r['context'] // 1024}k | {r['batch']} | {ttft} | {r['decode_ms']:.2f} | "
               f"{ratio('decode_ms')} | {r['attn_us']:.1f} | {ratio('attn_us')} | {r['ideal']:.1f} | "
