@@ -60,7 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=20, help="graph replays per decode timing")
     parser.add_argument("--layers", type=int, default=None, help="override the built model's layer count")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds: start no new variant after this, and print the table of what ran")
+                        help="seconds: measure nothing new after this, and print the table of what ran")
     parser.add_argument("--out", default="runs/bench_generate")
     args = parser.parse_args(argv)
     known = ("exported", "dense") if args.hf else VARIANTS
@@ -249,12 +249,14 @@ def main(argv=None):
     rows = []
     started = time.perf_counter()
     for variant in args.variants:
-        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
-            print(f"time budget of {args.time_budget:.0f} s spent: skipping variant {variant}", flush=True)
-            continue
-        model = models.build(variant)
+        model = None
         for context in args.contexts:
             for batch in args.batches:
+                if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+                    print(f"time budget of {args.time_budget:.0f} s spent: {variant} N={context} b={batch} "
+                          f"not measured", flush=True)
+                    continue
+                model = model or models.build(variant)
                 try:
                     row = measure(model, variant, context, batch, args)
                 except torch.cuda.OutOfMemoryError:
