@@ -31,7 +31,7 @@ WINDOW_ONLY = {"block_size": 16, "local_blocks": 2, "vert_stride": 0, "head_offs
 LAYERS = {
     "heterogeneous": s2_layer(),
     "kv_group": s2_layer(head_pattern="kv_group", head_sliding_step=1),
-    "dense_heads": s2_layer(num_dense_heads=2, local_blocks=1),
+    "dense_heads": s2_layer(num_dense_heads=2, local_blocks=1, vert_stride=8),  # KV heads keep 4 and 8 residues
     "window_only": WINDOW_ONLY,
 }
 
