@@ -121,7 +121,7 @@ def test_cuda_graph_decode_step_equals_eager():
     prompt = torch.randint(0, 1000, (2, context), generator=torch.Generator().manual_seed(1)).cuda()
     token = torch.full((2, 1), 7, device="cuda")
     with torch.no_grad():
-        eager_cache, graph_cache = (model.make_s2_kv_cache(capacity=context + 1) for _ in range(2))
+        eager_cache, graph_cache = (model.make_s2_kv_cache(capacity=context + 2) for _ in range(2))
         for cache in (eager_cache, graph_cache):
             model(prompt, past_key_values=cache)
         eager = model(token, past_key_values=eager_cache).logits
