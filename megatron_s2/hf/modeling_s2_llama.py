@@ -13,7 +13,6 @@ only the key/value blocks that later tokens can still attend, compacted per KV h
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
