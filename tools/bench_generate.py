@@ -103,7 +103,8 @@ class Models:
         if variant != "exported":
             config["s2_layers"] = s2_layers(variant, self.config.num_hidden_layers,
                                             self.config.num_attention_heads, self.config.num_key_value_heads)
-        config = type(self.config)(**{k: v for k, v in config.items() if k not in ("model_type", "transformers_version")})
+        skip = ("model_type", "transformers_version")
+        config = type(self.config)(**{k: v for k, v in config.items() if k not in skip})
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         try:
@@ -274,7 +275,8 @@ def main(argv=None):
         json.dump(record, f, indent=1)
     print(f"\n{record['device']}, torch {torch.__version__}, {record['date']}; speed-ups are over 'dense' "
           f"(same weights, SDPA), decode = one CUDA-graph step at position N")
-    print("| variant | N | b | TTFT ms | decode ms/tok | x dense | attn us | x dense | ideal | KV GB | x dense | peak GB |")
+    print("| variant | N | b | TTFT ms | decode ms/tok | x dense | attn us | x dense | ideal | KV GB | x dense "
+          "| peak GB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

@@ -5,7 +5,8 @@ program ``(sequence, KV head, split)`` walks its share of the KV head's blocks, 
 ring blocks first, then the stripe blocks, reading each block in place (its slot address is
 arithmetic on positions, no gather) and once for all query heads of the GQA group; a query head
 skips the stripe blocks of residues it does not read. A second small kernel merges the splits'
-softmax states (one launch, not a chain of PyTorch ops: decode steps are microseconds). The pure-PyTorch path (``S2KVCache.s2_decode`` on CPU) is the reference.
+softmax states (one launch, not a chain of PyTorch ops: decode steps take microseconds). A third
+stores a decoding step's token. The pure-PyTorch path (``S2KVCache`` on CPU) is the reference.
 """
 
 import math
@@ -175,9 +176,10 @@ def s2_store_token(keys, values, new_keys, new_values, positions, previous, geom
     """
     batch, kv_heads, _, dim = new_keys.shape
     _store_token_kernel[(batch * kv_heads,)](
-        keys, values, new_keys, new_values, positions.contiguous(), previous.contiguous(), geometry.member, geometry.rank, geometry.count,
-        kv_heads, keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
-        values.stride(2), new_keys.stride(0), new_keys.stride(1), new_values.stride(0), new_values.stride(1),
+        keys, values, new_keys, new_values, positions.contiguous(), previous.contiguous(), geometry.member,
+        geometry.rank, geometry.count, kv_heads, keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        new_keys.stride(0), new_keys.stride(1), new_values.stride(0), new_values.stride(1),
         geometry.member.stride(0), HEAD_DIM=dim, DIM_PAD=max(16, triton.next_power_of_2(dim)),
         BLOCK=geometry.block, LOCAL=geometry.ring // geometry.block, STRIDE=geometry.stride,
     )
@@ -229,8 +231,9 @@ def s2_decode_attention(q, keys, values, last, geometry, scale, max_blocks=None,
         scale * 1.4426950408889634, blocks_per_split, kv_heads, num_splits,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), geometry.residues.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, DIM_PAD=dim_pad, BLOCK=geometry.block, LOCAL=local,
-        STRIDE=geometry.stride, RESIDUES_PAD=max(2, triton.next_power_of_2(geometry.residues.shape[1])),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, DIM_PAD=dim_pad,
+        BLOCK=geometry.block, LOCAL=local, STRIDE=geometry.stride,
+        RESIDUES_PAD=max(2, triton.next_power_of_2(geometry.residues.shape[1])),
         IEEE=q.dtype == torch.float32,
     )
     out = torch.empty_like(q)

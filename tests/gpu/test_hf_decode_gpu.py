@@ -102,8 +102,9 @@ def test_greedy_generation_through_the_kernel_equals_no_cache():
                 sequence = torch.cat([sequence, token], dim=1)
             expected.append(sequence[0, len(prompt):])
         width = max(len(p) for p in prompts)
-        ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long, device="cuda"), p]) for p in prompts])
-        mask = (torch.arange(width, device="cuda") >= width - torch.tensor([len(p) for p in prompts], device="cuda")[:, None])
+        pad = [torch.zeros(width - len(p), dtype=torch.long, device="cuda") for p in prompts]
+        ids = torch.stack([torch.cat([zeros, p]) for zeros, p in zip(pad, prompts)])
+        mask = torch.stack([torch.arange(width, device="cuda") >= width - len(p) for p in prompts])
         cache = model.make_s2_kv_cache()
         out = model.generate(ids, attention_mask=mask.long(), past_key_values=cache, max_new_tokens=steps,
                              do_sample=False, pad_token_id=0)[:, width:]
