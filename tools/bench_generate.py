@@ -21,7 +21,8 @@ For each variant, context N and batch b:
 - ``attn``: the decode attention of one layer alone (graph replay): the compacted-cache kernel, or
   SDPA over the full cache;
 - ``ideal``: N / (L + G (N - L) / V) in blocks, the K/V read saving of the attention step;
-- ``kv GB``: cache buffers allocated; ``peak GB``: peak allocated (weights included).
+- ``kv GB``: cache buffers allocated; ``peak GB``: peak allocated while decoding (weights included;
+  the JSON also has the prefill's peak).
 Writes ``bench_generate.json`` under --out and prints a table last.
 """
 
@@ -211,7 +212,9 @@ def measure(model, variant, context, batch, args):
                 row["ttft_ms"] = prefill_ms(model, batch, context)
             except torch.cuda.OutOfMemoryError:
                 row["ttft_error"] = "out of memory"
+            row["prefill_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
         cache = model.make_s2_kv_cache(capacity=context + 1)
         fill_cache(model, cache, batch, context)
