@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_s2.hf import convert  # noqa: E402
 
 HF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_s2", "hf")
-REMOTE_CODE_FILES = ("configuration_s2_llama.py", "modeling_s2_llama.py")
+REMOTE_CODE_FILES = ("configuration_s2_llama.py", "modeling_s2_llama.py", "token_masks.py", "s2_kv_cache.py",
+                     "s2_decode_kernel.py")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DENSE_NOTE = ("Dense export of a model trained with S2 attention: every layer attends densely here, which is "
               "NOT the trained function. Use the s2_llama export for faithful outputs.")
