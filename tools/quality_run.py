@@ -274,7 +274,7 @@ def markdown_table(setup: Setup, results: dict) -> str:
     dense = results.get("dense")
     ranges = next(iter(results.values()))["heldout_loss"]["ranges"]
     head = ["variant", "layers", "tokens/s", "val loss", "vs dense", "held-out bpb"]
-    head += [f"bpb {r['start']}-{r['end'] + 1}" for r in ranges]
+    head += [f"bpb {r['start']}-{r['end']}" for r in ranges]
     head += ["needle (all)", f"needle > {setup.reach} tok", f"needle <= {setup.reach} tok"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
