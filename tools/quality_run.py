@@ -43,7 +43,8 @@ VARIANTS = ("dense", "s2_hybrid", "s2", "window")
 # Megatron's periodic evaluations and its final one ("... on validation set"), which reads the next
 # validation batches: the last value printed for an iteration is kept.
 VALIDATION_LINE = re.compile(r"validation loss at iteration (\d+)(?: on validation set)? \| lm loss value: (\S+)")
-PROGRESS_LINE = re.compile(r"^\[s2\] iteration (\d+)/\d+ .*?\| tokens/s(?:/GPU)? ([\d,]+)", re.M)
+# pretrain_gpt_s2.py's progress line; the rate's unit label differs on CPU and GPU.
+PROGRESS_LINE = re.compile(r"^\[s2\] iteration (\d+)/\d+ .*?\| tokens/s\S* ([\d,]+)", re.M)
 
 
 @dataclasses.dataclass(frozen=True)
