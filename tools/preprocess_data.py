@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import warnings
 from typing import Iterable, Iterator
 
 import numpy
@@ -104,14 +106,24 @@ def read_documents(path: str, json_key: str, line_documents: bool) -> Iterator[s
             yield f.read()
 
 
+def _megatron_dataset_builder():
+    """Megatron's ``(DType, IndexedDatasetBuilder)``, imported without the warnings that importing
+    megatron.core prints on every machine without Transformer Engine, Apex or CUDA: true, and
+    irrelevant to writing a dataset."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (is|are) not installed")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    return DType, IndexedDatasetBuilder
+
+
 def write_indexed_dataset(documents: Iterable[str], tokenizer, output_prefix: str) -> dict:
     """Tokenize ``documents`` into OUTPUT_PREFIX.bin/.idx; returns counts.
 
     Both files are written under temporary names and renamed at the end, so a failed run (a bad
     input line, an interrupt) never leaves a .bin that does not match its .idx.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
+    DType, IndexedDatasetBuilder = _megatron_dataset_builder()
     directory = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(directory, exist_ok=True)
     partial = f"{output_prefix}.partial-{os.getpid()}"
