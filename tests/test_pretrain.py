@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -102,6 +103,9 @@ def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str,
     # pytest replaces sys.stdout/err with its capture objects; print to the log file instead.
     sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
     sys.argv = ["pretrain_gpt_s2.py"] + argv
+    # Temporary files, multiprocessing's pymp-* folders included, go beside the log: the helper
+    # processes Megatron spawns are stopped below without their exit handlers, which would delete them.
+    os.environ["TMPDIR"] = tempfile.tempdir = os.path.dirname(log_path)
     # TRITON_INTERPRET=0: S2 layers take the dense-masked reference path on CPU (same layouts,
     # same head sharding), ~10x faster than the Triton interpreter; the kernel's own numerics are
     # tested against that reference in the kernel tests.
