@@ -187,6 +187,7 @@ def test_tp2_losses_equal_tp1_on_hybrid_model(workdir, tp1_run):
     tp1 = tp1_run.losses
     assert sorted(tp1) == [1, 2, 3, 4]
     assert "3 S2, 1 dense" in tp1_run.logs[0]  # the resolved per-layer settings are printed
+    assert "| tokens/s/rank " in tp1_run.last_log and "/GPU " not in tp1_run.last_log.split("[s2] iteration 1/")[1]
     tp2 = launch(workdir, "tp2", ["--train-iters", "4", "--tensor-model-parallel-size", "2"],
                  world_size=2).check_ok().losses
     assert sorted(tp2) == [1, 2, 3, 4]

@@ -90,8 +90,8 @@ def device_name() -> str:
     return "cpu"
 
 
-def table(results: list) -> str:
-    lines = ["| seq | variant | tokens/s/GPU | step ms | S2-aware TFLOP/s/GPU | peak GiB | speed-up vs dense |",
+def table(results: list, per: str = "GPU") -> str:
+    lines = [f"| seq | variant | tokens/s/{per} | step ms | S2-aware TFLOP/s/{per} | peak GiB | speed-up vs dense |",
              "|---|---|---|---|---|---|---|"]
     dense = {r["seq_length"]: r for r in results if r["variant"] == "dense"}
     for r in results:
@@ -140,7 +140,7 @@ def main(argv=None) -> list:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=2)
     print(f"\n{report['device']}, {report['config']}, batch 1 sequence per step, median of steps "
-          f"{args.warmup + 1}..{args.iters}\n{table(results)}")
+          f"{args.warmup + 1}..{args.iters}\n{table(results, 'rank' if report['device'] == 'cpu' else 'GPU')}")
     return results
 
 
