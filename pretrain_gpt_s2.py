@@ -662,14 +662,15 @@ def main(argv: Optional[list] = None) -> None:
 CHILD_STOP_GRACE_S = 3.0
 
 
-def stop_child_processes(grace_s: float = CHILD_STOP_GRACE_S) -> None:
-    """Terminate this process's children, then kill those still alive after ``grace_s``.
+def stop_child_processes(daemonic_only: bool = False, grace_s: float = CHILD_STOP_GRACE_S) -> None:
+    """Terminate this process's child processes (or only the daemonic ones), then kill those still
+    alive after ``grace_s``.
 
-    Megatron's DataLoader workers (and its checkpoint helpers, forked after start-up) ignore SIGTERM
-    under --exit-signal-handler, so multiprocessing's exit handler, which terminates and then joins
-    them without a time limit, would wait for ever.
+    At exit Python terminates daemonic children and waits for them without a time limit; Megatron's
+    DataLoader workers (and the helpers it forks after start-up) ignore SIGTERM under
+    --exit-signal-handler, so that wait would never end.
     """
-    children = multiprocessing.active_children()
+    children = [child for child in multiprocessing.active_children() if child.daemon or not daemonic_only]
     for child in children:
         child.terminate()
     deadline = time.monotonic() + grace_s
@@ -681,7 +682,7 @@ def stop_child_processes(grace_s: float = CHILD_STOP_GRACE_S) -> None:
 
 
 def exit_after_crash(code: int = 1) -> None:
-    """End a crashed rank now: its traceback is printed, its logs flushed, its children stopped.
+    """End a crashed rank now: its traceback printed, its logs flushed, all its children stopped.
 
     The normal interpreter exit can hang here (helper processes, threads blocked in a collective
     with a rank that is gone); under a scheduler that would hold the allocation until its limit.
@@ -698,7 +699,8 @@ def exit_after_crash(code: int = 1) -> None:
 
 def cli(entry=main) -> None:
     """Run ``entry``; input errors (their messages say the fix) end it with one line per job, not a
-    traceback per rank; any other error ends the rank at once with exit code 1."""
+    traceback per rank; any other error ends the rank at once with exit code 1. Every exit, the
+    save-and-exit after SIGTERM included, is bounded in time."""
     try:
         entry()
     except (S2ConfigError, TrainingSetupError, checkpoint_layout.S2LayoutMismatchError) as err:
@@ -709,6 +711,8 @@ def cli(entry=main) -> None:
         exit_after_crash(130)
     except Exception:
         exit_after_crash()
+    finally:
+        stop_child_processes(daemonic_only=True)
 
 
 if __name__ == "__main__":

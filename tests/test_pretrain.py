@@ -103,8 +103,8 @@ def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str,
     # pytest replaces sys.stdout/err with its capture objects; print to the log file instead.
     sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
     sys.argv = ["pretrain_gpt_s2.py"] + argv
-    # Temporary files, multiprocessing's pymp-* folders included, go beside the log: the helper
-    # processes Megatron spawns are stopped below without their exit handlers, which would delete them.
+    # Temporary files (multiprocessing's pymp-* folders) of this rank and of the helpers it starts
+    # go beside the log, not into /tmp: a helper that has to be killed leaves its folder behind.
     os.environ["TMPDIR"] = tempfile.tempdir = os.path.dirname(log_path)
     # TRITON_INTERPRET=0: S2 layers take the dense-masked reference path on CPU (same layouts,
     # same head sharding), ~10x faster than the Triton interpreter; the kernel's own numerics are
@@ -113,23 +113,12 @@ def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str,
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
     torch.set_num_threads(1)
-    code = 0
     if prepare is not None:
         prepare(rank)
-    # The script's own entry. An exception it lets through goes on to multiprocessing, which
-    # prints it and runs the same exit handler as the interpreter (terminate, then join children).
-    try:
-        pretrain_gpt_s2.cli(functools.partial(pretrain_gpt_s2.main, argv))
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # os._exit skips the atexit handlers that stop helper processes (Megatron's checkpoint writers):
-    # stop them here, or every saving test leaves one orphan per rank behind.
-    for child in multiprocessing.active_children():
-        child.terminate()
-        child.join(10)
-    os._exit(code)
+    # The script's own entry. Whatever it lets through (an exit code, an exception) goes on to
+    # multiprocessing, which ends this process as the interpreter would end the script: it prints
+    # the exception, then runs the exit handler that terminates and joins the child processes.
+    pretrain_gpt_s2.cli(functools.partial(pretrain_gpt_s2.main, argv))
 
 
 class Run:
