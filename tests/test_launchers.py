@@ -1,6 +1,7 @@
-"""The shell launchers in examples/, run as a user runs them (CPU).
+"""The launchers in examples/ and the data tool, run as a user runs them (CPU).
 
 - quickstart.sh keeps an earlier run's checkpoint until a new run has trained;
+- tools/preprocess_data.py prints its result and nothing about missing GPU libraries;
 - train_slurm.sbatch hands every node's torchrun its node rank and the job's environment (through a
   stub ``srun`` and ``python`` that record what they are given).
 
@@ -62,6 +63,16 @@ def test_quickstart_keeps_the_earlier_run_until_a_new_one_has_trained(tmp_path):
     assert "----- sample -----" in done.stdout
     assert not [name for name in os.listdir(tmp_path) if ".incomplete-" in name or ".replaced-" in name]
     assert "the earlier quickstart run" not in (run_dir / "train.log").read_text()
+
+
+def test_preprocess_data_console_has_only_its_result(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("one document\n")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", str(text),
+                           "--output-prefix", str(tmp_path / "notes")],
+                          env=_environment(), capture_output=True, text=True, timeout=120, check=True)
+    assert done.stderr == ""
+    assert done.stdout.splitlines()[0].startswith(f"wrote {tmp_path / 'notes'}.bin/.idx: 1 documents, 14 tokens")
 
 
 STUB_SRUN = """#!/usr/bin/env bash
