@@ -21,7 +21,6 @@ _PROGRAM_START_TIME = time.time()
 
 import argparse
 import difflib
-import functools
 import multiprocessing
 import os
 import re
@@ -29,7 +28,7 @@ import signal
 import socket
 import sys
 import traceback
-from functools import partial
+from functools import partial, wraps
 from typing import Optional
 
 import torch
@@ -234,9 +233,10 @@ def check_before_megatron(args, s2_section: dict) -> None:
             f"context parallelism cuts every sequence into {unit} equal chunks. Fix: use --seq-length "
             f"{upper}" + (f" or {lower}" if lower else "") + " (S2 layers also need whole blocks per "
             "chunk), or another context-parallel size")
-    # With --use-checkpoint-args the model shape comes from the checkpoint: checked after loading it.
+    # With --use-checkpoint-args the model shape comes from the checkpoint: checked once Megatron
+    # has read it (main repeats both checks on the validated arguments).
     if args.num_layers and args.num_attention_heads and not args.use_checkpoint_args:
-        resolve_s2_config(args, s2_section)
+        checkpoint_layout.check_resume(args, resolve_s2_config(args, s2_section))
 
 
 def resolve_s2_config(args, s2_section: dict) -> S2AttentionConfig:
@@ -618,7 +618,7 @@ def scope_exit_signal_handler_to_training(args) -> None:
     megatron_handler = signal.signal(exit_signal, signal.SIG_DFL)
     train = megatron_training.train
 
-    @functools.wraps(train)
+    @wraps(train)
     def train_saving_on_signal(*train_args, **train_kwargs):
         signal.signal(exit_signal, megatron_handler)
         try:
