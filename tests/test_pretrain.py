@@ -1,8 +1,10 @@
-"""pretrain_gpt_s2.py end to end on CPU: TP=1 vs TP=2, save/exit/resume, layout checks, bad inputs.
+"""pretrain_gpt_s2.py end to end on CPU: TP=1 vs TP=2, save/exit/resume, layout checks, bad inputs,
+signals and crashes, continued training, and train_multi_node.sh on two local "nodes".
 
 Each run forks the already-imported test process once per rank (torchrun would cost ~10 s of imports
-per run) and calls ``pretrain_gpt_s2.main(argv)`` with the usual RANK/WORLD_SIZE/MASTER_* variables,
-so the code under test is exactly what ``torchrun pretrain_gpt_s2.py ...`` runs, over gloo. The model
+per run) and calls the script's entry, ``pretrain_gpt_s2.cli(main)``, with the usual
+RANK/WORLD_SIZE/MASTER_* variables; the rank then ends as the script's process would. So the code
+under test is exactly what ``torchrun pretrain_gpt_s2.py ...`` runs, over gloo. The model
 is a 4-layer hybrid (layer 0 dense, layers 1-3 S2) on real text preprocessed by
 tools/preprocess_data.py.
 """
