@@ -59,8 +59,8 @@ if [ -d "$RUN_DIR" ] && [ -n "$(ls -A "$RUN_DIR")" ] && [ ! -f "$RUN_DIR/train.l
         "replaces its RUN_DIR. Fix: set RUN_DIR to a new folder, or move that one away" >&2
     exit 1
 fi
-mkdir -p "$(dirname "$RUN_DIR")"
-NEW_DIR=$(mktemp -d "$RUN_DIR.incomplete-XXXXXX")
+NEW_DIR="$RUN_DIR.incomplete-$$"  # beside RUN_DIR, so that the swap below is a rename
+mkdir -p "$NEW_DIR"
 # Shown here: the S2 layout table, the progress lines and the validation loss (one evaluation,
 # after the last step); everything else (Megatron's arguments, timers, warnings) stays in the log.
 if ! "$PY" -m torch.distributed.run --nproc-per-node 1 --master-port "${MASTER_PORT:-29500}" pretrain_gpt_s2.py \
