@@ -19,11 +19,16 @@ import time
 
 _PROGRAM_START_TIME = time.time()
 
+import argparse
+import difflib
+import multiprocessing
 import os
 import re
+import signal
 import socket
 import sys
-from functools import partial
+import traceback
+from functools import partial, wraps
 from typing import Optional
 
 import torch
@@ -33,6 +38,7 @@ from megatron.core import mpu
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.enums import ModelType
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.parallel_state import get_context_parallel_group
 from megatron.core.rerun_state_machine import get_rerun_state_machine
@@ -54,7 +60,7 @@ from megatron.training import (
 )
 import megatron.training.training as megatron_training
 from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
-from megatron.training.arguments import parse_and_validate_args
+from megatron.training.arguments import add_megatron_arguments, parse_and_validate_args
 from megatron.training.utils import (
     get_blend_and_blend_per_split,
     is_first_or_last_pipeline_stage,
@@ -122,11 +128,19 @@ def read_config_file(path: str) -> tuple:
         raise TrainingSetupError(f"--s2-config {path}: {err}") from None
 
 
-def flags_to_argv(flags: dict) -> list:
+def megatron_flag(name, known_flags=()) -> str:
+    """The flag a config key stands for: ``num-layers``, ``num_layers`` and ``--num-layers`` all mean
+    --num-layers; the few Megatron flags spelt with underscores (--override-opt_param-scheduler)
+    keep them when ``known_flags`` lists them."""
+    written = "--" + str(name).lstrip("-")
+    return written if written in known_flags else written.replace("_", "-")
+
+
+def flags_to_argv(flags: dict, known_flags=()) -> list:
     """``{'num-layers': 4, 'swiglu': True, 'data-path': [a, b]}`` -> Megatron command-line tokens."""
     argv = []
     for name, value in flags.items():
-        flag = "--" + str(name).lstrip("-").replace("_", "-")
+        flag = megatron_flag(name, known_flags)
         if value is True:
             argv.append(flag)
         elif value is False or value is None:
@@ -136,6 +150,19 @@ def flags_to_argv(flags: dict) -> list:
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def check_config_flags(path: str, flags: dict, known_flags) -> None:
+    """Every key of the file's ``megatron:`` section must be a flag of this script; argparse would
+    only say so after its ~750-line usage text, without naming the file."""
+    for name in flags:
+        flag = megatron_flag(name, known_flags)
+        if flag not in known_flags:
+            close = difflib.get_close_matches(flag, known_flags, n=1)
+            hint = f"did you mean '{close[0][2:]}'? " if close else ""
+            raise TrainingSetupError(
+                f"--s2-config {path}: 'megatron:' key '{name}' is not a Megatron flag ({flag}). Fix: "
+                f"{hint}Keys are flags without the leading --, as `python pretrain_gpt_s2.py --help` lists them")
 
 
 def _config_path_from_argv(argv: list) -> Optional[str]:
@@ -166,12 +193,24 @@ def _use_offline_wandb_without_network(argv: list) -> None:
               flush=True)
 
 
-def parse_arguments(argv: list, extra_args_provider=add_s2_arguments):
-    """Megatron's parse_and_validate_args with the S2 flags and the config file's flag defaults."""
+def parse_arguments(argv: list, extra_args_provider=add_s2_arguments, early_checks=()):
+    """Megatron's parse_and_validate_args with the S2 flags and the config file's flag defaults.
+
+    The config file's keys, the S2 config and ``early_checks`` (functions of the parsed, not yet
+    validated arguments) run first: Megatron's validation prints an ~800-line argument listing and
+    asserts on some inputs, so our errors, which name the fix, come before it.
+    """
     path = _config_path_from_argv(argv)
     flags, s2_section = read_config_file(path) if path else ({}, {})
+    parser = extra_args_provider(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    known_flags = [flag for action in parser._actions for flag in action.option_strings]
+    check_config_flags(path, flags, known_flags)
     # Defaults from the file go first so that the same flag on the command line wins.
-    full_argv = flags_to_argv(flags) + argv
+    full_argv = flags_to_argv(flags, known_flags) + argv
+    raw_args = parser.parse_args(full_argv)
+    check_before_megatron(raw_args, s2_section)
+    for check in early_checks:
+        check(raw_args)
     _use_offline_wandb_without_network(full_argv)
     saved_argv = sys.argv
     sys.argv = [saved_argv[0]] + full_argv
@@ -181,6 +220,23 @@ def parse_arguments(argv: list, extra_args_provider=add_s2_arguments):
     finally:
         sys.argv = saved_argv
     return args, s2_section
+
+
+def check_before_megatron(args, s2_section: dict) -> None:
+    """Checks of the raw arguments that Megatron would otherwise fail later or with a bare assert."""
+    cp = args.context_parallel_size
+    if cp > 1 and args.seq_length and args.seq_length % (2 * cp):
+        unit = 2 * cp
+        lower, upper = args.seq_length // unit * unit, (args.seq_length // unit + 1) * unit
+        raise TrainingSetupError(
+            f"--seq-length {args.seq_length} is not a multiple of 2 * --context-parallel-size = {unit}: "
+            f"context parallelism cuts every sequence into {unit} equal chunks. Fix: use --seq-length "
+            f"{upper}" + (f" or {lower}" if lower else "") + " (S2 layers also need whole blocks per "
+            "chunk), or another context-parallel size")
+    # With --use-checkpoint-args the model shape comes from the checkpoint: checked once Megatron
+    # has read it (main repeats both checks on the validated arguments).
+    if args.num_layers and args.num_attention_heads and not args.use_checkpoint_args:
+        checkpoint_layout.check_resume(args, resolve_s2_config(args, s2_section))
 
 
 def resolve_s2_config(args, s2_section: dict) -> S2AttentionConfig:
@@ -235,6 +291,23 @@ def check_data_inputs(args) -> None:
                 f"data prefix {prefix!r}: missing {' and '.join(missing)}. Fix: build them with "
                 f"`python tools/preprocess_data.py --input <text or .jsonl> --output-prefix {prefix}` "
                 "or check the path (give the prefix, without .bin/.idx)")
+
+
+class ScheduleExplainingOptimizerParamScheduler(OptimizerParamScheduler):
+    """Megatron's scheduler; a learning-rate schedule that differs from the resumed checkpoint's
+    (e.g. a longer --train-iters) fails with the two flags that resolve it, not a bare assert."""
+
+    def _check_and_set(self, cls_value, sd_value, name):
+        if cls_value != sd_value and not (self.override_opt_param_scheduler
+                                          or self.use_checkpoint_opt_param_scheduler):
+            steps = " (in samples: iterations x global batch size)" if "iterations" in name else ""
+            raise TrainingSetupError(
+                f"the checkpoint in --load was trained with another learning-rate schedule: {name} "
+                f"{sd_value} in the checkpoint, {cls_value} from this run's flags{steps}. Fix: to "
+                "continue with this run's schedule (e.g. a longer --train-iters), add "
+                "--override-opt_param-scheduler; to keep the checkpoint's schedule, add "
+                "--use-checkpoint-opt_param-scheduler (docs/training.md, 'Continue training')")
+        return super()._check_and_set(cls_value, sd_value, name)
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -390,19 +463,31 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     print_rank_0("> building train, validation, and test datasets for GPT ...")
     datasets = BlendedMegatronDatasetBuilder(
-        dataset_type, train_val_test_num_samples, partial(is_dataset_built_on_rank, vp_stage=vp_stage),
-        config).build()
+        dataset_type, validation_samples_from_resume_point(train_val_test_num_samples),
+        partial(is_dataset_built_on_rank, vp_stage=vp_stage), config).build()
     print_rank_0("> finished creating GPT datasets ...")
     return datasets
+
+
+def validation_samples_from_resume_point(train_val_test_num_samples) -> list:
+    """megatron-core 0.19.2 sizes the validation set for the evaluations of a run started at
+    iteration 0, but a resumed run reads it from the checkpoint's ``consumed_valid_samples`` on:
+    resumed with another --eval-interval or --train-iters, the final evaluation ran out of data
+    (StopIteration). Count the samples already consumed as well."""
+    train, valid, test = train_val_test_num_samples
+    if valid is not None:  # None: --full-validation reads the whole split
+        valid += get_args().consumed_valid_samples
+    return [train, valid, test]
 
 
 # -- logging -------------------------------------------------------------------------------------
 
 
-# What ProgressLine prints, for the tools and tests that read training logs.
+# What ProgressLine prints, for the tools and tests that read training logs. Rates are per GPU, or
+# per rank (process) in CPU mode.
 PROGRESS_LINE = re.compile(
-    r"^\[s2\] iteration (?P<iteration>\d+)/\d+ \| loss (?P<loss>\S+) \| tokens/s/GPU (?P<tokens_per_s>[\d,]+) \| "
-    r"TFLOP/s/GPU (?P<tflops>[\d.]+) \(S2-aware\) \| step (?P<step_ms>[\d.]+) ms"
+    r"^\[s2\] iteration (?P<iteration>\d+)/\d+ \| loss (?P<loss>\S+) \| tokens/s/(?:GPU|rank) (?P<tokens_per_s>[\d,]+) \| "
+    r"TFLOP/s/(?:GPU|rank) (?P<tflops>[\d.]+) \(S2-aware\) \| step (?P<step_ms>[\d.]+) ms"
     r"(?: \| peak mem (?P<peak_gib>[\d.]+) GiB)?", re.M)
 
 
@@ -413,7 +498,7 @@ def read_progress(text: str) -> dict:
 
 class ProgressLine:
     """One line per --log-interval: iteration, loss, tokens/s/GPU, TFLOP/s/GPU (S2-aware), step
-    time, peak GPU memory (this rank), ETA.
+    time, peak GPU memory (this rank), ETA; in CPU mode the rates are per rank.
 
     Wraps Megatron's ``training_log`` (it keeps printing its own detailed line) and writes the same
     numbers to TensorBoard / wandb under ``s2/``.
@@ -442,15 +527,17 @@ class ProgressLine:
         if not is_last_rank():
             return result
         tokens_per_step = args.global_batch_size * args.seq_length
-        tokens_per_s_gpu = tokens_per_step / seconds_per_step / args.world_size
-        tflops_gpu = self._flops_fn(args, args.global_batch_size) / seconds_per_step / args.world_size / 1e12
+        tokens_per_s_device = tokens_per_step / seconds_per_step / args.world_size
+        tflops_device = self._flops_fn(args, args.global_batch_size) / seconds_per_step / args.world_size / 1e12
         eta = (args.train_iters - iteration) * seconds_per_step if args.train_iters else 0.0
         loss = loss_dict.get("lm loss")
         loss_text = f"{float(loss):.9g}" if loss is not None else "n/a"
+        unit = "rank" if cpu_compat.cpu_mode_requested() else "GPU"
         line = (f"[s2] iteration {iteration}/{args.train_iters} | loss {loss_text} | "
-                f"tokens/s/GPU {tokens_per_s_gpu:,.0f} | TFLOP/s/GPU {tflops_gpu:.2f} (S2-aware) | "
+                f"tokens/s/{unit} {tokens_per_s_device:,.0f} | TFLOP/s/{unit} {tflops_device:.2f} (S2-aware) | "
                 f"step {seconds_per_step * 1000:.1f} ms")
-        scalars = {"s2/tokens_per_s_per_gpu": tokens_per_s_gpu, "s2/tflops_per_gpu": tflops_gpu}
+        scalars = {f"s2/tokens_per_s_per_{unit.lower()}": tokens_per_s_device,
+                   f"s2/tflops_per_{unit.lower()}": tflops_device}
         if torch.cuda.is_available():
             peak_gib = torch.cuda.max_memory_allocated() / 2**30
             line += f" | peak mem {peak_gib:.2f} GiB"
@@ -516,6 +603,32 @@ def default_single_process_rendezvous() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def scope_exit_signal_handler_to_training(args) -> None:
+    """--exit-signal-handler: SIGTERM means "save a checkpoint and exit" while Megatron's ``train``
+    runs, and a plain exit before and after it.
+
+    Megatron installs its handler at start-up for the life of the process, but only the training
+    loop checks the flag it sets: elsewhere (start-up, the final evaluation, a crash's exit) SIGTERM
+    was ignored and a stuck process could only be killed. ``train`` is looked up at call time, so
+    wrapping it there scopes the handler.
+    """
+    if not args.exit_signal_handler:
+        return
+    exit_signal = args.exit_signal
+    megatron_handler = signal.signal(exit_signal, signal.SIG_DFL)
+    train = megatron_training.train
+
+    @wraps(train)
+    def train_saving_on_signal(*train_args, **train_kwargs):
+        signal.signal(exit_signal, megatron_handler)
+        try:
+            return train(*train_args, **train_kwargs)
+        finally:
+            signal.signal(exit_signal, signal.SIG_DFL)
+
+    megatron_training.train = train_saving_on_signal
+
+
 def main(argv: Optional[list] = None) -> None:
     set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -523,13 +636,13 @@ def main(argv: Optional[list] = None) -> None:
     cpu = cpu_compat.cpu_mode_requested()
     if cpu:
         cpu_compat.activate()
-    args, s2_section = parse_arguments(argv)
+    # The inputs are checked in there, before Megatron prints its argument listing.
+    args, s2_section = parse_arguments(argv, early_checks=(check_schedule, check_data_inputs))
+    scope_exit_signal_handler_to_training(args)
     if cpu:
         cpu_compat.apply_cpu_arguments(args)
-    # Every input is checked here, before torch.distributed starts or any GPU memory is taken.
+    # Before torch.distributed starts or any GPU memory is taken.
     s2_config = resolve_s2_config(args, s2_section)
-    check_schedule(args)
-    check_data_inputs(args)
     differences = checkpoint_layout.check_resume(args, s2_config)
     if differences and args.rank == 0:  # torch.distributed is not up yet: print_rank_0 would not filter
         print("WARNING: --allow-s2-layout-change: resuming with a different S2 layout:\n  "
@@ -537,6 +650,7 @@ def main(argv: Optional[list] = None) -> None:
     checkpoint_layout.attach_to_args(args, s2_config)
     print_s2_config(args, s2_config)
     install_sparse_aware_logging(s2_config)
+    megatron_training.OptimizerParamScheduler = ScheduleExplainingOptimizerParamScheduler
     use_shipped_dataset_helpers()
 
     train_valid_test_datasets_provider.is_distributed = True
@@ -545,15 +659,60 @@ def main(argv: Optional[list] = None) -> None:
              forward_step)
 
 
+CHILD_STOP_GRACE_S = 3.0
+
+
+def stop_child_processes(daemonic_only: bool = False, grace_s: float = CHILD_STOP_GRACE_S) -> None:
+    """Terminate this process's child processes (or only the daemonic ones), then kill those still
+    alive after ``grace_s``.
+
+    At exit Python terminates daemonic children and waits for them without a time limit; Megatron's
+    DataLoader workers (and the helpers it forks after start-up) ignore SIGTERM under
+    --exit-signal-handler, so that wait would never end.
+    """
+    children = [child for child in multiprocessing.active_children() if child.daemon or not daemonic_only]
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+def exit_after_crash(code: int = 1) -> None:
+    """End a crashed rank now: its traceback printed, its logs flushed, all its children stopped.
+
+    The normal interpreter exit can hang here (helper processes, threads blocked in a collective
+    with a rank that is gone); under a scheduler that would hold the allocation until its limit.
+    """
+    traceback.print_exc()
+    writer = get_tensorboard_writer()
+    if writer:
+        writer.flush()
+    stop_child_processes()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def cli(entry=main) -> None:
     """Run ``entry``; input errors (their messages say the fix) end it with one line per job, not a
-    traceback per rank."""
+    traceback per rank; any other error ends the rank at once with exit code 1. Every exit, the
+    save-and-exit after SIGTERM included, is bounded in time."""
     try:
         entry()
     except (S2ConfigError, TrainingSetupError, checkpoint_layout.S2LayoutMismatchError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        exit_after_crash(130)
+    except Exception:
+        exit_after_crash()
+    finally:
+        stop_child_processes(daemonic_only=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ memory). Megatron is imported only when a dataset is written.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from typing import Iterable
 
 import numpy
@@ -31,6 +33,17 @@ class ByteTokenizer:
         return f"--tokenizer-type NullTokenizer --vocab-size {self.vocab_size}"
 
 
+def _megatron_dataset_builder():
+    """Megatron's ``(DType, IndexedDatasetBuilder)``, imported without the warnings that importing
+    megatron.core prints on every machine without Transformer Engine, Apex or CUDA: true, and
+    irrelevant to writing a dataset."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (is|are) not installed")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    return DType, IndexedDatasetBuilder
+
+
 def write_indexed_dataset(documents: Iterable, vocab_size: int, output_prefix: str) -> dict:
     """Write token documents (sequences of ids, each already ending as it should) to
     OUTPUT_PREFIX.bin/.idx with Megatron's ``IndexedDatasetBuilder``; returns counts.
@@ -38,8 +51,7 @@ def write_indexed_dataset(documents: Iterable, vocab_size: int, output_prefix: s
     Both files are written under temporary names and renamed at the end, so a failed run (a bad
     input, an interrupt) never leaves a .bin that does not match its .idx.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
+    DType, IndexedDatasetBuilder = _megatron_dataset_builder()
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     partial = f"{output_prefix}.partial-{os.getpid()}"
     builder = IndexedDatasetBuilder(partial + ".bin", dtype=DType.optimal_dtype(vocab_size))

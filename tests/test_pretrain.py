@@ -1,21 +1,25 @@
-"""pretrain_gpt_s2.py end to end on CPU: TP=1 vs TP=2, save/exit/resume, layout checks, bad inputs.
+"""pretrain_gpt_s2.py end to end on CPU: TP=1 vs TP=2, save/exit/resume, layout checks, bad inputs,
+signals and crashes, continued training, and train_multi_node.sh on two local "nodes".
 
 Each run forks the already-imported test process once per rank (torchrun would cost ~10 s of imports
-per run) and calls ``pretrain_gpt_s2.main(argv)`` with the usual RANK/WORLD_SIZE/MASTER_* variables,
-so the code under test is exactly what ``torchrun pretrain_gpt_s2.py ...`` runs, over gloo. The model
+per run) and calls the script's entry, ``pretrain_gpt_s2.cli(main)``, with the usual
+RANK/WORLD_SIZE/MASTER_* variables; the rank then ends as the script's process would. So the code
+under test is exactly what ``torchrun pretrain_gpt_s2.py ...`` runs, over gloo. The model
 is a 4-layer hybrid (layer 0 dense, layers 1-3 S2) on real text preprocessed by
 tools/preprocess_data.py.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
-import traceback
 
 import pytest
 import torch
@@ -90,13 +94,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str) -> None:
-    """Child process: one rank of `torchrun pretrain_gpt_s2.py argv`, output into log_path."""
+def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str, prepare=None) -> None:
+    """Child process: one rank of `torchrun pretrain_gpt_s2.py argv`, output into log_path.
+
+    ``prepare(rank)``, if given, runs first (tests use it to inject a fault into this rank only).
+    """
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     # pytest replaces sys.stdout/err with its capture objects; print to the log file instead.
     sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+    sys.argv = ["pretrain_gpt_s2.py"] + argv
+    # Temporary files (multiprocessing's pymp-* folders) of this rank and of the helpers it starts
+    # go beside the log, not into /tmp: a helper that has to be killed leaves its folder behind.
+    os.environ["TMPDIR"] = tempfile.tempdir = os.path.dirname(log_path)
     # TRITON_INTERPRET=0: S2 layers take the dense-masked reference path on CPU (same layouts,
     # same head sharding), ~10x faster than the Triton interpreter; the kernel's own numerics are
     # tested against that reference in the kernel tests.
@@ -104,26 +115,12 @@ def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str)
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
     torch.set_num_threads(1)
-    code = 0
-    try:
-        pretrain_gpt_s2.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    except (pretrain_gpt_s2.S2ConfigError, pretrain_gpt_s2.TrainingSetupError,
-            checkpoint_layout.S2LayoutMismatchError) as err:
-        print(f"pretrain_gpt_s2.py: error: {err}", flush=True)
-        code = 2
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # os._exit skips the atexit handlers that stop helper processes (Megatron's checkpoint writers):
-    # stop them here, or every saving test leaves one orphan per rank behind.
-    for child in multiprocessing.active_children():
-        child.terminate()
-        child.join(10)
-    os._exit(code)
+    if prepare is not None:
+        prepare(rank)
+    # The script's own entry. Whatever it lets through (an exit code, an exception) goes on to
+    # multiprocessing, which ends this process as the interpreter would end the script: it prints
+    # the exception, then runs the exit handler that terminates and joins the child processes.
+    pretrain_gpt_s2.cli(functools.partial(pretrain_gpt_s2.main, argv))
 
 
 class Run:
@@ -140,22 +137,23 @@ class Run:
         return self
 
 
-def start(workdir, name: str, argv: list, world_size: int = 1) -> tuple:
+def start(workdir, name: str, argv: list, world_size: int = 1, prepare=None) -> tuple:
     """Fork the ranks of one run; returns (processes, log paths)."""
     argv = ["--s2-config", str(workdir / "s2.yaml"), "--data-path", str(workdir / "data")] + argv
     port = _free_port()
     context = multiprocessing.get_context("fork")
     paths = [str(workdir / f"{name}.rank{r}.log") for r in range(world_size)]
-    processes = [context.Process(target=_rank_main, args=(r, world_size, port, argv, paths[r]))
+    processes = [context.Process(target=_rank_main, args=(r, world_size, port, argv, paths[r], prepare))
                  for r in range(world_size)]
     for process in processes:
         process.start()
     return processes, paths
 
 
-def finish(processes: list, paths: list) -> Run:
+def finish(processes: list, paths: list, timeout_s: float = RUN_TIMEOUT_S) -> Run:
+    deadline = time.monotonic() + timeout_s
     for process in processes:
-        process.join(RUN_TIMEOUT_S)
+        process.join(max(0.0, deadline - time.monotonic()))
     for process in processes:
         if process.is_alive():
             process.kill()
@@ -180,6 +178,7 @@ def test_tp2_losses_equal_tp1_on_hybrid_model(workdir, tp1_run):
     tp1 = tp1_run.losses
     assert sorted(tp1) == [1, 2, 3, 4]
     assert "3 S2, 1 dense" in tp1_run.logs[0]  # the resolved per-layer settings are printed
+    assert "| tokens/s/rank " in tp1_run.last_log and "/GPU " not in tp1_run.last_log.split("[s2] iteration 1/")[1]
     tp2 = launch(workdir, "tp2", ["--train-iters", "4", "--tensor-model-parallel-size", "2"],
                  world_size=2).check_ok().losses
     assert sorted(tp2) == [1, 2, 3, 4]
@@ -214,6 +213,36 @@ def test_tp2_cp2_dp2_on_eight_ranks_equals_tp1(workdir, tp1_run):
     assert sorted(run.losses) == [1, 2, 3, 4]
     for iteration, loss in tp1_run.losses.items():
         assert float(run.losses[iteration]) == pytest.approx(float(loss), rel=2e-6, abs=0), iteration
+
+
+def test_train_multi_node_sh_on_two_local_nodes_equals_one_node(workdir, tp1_run):
+    # examples/train_multi_node.sh as a user runs it on two machines: one invocation per node with
+    # its NODE_RANK, here both on this machine with the rendezvous on the loopback address. One rank
+    # per node: data parallel over the two nodes, each one of the micro-batches TP=1 accumulates.
+    env = dict(os.environ, NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GPUS_PER_NODE="1",
+               MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="0",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    command = ["bash", os.path.join(ROOT, "examples", "train_multi_node.sh"), str(workdir / "s2.yaml"),
+               "--data-path", str(workdir / "data"), "--train-iters", "4"]
+    logs = [workdir / f"node{node}.log" for node in (0, 1)]
+    nodes = []
+    for node, log in enumerate(logs):
+        with open(log, "w") as out:
+            nodes.append(subprocess.Popen(command, env=dict(env, NODE_RANK=str(node)), stdout=out,
+                                          stderr=subprocess.STDOUT))
+    try:
+        codes = [node.wait(RUN_TIMEOUT_S) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    texts = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0, 0], (codes, texts[0][-3000:], texts[1][-3000:])
+    assert "data-parallel size: 2" in texts[0]
+    losses = pretrain_gpt_s2.read_progress(texts[1])  # the last rank (node 1) prints them
+    assert sorted(losses) == [1, 2, 3, 4]
+    for iteration, loss in tp1_run.losses.items():
+        assert float(losses[iteration]["loss"]) == pytest.approx(float(loss), rel=2e-6, abs=0), iteration
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +289,7 @@ def test_resume_with_other_s2_layout_is_refused_unless_allowed(workdir):
     assert ") -> dense\n" in refused.last_log and "layer 2" not in refused.last_log
     assert "--allow-s2-layout-change" in refused.last_log
     assert not pretrain_gpt_s2.read_progress(refused.last_log)
-    assert "initializing torch distributed" not in refused.last_log
+    assert "------------------------ arguments" not in refused.last_log
     allowed = launch(workdir, "layout_allowed", ["--train-iters", "2", "--load", save,
                                                  "--s2-override", "layers=DDSS",
                                                  "--allow-s2-layout-change"]).check_ok()
@@ -268,24 +297,105 @@ def test_resume_with_other_s2_layout_is_refused_unless_allowed(workdir):
     assert "resuming with a different S2 layout" in allowed.last_log
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(workdir):
-    save = str(workdir / "ckpt_sigterm")
-    processes, paths = start(workdir, "sigterm", ["--train-iters", "500", "--save", save,
-                                                  "--save-interval", "1000", "--exit-signal-handler"])
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline and processes[0].is_alive():
-        if os.path.exists(paths[0]):
-            with open(paths[0], errors="replace") as f:
-                if "[s2] iteration 2/" in f.read():
+def wait_for_log(path: str, text: str, processes: list, timeout_s: float = RUN_TIMEOUT_S) -> float:
+    """Wait until ``text`` appears in the log at ``path`` (or the run ends); returns the time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(p.is_alive() for p in processes):
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                if text in f.read():
                     break
         time.sleep(0.2)
+    return time.monotonic()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(workdir):
+    # DataLoader workers (Megatron makes them ignore SIGTERM) must not hold up the exit either.
+    save = str(workdir / "ckpt_sigterm")
+    processes, paths = start(workdir, "sigterm", ["--train-iters", "500", "--save", save, "--num-workers", "1",
+                                                  "--save-interval", "1000", "--exit-signal-handler"])
+    wait_for_log(paths[0], "[s2] iteration 2/", processes)
     os.kill(processes[0].pid, signal.SIGTERM)
-    run = finish(processes, paths).check_ok()
+    run = finish(processes, paths, timeout_s=60).check_ok()
     assert "exiting program after receiving SIGTERM" in run.last_log
     stopped_at = max(run.losses)
     assert 2 <= stopped_at < 500
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
         assert int(f.read()) == stopped_at
+
+
+def _after_training(action):
+    """A ``prepare`` for start(): ``action(rank)`` replaces the final evaluation, which Megatron runs
+    after the training loop (the runs below evaluate only there)."""
+    def prepare(rank):
+        import megatron.training.training as megatron_training
+
+        real = megatron_training.evaluate_and_print_results
+        megatron_training.evaluate_and_print_results = lambda *a, **k: action(rank) or real(*a, **k)
+    return prepare
+
+
+def _crash_on_rank_0(rank):
+    if rank == 0:
+        raise RuntimeError("injected crash after training")
+
+
+def test_crash_after_training_exits_promptly_on_every_rank(workdir):
+    # The reported hang: --exit-signal-handler made the DataLoader workers ignore SIGTERM, and a
+    # crashed rank waited for them for ever in multiprocessing's exit handler. Rank 1 is left
+    # waiting for rank 0 in the evaluation's all-reduce and must end too.
+    processes, paths = start(workdir, "crash", ["--train-iters", "2", "--num-workers", "2",
+                                                "--exit-signal-handler"], world_size=2,
+                             prepare=_after_training(_crash_on_rank_0))
+    crashed = wait_for_log(paths[0], "injected crash after training", processes)
+    run = finish(processes, paths, timeout_s=60)
+    assert "injected crash after training" in run.logs[0], run.logs[0][-3000:]
+    assert run.codes == [1, 1], (run.codes, run.logs[0][-3000:], run.logs[1][-3000:])
+    assert time.monotonic() - crashed < 30
+
+
+def _sigterm_and_wait(rank):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)  # an ignored signal lets the evaluation go on after this
+
+
+def test_sigterm_after_training_is_a_plain_exit(workdir):
+    # "Save and exit" exists only while the training loop runs; afterwards SIGTERM ends the rank.
+    processes, paths = start(workdir, "sigterm_after", ["--train-iters", "2", "--exit-signal-handler"],
+                             prepare=_after_training(_sigterm_and_wait))
+    run = finish(processes, paths, timeout_s=120)
+    assert sorted(run.losses) == [1, 2]
+    assert run.codes == [-signal.SIGTERM], (run.codes, run.last_log[-3000:])
+
+
+@pytest.fixture(scope="module")
+def finished_run(workdir):
+    """A complete run of 2 iterations that evaluated at iteration 2 and saved there."""
+    save = str(workdir / "ckpt_finished")
+    launch(workdir, "finished", ["--train-iters", "2", "--eval-interval", "2", "--eval-iters", "2", "--save", save,
+                                 "--save-interval", "2"]).check_ok()
+    return save
+
+
+def test_longer_schedule_on_resume_names_the_scheduler_flags(workdir, finished_run):
+    refused = launch(workdir, "longer_refused", ["--train-iters", "4", "--load", finished_run])
+    assert refused.codes == [2], refused.last_log[-3000:]
+    error = [line for line in refused.last_log.splitlines() if "pretrain_gpt_s2.py: error:" in line]
+    assert error and "another learning-rate schedule" in error[0]
+    assert "--override-opt_param-scheduler" in error[0] and "--use-checkpoint-opt_param-scheduler" in error[0]
+    assert "AssertionError" not in refused.last_log
+
+
+def test_continued_run_with_new_eval_interval_has_validation_data(workdir, finished_run):
+    # Megatron sized the validation set as if this run started at iteration 0, while its loader
+    # starts after the samples the first run's evaluation consumed: the final evaluation ran dry.
+    # (2 evaluations of 2 x 4 samples from sample 8 on: 24 needed; the 6-sample split, repeated
+    # in whole epochs, was built with 18.)
+    run = launch(workdir, "continued", ["--train-iters", "4", "--eval-interval", "4", "--eval-iters", "2",
+                                        "--load", finished_run, "--override-opt_param-scheduler"]).check_ok()
+    assert sorted(run.losses) == [3, 4]
+    assert "validation loss at iteration 4 |" in run.last_log
+    assert "validation loss at iteration 4 on validation set" in run.last_log
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -295,13 +405,29 @@ def test_sigterm_saves_a_checkpoint_and_exits(workdir):
     (["--data-path", "/nonexistent/corpus"], "tools/preprocess_data.py"),
     (["--s2-config", "/nonexistent.yaml"], "no such file"),
     (["--lr-warmup-iters", "5"], "--lr-warmup-iters 5 must be smaller than the decay length"),
+    (["--context-parallel-size", "2", "--seq-length", "250"],
+     "--seq-length 250 is not a multiple of 2 * --context-parallel-size = 4"),
+    (["--context-parallel-size", "2", "--seq-length", "260"], "Use a sequence length such as 320 or 256"),
 ])
 def test_bad_inputs_fail_clearly_before_training(workdir, extra, message):
     run = launch(workdir, "bad", ["--train-iters", "2"] + extra)
     assert run.codes == [2], run.last_log[-3000:]
     error = [line for line in run.last_log.splitlines() if "pretrain_gpt_s2.py: error:" in line]
     assert error and message in error[0], run.last_log[-3000:]
-    assert "initializing torch distributed" not in run.last_log
+    # Before Megatron's ~800-line argument listing, so the error is what the user sees.
+    assert "------------------------ arguments" not in run.last_log
+    assert "AssertionError" not in run.last_log
+
+
+def test_misspelt_flag_in_config_file_is_named_before_megatron_prints(workdir):
+    config = workdir / "typo.yaml"
+    config.write_text(S2_YAML.replace("num-layers:", "num-layyers:"))
+    run = launch(workdir, "typo", ["--train-iters", "2", "--s2-config", str(config)])
+    assert run.codes == [2], run.last_log[-3000:]
+    error = [line for line in run.last_log.splitlines() if "pretrain_gpt_s2.py: error:" in line]
+    assert error and str(config) in error[0] and "'num-layyers'" in error[0], run.last_log[-3000:]
+    assert "did you mean 'num-layers'" in error[0]
+    assert "usage:" not in run.last_log and "------------------------ arguments" not in run.last_log
 
 
 def _pairs_by_formula(block, local, stride, offsets, seq_len):

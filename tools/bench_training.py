@@ -219,8 +219,8 @@ def device_name() -> str:
     return "cpu"
 
 
-def table(results: list) -> str:
-    lines = ["| seq | variant | parallel | GPUs | tokens/s/GPU | step ms | S2-aware TFLOP/s/GPU | peak GiB "
+def table(results: list, per: str = "GPU") -> str:
+    lines = [f"| seq | variant | parallel | GPUs | tokens/s/{per} | step ms | S2-aware TFLOP/s/{per} | peak GiB "
              "(last rank) | speed-up vs dense | scaling vs one GPU |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r["seq_length"], r["variant"], r["parallel"]): r for r in results}
@@ -316,7 +316,7 @@ def main(argv=None) -> list:
     if layers_table:
         print(f"\nOne layer under CP (tools/bench_cp.py; log {os.path.join(log_dir, 'bench_cp.log')}):\n{layers_table}")
     print(f"\n{report['device']}, {report['config']}, batch 1 sequence per step, median of steps "
-          f"{args.warmup + 1}..{args.iters}, {report['wall_s']:.0f} s in all, logs in {log_dir}\n{table(results)}")
+          f"{args.warmup + 1}..{args.iters}, {report['wall_s']:.0f} s in all, logs in {log_dir}\n{table(results, 'rank' if report['device'] == 'cpu' else 'GPU')}")
     if skipped:
         print("skipped for the time budget: " + ", ".join(run.name for run in skipped))
     return results

@@ -497,6 +497,12 @@ def hf_config_kwargs(args: Namespace, s2_config: Optional[S2AttentionConfig], vo
         mlp_bias=False,
         attention_dropout=0.0,
     )
+    if getattr(args, "tokenizer_type", None) == "NullTokenizer":
+        # Megatron's NullTokenizer ends every document with its last id (256 for the byte-level data
+        # of tools/preprocess_data.py), which also precedes every document start. Llama's default
+        # ids (bos 1, eos 2) are ordinary bytes here, so generate() would never stop.
+        end_of_document = args.vocab_size - 1
+        kwargs.update(bos_token_id=end_of_document, eos_token_id=end_of_document, pad_token_id=end_of_document)
     if s2_config is not None:
         kwargs["s2_layers"] = s2_layers_for_hf(s2_config, shape.num_heads, shape.num_kv_heads)
     return kwargs

@@ -4,7 +4,8 @@
 #   2. then, side by side: GPU 0 runs tools/bench_training.py (S2 hybrid vs dense), GPU 1 runs the
 #      quickstart, the Hugging Face bf16 parity and the kernel's GPU tests.
 # One log per check goes to $LOG_DIR (default runs/gpu_checks), the runs' own logs to $LOG_DIR/runs;
-# everything is packed into $LOG_DIR.tgz and a summary is printed last.
+# everything is packed into $LOG_DIR.tgz and a summary is printed last. Exits 1 when any check failed
+# (or left no exit status).
 set -u
 cd "$(dirname "$0")/../.."
 LOG_DIR=${LOG_DIR:-runs/gpu_checks}
@@ -17,23 +18,23 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 OUT="$LOG_DIR/runs" timeout "${TWO_GPU_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -s \
     tests/gpu/test_tp_gpu.py tests/gpu/test_cp_gpu.py tests/gpu/test_pretrain_gpu.py \
     -k "two_gpus or tp2" > "$LOG_DIR/two_gpu_tests.log" 2>&1
-echo "two-GPU tests exit $?" >> "$LOG_DIR/two_gpu_tests.log"
+echo "check two_gpu_tests exit $?" >> "$LOG_DIR/two_gpu_tests.log"
 
 (
     export CUDA_VISIBLE_DEVICES=0
     timeout "${BENCH_TIMEOUT:-270}" python tools/bench_training.py --config configs/hybrid_1b_32k.yaml \
         --seq-lengths 8192 32768 --output "$LOG_DIR/bench_training.json" --log-dir "$LOG_DIR/runs" > "$LOG_DIR/bench_training.log" 2>&1
-    echo "bench_training exit $?" >> "$LOG_DIR/bench_training.log"
+    echo "check bench_training exit $?" >> "$LOG_DIR/bench_training.log"
 ) &
 (
     export CUDA_VISIBLE_DEVICES=1
     SKIP_INSTALL=1 RUN_DIR=/tmp/quickstart ITERS=${QUICKSTART_ITERS:-400} timeout 120 \
         bash examples/quickstart.sh > "$LOG_DIR/quickstart.log" 2>&1
-    echo "quickstart exit $?" >> "$LOG_DIR/quickstart.log"
+    echo "check quickstart exit $?" >> "$LOG_DIR/quickstart.log"
     timeout 70 python -m pytest -q -p no:cacheprovider -s tests/gpu/test_hf_gpu.py > "$LOG_DIR/hf_gpu.log" 2>&1
-    echo "hf exit $?" >> "$LOG_DIR/hf_gpu.log"
+    echo "check hf_gpu exit $?" >> "$LOG_DIR/hf_gpu.log"
     timeout 70 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernel_gpu.py > "$LOG_DIR/kernel_gpu.log" 2>&1
-    echo "kernel exit $?" >> "$LOG_DIR/kernel_gpu.log"
+    echo "check kernel_gpu exit $?" >> "$LOG_DIR/kernel_gpu.log"
 ) &
 wait
 
@@ -43,3 +44,13 @@ for log in two_gpu_tests quickstart hf_gpu kernel_gpu bench_training; do
     grep -E "passed|failed|error|exit|^\||iteration +[0-9]+/|TP=|loss" "$LOG_DIR/$log.log" | grep -v Warning | tail -n 14
 done
 cat "$LOG_DIR/runs/tp_gpu.txt" 2>/dev/null
+
+failed=()
+for log in two_gpu_tests quickstart hf_gpu kernel_gpu bench_training; do
+    grep -qx "check $log exit 0" "$LOG_DIR/$log.log" 2>/dev/null || failed+=("$log")
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED: ${failed[*]} (logs in $LOG_DIR)"
+    exit 1
+fi
+echo "all GPU checks passed"
