@@ -305,7 +305,7 @@ def test_bad_inputs_fail_clearly_before_training(workdir, extra, message):
 
 
 def _pairs_by_formula(block, local, stride, offsets, seq_len):
-    """Attended (q, k) token pairs, summed over heads, from S2_SEMANTICS.md written out."""
+    """Attended (q, k) token pairs, summed over heads, from docs/semantics.md written out."""
     total = 0
     for offset in offsets:
         for q in range(seq_len):

@@ -34,11 +34,13 @@ echo "two-GPU tests exit $?" >> "$LOG_DIR/two_gpu_tests.log"
     echo "hf exit $?" >> "$LOG_DIR/hf_gpu.log"
     timeout 70 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernel_gpu.py > "$LOG_DIR/kernel_gpu.log" 2>&1
     echo "kernel exit $?" >> "$LOG_DIR/kernel_gpu.log"
+    timeout 150 python -m pytest -q -p no:cacheprovider -s tests/gpu/test_compile_gpu.py > "$LOG_DIR/compile_gpu.log" 2>&1
+    echo "compile exit $?" >> "$LOG_DIR/compile_gpu.log"
 ) &
 wait
 
 tar czf "$LOG_DIR.tgz" -C "$(dirname "$LOG_DIR")" "$(basename "$LOG_DIR")"
-for log in two_gpu_tests quickstart hf_gpu kernel_gpu bench_training; do
+for log in two_gpu_tests quickstart hf_gpu kernel_gpu compile_gpu bench_training; do
     echo "===== $log"
     grep -E "passed|failed|error|exit|^\||iteration +[0-9]+/|TP=|loss" "$LOG_DIR/$log.log" | grep -v Warning | tail -n 14
 done
