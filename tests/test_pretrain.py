@@ -9,6 +9,7 @@ tools/preprocess_data.py.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -214,6 +215,27 @@ def test_tp2_cp2_dp2_on_eight_ranks_equals_tp1(workdir, tp1_run):
     assert sorted(run.losses) == [1, 2, 3, 4]
     for iteration, loss in tp1_run.losses.items():
         assert float(run.losses[iteration]) == pytest.approx(float(loss), rel=2e-6, abs=0), iteration
+
+
+def test_wandb_offline_run_records_s2_scalars_and_config(workdir, tmp_path, monkeypatch):
+    """--wandb-project (Megatron's wandb writer, offline): the run's files hold the S2 progress scalars
+    (the summary keeps the last logged values, as printed) and the resolved S2 config (run config)."""
+    pytest.importorskip("wandb", reason="wandb is optional: pip install wandb")
+    import yaml
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = launch(workdir, "wandb", ["--train-iters", "2", "--wandb-project", "s2-test", "--wandb-exp-name",
+                                    "tiny", "--wandb-save-dir", str(tmp_path)]).check_ok()
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    summary = json.loads((run_dir / "files" / "wandb-summary.json").read_text())
+    printed = pretrain_gpt_s2.read_progress(run.last_log)[2]
+    assert summary["_step"] == 2
+    assert summary["s2/tokens_per_s_per_gpu"] == pytest.approx(float(printed["tokens_per_s"].replace(",", "")), abs=0.5)
+    assert summary["s2/tflops_per_gpu"] == pytest.approx(float(printed["tflops"]), abs=0.005)
+    config = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
+    expected = S2AttentionConfig.from_dict(yaml.safe_load(S2_YAML)["s2"]).to_dict()
+    assert S2AttentionConfig.from_dict(config["s2_attention"]["value"]).to_dict() == expected
 
 
 @pytest.fixture(scope="module")
