@@ -9,6 +9,7 @@ argument checks and never waits for the GPU (with packed input, pass ``max_seqle
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Optional
@@ -175,27 +176,27 @@ def _deterministic(deterministic: Optional[bool]) -> bool:
 # Dynamo traces ``s2_attention`` into one graph (fullgraph=True) and treats the kernel as opaque.
 # Op arguments must be tensors or scalars: the pattern travels as its fields (an S2Pattern) or its
 # mask tensor (a BlockMaskPattern) and is rebuilt inside the op; layouts stay cached by value.
-_NO_STEP = -1  # head_sliding_step=None among the int fields
+# Every S2Pattern field but head_pattern is an int >= 0 or None (sent as -1), so new fields travel too.
+_INT_FIELDS = tuple(f.name for f in dataclasses.fields(S2Pattern) if f.name != "head_pattern")
 
 
 def _pattern_fields(pattern: Pattern):
     """``(ints, head_pattern, mask)``: the op arguments that name ``pattern``."""
     if isinstance(pattern, BlockMaskPattern):
         return [pattern.block_size], "", pattern.mask
-    step = _NO_STEP if pattern.head_sliding_step is None else pattern.head_sliding_step
-    return ([pattern.block_size, pattern.local_blocks, pattern.vert_stride, step, pattern.head_sliding_offset,
-             pattern.num_dense_heads], pattern.head_pattern, None)
+    values = (getattr(pattern, name) for name in _INT_FIELDS)
+    return [-1 if value is None else value for value in values], pattern.head_pattern, None
 
 
-_block_mask_patterns: dict = {}  # (id(mask), block_size) -> BlockMaskPattern, so its cached layout is found
+# (id(mask), block_size) -> the BlockMaskPattern rebuilt for that mask, so that its cached layout is
+# found again; held for the process (models have a few masks), which also keeps the ids unique.
+_block_mask_patterns: dict = {}
 
 
 def _pattern_from_fields(ints, head_pattern, mask) -> Pattern:
     if mask is None:
-        block, local, stride, step, offset, dense = ints
-        return S2Pattern(block_size=block, local_blocks=local, vert_stride=stride, head_pattern=head_pattern,
-                         head_sliding_step=None if step == _NO_STEP else step, head_sliding_offset=offset,
-                         num_dense_heads=dense)
+        values = (None if value == -1 else value for value in ints)
+        return S2Pattern(head_pattern=head_pattern, **dict(zip(_INT_FIELDS, values)))
     key = (id(mask), ints[0])
     pattern = _block_mask_patterns.get(key)
     if pattern is None or pattern.mask is not mask:

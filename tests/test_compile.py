@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_s2 import BlockMaskPattern, S2Pattern, s2_attention
-from megatron_s2.attention import _backward_op, _forward_op, _pattern_fields
+from megatron_s2.attention import _backward_op, _forward_op, _pattern_fields, _pattern_from_fields
 from megatron_s2.reference import s2_attention_reference
 
 ATOL = 2e-5  # float32 vs float64, values of order 1
@@ -38,7 +38,8 @@ def block_mask_pattern(seed):
 # (name, pattern, q shape, kv shape, s2_attention keywords): GQA with tensor-parallel head
 # arguments and a context-parallel offset, a window-only pattern, packed sequences, a block mask.
 CASES = [
-    ("gqa_tp_cp", S2Pattern(block_size=16, local_blocks=2, vert_stride=2, head_pattern="kv_group"),
+    ("gqa_tp_cp", S2Pattern(block_size=16, local_blocks=2, vert_stride=2, head_pattern="kv_group",
+                            head_sliding_offset=1, num_dense_heads=1),
      (2, 48, 4, 16), (2, 64, 2, 16), dict(num_q_heads=8, num_kv_heads=4, head_start=4, q_start=16)),
     ("window_only", S2Pattern(block_size=16, local_blocks=2, vert_stride=0), (1, 64, 2, 32), (1, 64, 1, 32),
      {}),
@@ -62,6 +63,22 @@ def run(fn, x, weight, k, v, grad_out, grad_lse, dtype):
     inputs = [t.detach().to(dtype).requires_grad_() for t in (x, weight, k, v)]
     value = fn(*inputs, grad_out.to(dtype), grad_lse.to(torch.float32 if dtype != torch.float64 else dtype))
     return (value, *torch.autograd.grad(value, inputs))
+
+
+@pytest.mark.parametrize("pattern", [
+    S2Pattern(), S2Pattern(block_size=32, local_blocks=3, vert_stride=5, head_pattern="homogeneous",
+                           head_sliding_step=2, head_sliding_offset=1, num_dense_heads=2),
+    S2Pattern.window(), block_mask_pattern(1),
+])
+def test_pattern_travels_through_op_arguments(pattern):
+    """The ops get a pattern as ints, a string and a mask; rebuilt, it must be the same pattern (an
+    S2Pattern equal by value; for a BlockMaskPattern the same object every time, on the same mask
+    tensor, so that its cached layout is found)."""
+    rebuilt = _pattern_from_fields(*_pattern_fields(pattern))
+    if isinstance(pattern, S2Pattern):
+        assert rebuilt == pattern
+    else:
+        assert _pattern_from_fields(*_pattern_fields(pattern)) is rebuilt and rebuilt.mask is pattern.mask
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
