@@ -129,7 +129,7 @@ def _check_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if max_seqlen_k is not None and max_seqlen_k != max_seqlen_q:
         raise ValueError(f"max_seqlen_k={max_seqlen_k} differs from max_seqlen_q={max_seqlen_q}: packed S2 "
                          "attention is self-attention (pass the same value, or leave max_seqlen_k out)")
-    if not isinstance(max_seqlen_q, int) or max_seqlen_q < 1:
+    if not isinstance(max_seqlen_q, (int, torch.SymInt)) or max_seqlen_q < 1:  # SymInt: under torch.compile
         raise ValueError(f"max_seqlen_q must be a positive int, got {max_seqlen_q!r}")
     return cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 
@@ -205,15 +205,15 @@ def _pattern_from_fields(ints, head_pattern, mask) -> Pattern:
 
 
 def _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale, head_start, num_q_heads,
-                num_kv_heads, q_start, k_start, max_seqlen, layout_len):
+                num_kv_heads, q_start, k_start, max_seqlen):
     """The keyword options of ``_kernel_problem`` / the reference, rebuilt from op arguments."""
     return dict(
         pattern=_pattern_from_fields(pattern_ints, head_pattern, block_mask), softmax_scale=softmax_scale,
         head_start=head_start, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, q_start=q_start,
-        k_start=k_start, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, layout_len=layout_len)
+        k_start=k_start, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-def _reference_4d(reference, tensors, pattern, *, cu_seqlens, max_seqlen, layout_len, **options):
+def _reference_4d(reference, tensors, pattern, *, cu_seqlens, max_seqlen, **options):
     """A reference function on the op's 4-D views (packed input is ``[1, tokens, heads, dim]``)."""
     if cu_seqlens is None:
         return reference(*tensors, pattern, **options)
@@ -222,8 +222,14 @@ def _reference_4d(reference, tensors, pattern, *, cu_seqlens, max_seqlen, layout
     return tuple(r[None] for r in results)
 
 
-def _problem(q, k, pattern, *, cu_seqlens, max_seqlen, layout_len, **options):
-    packed = None if cu_seqlens is None else (cu_seqlens.numel() - 1, max_seqlen, layout_len, cu_seqlens)
+def _problem(q, k, pattern, *, cu_seqlens, max_seqlen, **options):
+    packed = None
+    if cu_seqlens is not None:
+        # The layout of a longer length serves every shorter sequence: round up so that batches
+        # with different longest sequences share a few cached layouts.
+        layout_len = max_seqlen if isinstance(pattern, BlockMaskPattern) else max(
+            16 * pattern.block_size, 1 << (max_seqlen - 1).bit_length())
+        packed = (cu_seqlens.numel() - 1, max_seqlen, layout_len, cu_seqlens)
     return _kernel_problem(q, k, pattern, packed=packed, **options)
 
 
@@ -231,11 +237,11 @@ def _problem(q, k, pattern, *, cu_seqlens, max_seqlen, layout_len, **options):
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
                 pattern_ints: list[int], head_pattern: str, block_mask: Optional[torch.Tensor],
                 softmax_scale: float, head_start: int, num_q_heads: int, num_kv_heads: int, q_start: int,
-                k_start: int, max_seqlen: int, layout_len: int, return_lse: bool,
+                k_start: int, max_seqlen: int, return_lse: bool,
                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of 4-D ``q, k, v`` (packed: ``[1, tokens, heads, dim]`` with ``cu_seqlens``)."""
     options = _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale, head_start,
-                          num_q_heads, num_kv_heads, q_start, k_start, max_seqlen, layout_len)
+                          num_q_heads, num_kv_heads, q_start, k_start, max_seqlen)
     pattern = options.pop("pattern")
     if _uses_reference(q):
         out, lse = _reference_4d(s2_attention_reference, (q, k, v), pattern, return_lse=True, **options)
@@ -247,7 +253,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: O
 
 @_forward_op.register_fake
 def _(q, k, v, cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale, head_start, num_q_heads,
-      num_kv_heads, q_start, k_start, max_seqlen, layout_len, return_lse, deterministic):
+      num_kv_heads, q_start, k_start, max_seqlen, return_lse, deterministic):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
@@ -256,11 +262,11 @@ def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                  pattern_ints: list[int], head_pattern: str, block_mask: Optional[torch.Tensor],
                  softmax_scale: float, head_start: int, num_q_heads: int, num_kv_heads: int, q_start: int,
-                 k_start: int, max_seqlen: int, layout_len: int,
+                 k_start: int, max_seqlen: int,
                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of ``_forward_op`` given the gradients of ``out`` and (optionally) ``lse``."""
     options = _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale, head_start,
-                          num_q_heads, num_kv_heads, q_start, k_start, max_seqlen, layout_len)
+                          num_q_heads, num_kv_heads, q_start, k_start, max_seqlen)
     pattern = options.pop("pattern")
     if _uses_reference(q):
         dlse = torch.zeros_like(lse) if dlse is None else dlse
@@ -278,7 +284,7 @@ def _(dout, q, k, v, out, lse, dlse, *static):
 
 
 _STATIC_ARGS = ("cu_seqlens", "pattern_ints", "head_pattern", "block_mask", "softmax_scale", "head_start",
-                "num_q_heads", "num_kv_heads", "q_start", "k_start", "max_seqlen", "layout_len")
+                "num_q_heads", "num_kv_heads", "q_start", "k_start", "max_seqlen")
 
 
 def _setup_context(ctx, inputs, output):
@@ -345,16 +351,9 @@ def s2_attention(
     if not packed and not return_lse:
         _check_key_range(q.shape[1], k.shape[1], q_start, k_start)
     q4, k4, v4 = _last_dim_contiguous(*((t[None] for t in (q, k, v)) if packed else (q, k, v)))
-    layout_len = 0
-    if packed and isinstance(pattern, S2Pattern):
-        # The layout of a longer length serves every shorter sequence: round up so that batches
-        # with different longest sequences share a few cached layouts.
-        layout_len = max(16 * pattern.block_size, 1 << (max_seqlen_q - 1).bit_length())
-    elif packed:
-        layout_len = max_seqlen_q
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, lse = _forward_op(q4, k4, v4, cu_seqlens_q, *_pattern_fields(pattern), scale, head_start, num_q_heads,
-                           num_kv_heads, q_start, k_start, max_seqlen_q or 0, layout_len, return_lse,
+                           num_kv_heads, q_start, k_start, max_seqlen_q or 0, return_lse,
                            _deterministic(deterministic))
     if packed:
         out, lse = out[0], lse[0]

@@ -110,8 +110,7 @@ def test_opcheck(case, cpu_path):
     q.requires_grad_()
     cu_seqlens = kw.get("cu_seqlens_q")
     static = (*_pattern_fields(pattern), 0.25, kw.get("head_start", 0), kw.get("num_q_heads", q.shape[2]),
-              kw.get("num_kv_heads", k.shape[2]), kw.get("q_start", 0), 0, kw.get("max_seqlen_q", 0),
-              64 if packed else 0)
+              kw.get("num_kv_heads", k.shape[2]), kw.get("q_start", 0), 0, kw.get("max_seqlen_q", 0))
     torch.library.opcheck(_forward_op, (q, k, v, cu_seqlens, *static, True, True))
     out, lse = _forward_op(q, k, v, cu_seqlens, *static, True, True)
     dout, dlse = draw(out.shape, lse.shape, seed=len(name) + 1)
@@ -119,3 +118,25 @@ def test_opcheck(case, cpu_path):
     checks = ("test_faketensor", "test_aot_dispatch_dynamic") if cpu_path == "reference" else None
     torch.library.opcheck(_backward_op, (dout, q.detach(), k, v, out.detach(), lse.detach(), dlse, cu_seqlens,
                                          *static, True), **({} if checks is None else dict(test_utils=checks)))
+
+
+def test_packed_batches_with_new_longest_sequences_reuse_the_compiled_graph(monkeypatch):
+    """Packed training passes a new max_seqlen_q (and sequence count) each batch: once Dynamo's
+    recompiles have made them symbolic, later batches must run the same graph (and equal eager)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    pattern = S2Pattern(block_size=16, local_blocks=1, vert_stride=2)
+
+    def step(q, k, v, cu_seqlens, max_seqlen):
+        return s2_attention(q, k, v, pattern, cu_seqlens_q=cu_seqlens, max_seqlen_q=max_seqlen).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    graphs = []
+    for seed, bounds in enumerate([[0, 33, 80], [0, 20, 80], [0, 10, 45, 80], [0, 50, 80], [0, 5, 70, 80],
+                                   [0, 30, 40, 55, 80]]):
+        q, k, v = draw((80, 2, 16), (80, 2, 16), (80, 2, 16), seed=seed)
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        assert torch.equal(compiled(q, k, v, cu_seqlens, longest), step(q, k, v, cu_seqlens, longest))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[-3:] == [graphs[2]] * 3, graphs
