@@ -206,11 +206,10 @@ def _pattern_from_fields(ints, head_pattern, mask) -> Pattern:
 
 def _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale, head_start, num_q_heads,
                 num_kv_heads, q_start, k_start, max_seqlen):
-    """The keyword options of ``_kernel_problem`` / the reference, rebuilt from op arguments."""
-    return dict(
-        pattern=_pattern_from_fields(pattern_ints, head_pattern, block_mask), softmax_scale=softmax_scale,
-        head_start=head_start, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, q_start=q_start,
-        k_start=k_start, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    """The pattern and the keyword options of ``_problem`` / ``_reference_4d``, from op arguments."""
+    return _pattern_from_fields(pattern_ints, head_pattern, block_mask), dict(
+        softmax_scale=softmax_scale, head_start=head_start, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        q_start=q_start, k_start=k_start, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 def _reference_4d(reference, tensors, pattern, *, cu_seqlens, max_seqlen, **options):
@@ -240,9 +239,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: O
                 k_start: int, max_seqlen: int, return_lse: bool,
                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of 4-D ``q, k, v`` (packed: ``[1, tokens, heads, dim]`` with ``cu_seqlens``)."""
-    options = _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale, head_start,
-                          num_q_heads, num_kv_heads, q_start, k_start, max_seqlen)
-    pattern = options.pop("pattern")
+    pattern, options = _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale,
+                                   head_start, num_q_heads, num_kv_heads, q_start, k_start, max_seqlen)
     if _uses_reference(q):
         out, lse = _reference_4d(s2_attention_reference, (q, k, v), pattern, return_lse=True, **options)
         return out.contiguous(), lse.contiguous()  # the strides that the fake implementation promises
@@ -265,9 +263,8 @@ def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  k_start: int, max_seqlen: int,
                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of ``_forward_op`` given the gradients of ``out`` and (optionally) ``lse``."""
-    options = _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale, head_start,
-                          num_q_heads, num_kv_heads, q_start, k_start, max_seqlen)
-    pattern = options.pop("pattern")
+    pattern, options = _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale,
+                                   head_start, num_q_heads, num_kv_heads, q_start, k_start, max_seqlen)
     if _uses_reference(q):
         dlse = torch.zeros_like(lse) if dlse is None else dlse
         grads = _reference_4d(s2_attention_reference_grads, (dout, dlse, q, k, v), pattern, **options)
@@ -283,10 +280,6 @@ def _(dout, q, k, v, out, lse, dlse, *static):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-_STATIC_ARGS = ("cu_seqlens", "pattern_ints", "head_pattern", "block_mask", "softmax_scale", "head_start",
-                "num_q_heads", "num_kv_heads", "q_start", "k_start", "max_seqlen")
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, pattern_ints, head_pattern, block_mask, *scalars, return_lse, deterministic = inputs
     ctx.save_for_backward(q, k, v, *output, cu_seqlens, block_mask)
@@ -294,6 +287,7 @@ def _setup_context(ctx, inputs, output):
     ctx.scalars = scalars
     ctx.return_lse = return_lse
     ctx.deterministic = deterministic
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, dout, dlse):
@@ -302,7 +296,7 @@ def _backward(ctx, dout, dlse):
     dlse = dlse if ctx.return_lse else None
     dq, dk, dv = _backward_op(dout, q, k, v, out, lse, dlse, cu_seqlens, *ctx.pattern, block_mask, *ctx.scalars,
                               ctx.deterministic)
-    return (dq, dk, dv) + (None,) * (len(_STATIC_ARGS) + 2)
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 torch.library.register_autograd("megatron_s2::s2_attention_forward", _backward, setup_context=_setup_context)
