@@ -6,14 +6,28 @@ On CPU both paths of the ops run: the Triton interpreter and the PyTorch referen
 same kernels) and match the float64 reference; the GPU twin (inductor) is tests/gpu/test_compile_gpu.py.
 """
 
+import functools
+
 import pytest
 import torch
 
 from megatron_s2 import BlockMaskPattern, S2Pattern, s2_attention
 from megatron_s2.attention import _backward_op, _forward_op, _pattern_fields, _pattern_from_fields
 from megatron_s2.reference import s2_attention_reference
+from tests.distributed import run_distributed
 
 ATOL = 2e-5  # float32 vs float64, values of order 1
+
+
+def in_forked_child(test):
+    """Run the test in a forked child: torch.compile and opcheck start autograd's device threads, and
+    a process holding them can no longer fork the multi-rank tests that come after this file."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        run_distributed(1, lambda rank, world_size: test(*args, **kwargs))
+
+    return wrapper
 
 
 @pytest.fixture(params=["interpreter", "reference"])
@@ -82,6 +96,7 @@ def test_pattern_travels_through_op_arguments(pattern):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@in_forked_child
 def test_compiled_equals_eager_and_reference(case, cpu_path):
     name, pattern, q_shape, kv_shape, kw = case
     heads, dim = q_shape[-2], q_shape[-1]
@@ -101,6 +116,7 @@ def test_compiled_equals_eager_and_reference(case, cpu_path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@in_forked_child
 def test_opcheck(case, cpu_path):
     """Schema, fake implementation (shapes and strides of the real outputs), autograd registration
     and AOT dispatch of both ops, as PyTorch checks custom ops."""
@@ -120,6 +136,7 @@ def test_opcheck(case, cpu_path):
                                          *static, True), **({} if checks is None else dict(test_utils=checks)))
 
 
+@in_forked_child
 def test_packed_batches_with_new_longest_sequences_reuse_the_compiled_graph(monkeypatch):
     """Packed training passes a new max_seqlen_q (and sequence count) each batch: once Dynamo's
     recompiles have made them symbolic, later batches must run the same graph (and equal eager)."""
