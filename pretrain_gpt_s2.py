@@ -486,7 +486,7 @@ def validation_samples_from_resume_point(train_val_test_num_samples) -> list:
 # What ProgressLine prints, for the tools and tests that read training logs. Rates are per GPU, or
 # per rank (process) in CPU mode.
 PROGRESS_LINE = re.compile(
-    r"^\[s2\] iteration (?P<iteration>\d+)/\d+ \| loss (?P<loss>\S+) \| tokens/s/(?:GPU|rank) (?P<tokens_per_s>[\d,]+) \| "
+    r"^\[s2\] iteration (?P<iteration>\d+)/\d+ \| loss (?P<loss>\S+) \| tokens/s/(?P<unit>GPU|rank) (?P<tokens_per_s>[\d,]+) \| "
     r"TFLOP/s/(?:GPU|rank) (?P<tflops>[\d.]+) \(S2-aware\) \| step (?P<step_ms>[\d.]+) ms"
     r"(?: \| peak mem (?P<peak_gib>[\d.]+) GiB)?", re.M)
 
