@@ -11,7 +11,7 @@ the S2 block spec, one layer spec per layer. Extra flags:
   --s2-override KEY=VALUE     change one key of the S2 config (repeatable), e.g. vert_stride=8
   --allow-s2-layout-change    resume from a checkpoint trained with a different S2 layout
 
-Without a GPU the run goes through ``megatron_s2.cpu_compat`` (slow; for tests and demos).
+Without a GPU the run goes through ``megatron_s2.training.cpu_compat`` (slow; for tests and demos).
 """
 
 # Captured before the heavy imports, as pretrain_gpt.py does, for Megatron's start-up report.
@@ -67,10 +67,10 @@ from megatron.training.utils import (
     is_last_rank,
 )
 
-from megatron_s2 import checkpoint_layout, cpu_compat
-from megatron_s2.config import S2AttentionConfig, split_config_file
-from megatron_s2.flops import sparse_aware_flops
-from megatron_s2.pattern import S2ConfigError
+from megatron_s2.training import checkpoint_layout, cpu_compat
+from megatron_s2.core.config import S2AttentionConfig, split_config_file
+from megatron_s2.ops.flops import sparse_aware_flops
+from megatron_s2.ops.pattern import S2ConfigError
 
 # Megatron's batch keys in the order get_batch returns them (alphabetical, as pretrain_gpt.py).
 BATCH_KEYS = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "labels", "loss_mask",
@@ -315,7 +315,7 @@ class ScheduleExplainingOptimizerParamScheduler(OptimizerParamScheduler):
 
 def layer_spec_provider(s2_config: S2AttentionConfig, seq_length: int):
     """GPTModelConfig.transformer_layer_spec: the block spec with one layer spec per layer."""
-    from megatron_s2.specs import get_s2_gpt_block_spec
+    from megatron_s2.core.specs import get_s2_gpt_block_spec
 
     def spec(model_config, vp_stage: Optional[int] = None):
         transformer = model_config.transformer

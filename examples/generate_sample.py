@@ -27,7 +27,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: 
 from megatron.training import get_args, get_tokenizer  # noqa: E402
 from megatron.training.checkpointing import load_checkpoint  # noqa: E402
 from megatron.training.initialize import initialize_megatron  # noqa: E402
-from megatron_s2 import checkpoint_layout, cpu_compat  # noqa: E402
+from megatron_s2.training import checkpoint_layout, cpu_compat  # noqa: E402
 
 
 def add_sample_arguments(parser):

@@ -3,7 +3,7 @@
 Starting ``torchrun`` per test costs ~10 s; forking the already-imported test process costs
 milliseconds. Usage::
 
-    from tests.distributed import run_distributed
+    from tests.helpers import run_distributed
 
     def body(rank, world_size, scale):
         ...  # parallel_state is initialized here

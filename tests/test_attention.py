@@ -12,11 +12,10 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a @triton.jit mo
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention, s2_block_mask  # noqa: E402
-from megatron_s2 import kernel  # noqa: E402
-from megatron_s2.attention import s2_attention_backward, s2_attention_into  # noqa: E402
-from megatron_s2.reference import s2_attention_reference  # noqa: E402
+from megatron_s2.ops import kernel  # noqa: E402
+from megatron_s2.ops.attention import s2_attention_backward, s2_attention_into  # noqa: E402
+from megatron_s2.ops.reference import s2_attention_reference  # noqa: E402
 
 ATOL = 2e-5  # float32 kernel vs float64 reference, values of order 1
 

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from megatron_s2 import BlockMaskPattern, S2Pattern
-from megatron_s2.context_parallel import (
+from megatron_s2.core.context_parallel import (
     context_parallel_attention,
     dense_context_parallel_attention,
     fused_attention_backend,
     kv_exchange_bytes,
     validate_context_parallel,
 )
-from megatron_s2.reference import s2_attention_reference
-from tests.distributed import run_distributed
+from megatron_s2.ops.reference import s2_attention_reference
+from tests.helpers import run_distributed
 
 BLOCK = 16
 SEQ = 256  # 16 blocks; with CP=2 four chunks of 4 blocks
@@ -185,7 +185,7 @@ def _interpreted_kernel_body(rank, world_size):
 
 def test_cp2_with_interpreted_kernel():
     # TRITON_INTERPRET must be set before torch imports Triton: a fresh interpreter guarantees it.
-    code = ("from tests.distributed import run_distributed; "
+    code = ("from tests.helpers import run_distributed; "
             "from tests.test_context_parallel import _interpreted_kernel_body; "
             "run_distributed(2, _interpreted_kernel_body, cp=2)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

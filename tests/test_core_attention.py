@@ -1,6 +1,6 @@
 """S2CoreAttention and SDPACoreAttention against independent references (CPU, gloo ranks).
 
-Each test body runs in forked ranks (tests/distributed.py) because the modules read Megatron's
+Each test body runs in forked ranks (tests/helpers.py) because the modules read Megatron's
 process groups. References: ``s2_attention_reference`` in float64 on the *full* (TP=1) tensors, the
 S2 mask formula written out here, and plain masked softmax attention for the dense module.
 """
@@ -13,10 +13,10 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_s2.core_attention import S2CoreAttention, SDPACoreAttention
-from megatron_s2.pattern import S2ConfigError, S2Pattern
-from megatron_s2.reference import s2_attention_reference
-from tests.distributed import run_distributed
+from megatron_s2.core.core_attention import S2CoreAttention, SDPACoreAttention
+from megatron_s2.ops.pattern import S2ConfigError, S2Pattern
+from megatron_s2.ops.reference import s2_attention_reference
+from tests.helpers import run_distributed
 
 HEAD_DIM = 16
 TOL = 2e-5  # float32 modules against float64 references
@@ -283,7 +283,7 @@ def test_rejects_what_it_cannot_do():
 
 
 def _backward_mode(rank, world_size):
-    import megatron_s2.core_attention as core_attention
+    import megatron_s2.core.core_attention as core_attention
 
     seen = []
     real = core_attention.s2_attention

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from megatron_s2 import S2Pattern, s2_block_mask
-from megatron_s2.config import S2AttentionConfig
+from megatron_s2.core.config import S2AttentionConfig
 from megatron_s2.hf import convert
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM, masked_attention, s2_token_mask
-from tests.distributed import run_distributed
+from tests.helpers import run_distributed
 
 import tools.convert_from_hf as convert_from_hf  # noqa: E402
 import tools.convert_to_hf as convert_to_hf  # noqa: E402

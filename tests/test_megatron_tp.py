@@ -12,11 +12,11 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_s2.config import S2AttentionConfig
-from megatron_s2.core_attention import S2CoreAttention, SDPACoreAttention
-from megatron_s2.pattern import S2ConfigError
-from megatron_s2.specs import get_s2_gpt_block_spec, stage_layer_indices
-from tests.distributed import run_distributed
+from megatron_s2.core.config import S2AttentionConfig
+from megatron_s2.core.core_attention import S2CoreAttention, SDPACoreAttention
+from megatron_s2.ops.pattern import S2ConfigError
+from megatron_s2.core.specs import get_s2_gpt_block_spec, stage_layer_indices
+from tests.helpers import run_distributed
 
 SEQ, BATCH, VOCAB = 128, 2, 96
 # Block 16, one local block, stride 4: at 128 tokens (8 blocks) every head's stripes matter.

@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import pretrain_gpt_s2  # noqa: E402  (heavy imports happen once, before forking)
 import preprocess_data  # noqa: E402
-from megatron_s2 import checkpoint_layout, flops  # noqa: E402
-from megatron_s2.config import S2AttentionConfig  # noqa: E402
+from megatron_s2.training import checkpoint_layout  # noqa: E402
+from megatron_s2.ops import flops  # noqa: E402
+from megatron_s2.core.config import S2AttentionConfig  # noqa: E402
 
 RUN_TIMEOUT_S = 240
 
@@ -444,7 +445,7 @@ def _pairs_by_formula(block, local, stride, offsets, seq_len):
 
 @pytest.mark.parametrize("seq_len", [96, 100])  # 100: a ragged last block
 def test_sparse_flops_count_the_pairs_the_layout_attends(seq_len):
-    from megatron_s2.pattern import S2Pattern
+    from megatron_s2.ops.pattern import S2Pattern
 
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=1)
     # 4 heterogeneous heads, step max(1, 4 // 4) = 1: offsets 0, 1, 2; the last head is dense.
@@ -457,7 +458,7 @@ def test_sparse_aware_flops_replace_only_the_attention_term():
     from argparse import Namespace
 
     from megatron.training.training import num_floating_point_operations as megatron_flops
-    from megatron_s2.pattern import S2Pattern
+    from megatron_s2.ops.pattern import S2Pattern
 
     args = Namespace(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                      group_query_attention=False, num_query_groups=4, kv_channels=16, seq_length=64,

@@ -10,7 +10,7 @@ import numpy
 import pytest
 import torch
 
-from megatron_s2.data import BYTE_EOD, ByteTokenizer
+from megatron_s2.training.data import BYTE_EOD, ByteTokenizer
 from megatron_s2.eval import corpus, needle
 from megatron_s2.eval.hf_eval import loss_by_position
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig

@@ -44,9 +44,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
-from megatron_s2 import context_parallel  # noqa: E402
-from megatron_s2.context_parallel import (  # noqa: E402
-    EXCHANGES,
+from megatron_s2.core import context_parallel  # noqa: E402
+from megatron_s2.core.context_parallel import (  # noqa: E402
+    CP_EXCHANGES,
     context_parallel_attention,
     dense_context_parallel_attention,
     dense_pattern,
@@ -54,7 +54,7 @@ from megatron_s2.context_parallel import (  # noqa: E402
     kv_exchange_bytes,
     make_exchange,
 )
-from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
+from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--vert-stride", type=int, default=16)
     parser.add_argument("--head-pattern", default="heterogeneous")
     parser.add_argument("--layers", nargs="+", default=["s2", "dense"], choices=["s2", "dense"])
-    parser.add_argument("--exchanges", nargs="+", default=list(EXCHANGES), choices=EXCHANGES,
+    parser.add_argument("--exchanges", nargs="+", default=list(CP_EXCHANGES), choices=CP_EXCHANGES,
                         help="S2 layers' exchanges (dense layers always all-gather)")
     parser.add_argument("--overlap", nargs="+", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--warmup", type=int, default=3)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_s2.config import S2AttentionConfig  # noqa: E402
+from megatron_s2.core.config import S2AttentionConfig  # noqa: E402
 from megatron_s2.hf import convert  # noqa: E402
 
 

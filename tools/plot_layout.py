@@ -34,10 +34,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-
 from megatron_s2 import S2Pattern, s2_block_mask  # noqa: E402
-from megatron_s2.config import S2AttentionConfig, split_config_file  # noqa: E402
-from megatron_s2.pattern import HEAD_PATTERNS, S2ConfigError  # noqa: E402
+from megatron_s2.core.config import S2AttentionConfig, split_config_file  # noqa: E402
+from megatron_s2.ops.pattern import HEAD_PATTERNS, S2ConfigError  # noqa: E402
 
 PRESETS = ("phi3_small", "dkernel", "window")
 # Pattern options: command-line flag -> S2Pattern field. Unset (None) ones keep the preset's values.

@@ -13,7 +13,7 @@ What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed c
 - tensor-descriptor (TMA) against pointer loads in the forward (``kernel.TMA_LOADS``);
 - 64-row against 128-row query and key tiles, and at head dim 64 every forward config at 64 rows.
 Each stage prints its variants with the winner marked; a summary of the winners comes last, with
-what to change in ``megatron_s2/kernel.py``, then the registers and spills (ptxas) of each kernel's
+what to change in ``megatron_s2/ops/kernel.py``, then the registers and spills (ptxas) of each kernel's
 default config. Stops starting new variants after ``--max-minutes`` (6.5: the whole run stays
 under 8 minutes).
 """
@@ -32,11 +32,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 os.environ["S2_AUTOTUNE"] = "0"  # the launcher's first config, so each variant runs what it names
 
 import torch  # noqa: E402
-
 from megatron_s2 import S2Pattern  # noqa: E402
-from megatron_s2 import kernel  # noqa: E402
-from megatron_s2.attention import _kernel_problem  # noqa: E402
-from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
+from megatron_s2.ops import kernel  # noqa: E402
+from megatron_s2.ops.attention import _kernel_problem  # noqa: E402
+from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
 
 DEVICE = "cuda"
 

@@ -26,12 +26,12 @@ import difflib
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .pattern import BlockMaskPattern, S2ConfigError, S2CoverageError, S2Pattern
+from ..ops.pattern import BlockMaskPattern, S2ConfigError, S2CoverageError, S2Pattern
+from .context_parallel import CP_EXCHANGES, validate_context_parallel
 
 FORMAT_VERSION = 1
 PATTERN_KEYS = tuple(f.name for f in dataclasses.fields(S2Pattern))
 PRESETS = ("dkernel", "phi3_small")
-CP_EXCHANGES = ("allgather", "s2")
 # A window layer is an S2 layer without stripes (vert_stride 0): the sliding-window control.
 LAYER_TYPES = {"dense": "dense", "d": "dense", "s2": "s2", "s": "s2", "sparse": "s2", "window": "window",
                "w": "window"}
@@ -300,8 +300,6 @@ class S2AttentionConfig:
                 raise _fail(f"{key}.num_dense_heads", pattern.num_dense_heads, str(err),
                             f"use at most {num_attention_heads} dense heads") from None
             if cp > 1 and seq_length is not None:
-                from .context_parallel import validate_context_parallel
-
                 try:
                     validate_context_parallel(seq_length, cp, pattern.block_size)
                 except S2ConfigError as err:  # its message already says how to fix it

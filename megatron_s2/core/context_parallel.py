@@ -42,13 +42,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend
 
-from .attention import s2_attention, s2_attention_backward, s2_attention_into
-from .config import CP_EXCHANGES
-from .layout import Pattern, s2_block_mask
-from .pattern import S2ConfigError, S2Pattern, check_head_counts
-from .reference import merge_by_lse
+from ..ops.attention import s2_attention, s2_attention_backward, s2_attention_into
+from ..ops.layout import Pattern, s2_block_mask
+from ..ops.pattern import S2ConfigError, S2Pattern, check_head_counts
+from ..ops.reference import merge_by_lse
 
-EXCHANGES = CP_EXCHANGES
+# The key exchanges between CP ranks (docs/context_parallel.md); config.py validates against these.
+CP_EXCHANGES = ("allgather", "s2")
 # Whether each exchange hides its communication behind the chunks' attention to their own keys by
 # default: that splits each chunk's attention into two kernel calls, which pays where the exchange
 # moves a lot (all-gather) and costs more than it hides where it moves little (S2). BENCHMARKS.md.
@@ -81,8 +81,8 @@ def validate_context_parallel(seq_len: int, cp_size: int, block_size: int) -> No
 
 
 def _check_exchange(exchange: str) -> None:
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if exchange not in CP_EXCHANGES:
+        raise ValueError(f"exchange must be one of {CP_EXCHANGES}, got {exchange!r}")
 
 
 def chunks_of_rank(cp_rank: int, cp_size: int) -> tuple:

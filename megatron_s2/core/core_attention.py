@@ -25,10 +25,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from .attention import s2_attention
-from .config import CP_EXCHANGES
-from .context_parallel import context_parallel_attention, dense_context_parallel_attention
-from .pattern import S2ConfigError, S2Pattern
+from ..ops.attention import s2_attention
+from .context_parallel import CP_EXCHANGES, context_parallel_attention, dense_context_parallel_attention
+from ..ops.pattern import S2ConfigError, S2Pattern
 
 # With THD input Megatron (and TE) describe causal attention as ``padding_causal``.
 _CAUSAL_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)

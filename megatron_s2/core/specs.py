@@ -4,8 +4,8 @@ Built on Megatron's own layer specs (the Transformer Engine spec when TE is impo
 spec otherwise); only ``self_attention.submodules.core_attention`` changes, so every other Megatron
 feature (fused norms, MoE layers, recomputation, pipeline layouts, checkpoint keys) is untouched:
 
-    from megatron_s2.config import S2AttentionConfig
-    from megatron_s2.specs import get_s2_gpt_block_spec
+    from megatron_s2.core.config import S2AttentionConfig
+    from megatron_s2.core.specs import get_s2_gpt_block_spec
 
     s2 = S2AttentionConfig.from_yaml("s2.yaml", num_layers=config.num_layers,
                                      num_attention_heads=config.num_attention_heads)
@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from .config import S2AttentionConfig
 from .core_attention import S2CoreAttention, SDPACoreAttention
-from .pattern import S2ConfigError
+from ..ops.pattern import S2ConfigError
 
 
 def get_s2_gpt_block_spec(

@@ -28,8 +28,8 @@ from unittest import mock
 
 import torch
 
-from .. import checkpoint_layout
-from ..config import S2AttentionConfig
+from ..training import checkpoint_layout
+from ..core.config import S2AttentionConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -226,7 +226,7 @@ def build_gpt_model(args: Namespace, s2_config: S2AttentionConfig, tensor_parall
     """A PP=1 GPTModel with the project's per-layer spec (needs Megatron's parallel state at that TP)."""
     from megatron.core.models.gpt import GPTModel
 
-    from ..specs import get_s2_gpt_block_spec
+    from ..core.specs import get_s2_gpt_block_spec
 
     config = transformer_config(args, tensor_parallel)
     return GPTModel(
@@ -247,7 +247,7 @@ def cpu_without_cuda():
     """On a machine without CUDA, turn the two CUDA calls that checkpoint saving and RoPE make
     (``synchronize``, ``current_device``) into CPU no-ops, for the duration of the block only.
 
-    Not ``megatron_s2.cpu_compat``: that layer is for ``megatron.training`` and changes the whole
+    Not ``megatron_s2.training.cpu_compat``: that layer is for ``megatron.training`` and changes the whole
     process for good (a torch function mode on every call, torch.cuda replaced); the conversion
     functions are library calls and must leave the caller's process as they found it."""
     if torch.cuda.is_available():

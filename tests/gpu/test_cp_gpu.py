@@ -25,14 +25,13 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
 from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
-from megatron_s2.context_parallel import (  # noqa: E402
+from megatron_s2.core.context_parallel import (  # noqa: E402
     context_parallel_attention,
     dense_context_parallel_attention,
     fused_attention_backend,
 )
-from megatron_s2.reference import s2_attention_reference  # noqa: E402
+from megatron_s2.ops.reference import s2_attention_reference  # noqa: E402
 
 CP = 2
 # (name, seq, pattern, global q heads, global kv heads, head_start, local q heads, local kv heads,

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("megatron.core")
 
-from megatron_s2.config import S2AttentionConfig  # noqa: E402
+from megatron_s2.core.config import S2AttentionConfig  # noqa: E402
 from megatron_s2.hf import convert  # noqa: E402
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig  # noqa: E402
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM  # noqa: E402

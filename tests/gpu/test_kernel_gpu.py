@@ -8,9 +8,10 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from megatron_s2 import S2Pattern, kernel, s2_attention  # noqa: E402
-from megatron_s2.attention import s2_attention_backward, s2_attention_into  # noqa: E402
-from megatron_s2.reference import s2_attention_reference  # noqa: E402
+from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
+from megatron_s2.ops import kernel  # noqa: E402
+from megatron_s2.ops.attention import s2_attention_backward, s2_attention_into  # noqa: E402
+from megatron_s2.ops.reference import s2_attention_reference  # noqa: E402
 
 DEVICE = "cuda"
 # ||kernel - ref|| / ||ref|| with bf16/fp16 inputs and fp32 accumulation; gradients see one more
