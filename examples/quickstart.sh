@@ -3,7 +3,7 @@
 #
 #   bash examples/quickstart.sh
 #
-# 1. creates .venv (Python 3.12) and installs requirements.txt (examples/setup_env.sh);
+# 1. creates .venv (Python 3.12), installs requirements.txt and this package (examples/setup_env.sh);
 # 2. turns Python's bundled documentation into a byte-level Megatron dataset (offline);
 # 3. trains configs/quickstart.yaml (4 layers: 1 dense + 3 S2) on one GPU, or on the CPU when there
 #    is none (slow: a few minutes, through megatron_s2.training.cpu_compat), and saves a checkpoint;
@@ -12,7 +12,7 @@
 # Environment: ITERS (training steps; default 1000 on a GPU, 150 on CPU), VENV (default .venv),
 # RUN_DIR (checkpoint and logs; default checkpoints/quickstart), DATA (dataset prefix; default
 # data/python_docs, made here if missing), SAMPLE_TOKENS (default 300), SKIP_INSTALL=1 to use the
-# current Python as it is.
+# current Python as it is (megatron_s2 installed there: `pip install -e .`, or on PYTHONPATH).
 #
 # A new run trains into a folder beside RUN_DIR and replaces an earlier quickstart's RUN_DIR only
 # once its training has succeeded: a run that fails keeps the earlier checkpoint.

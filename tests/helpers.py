@@ -1,7 +1,9 @@
-"""Run a function on several forked CPU ranks over gloo, with Megatron's parallel state set up.
+"""What several test files share: a free port, the one fork harness, the subprocess environment of
+the scripts, and the tiny Megatron model the TP tests (CPU and GPU) build.
 
-Starting ``torchrun`` per test costs ~10 s; forking the already-imported test process costs
-milliseconds. Usage::
+``run_distributed`` runs a function on several forked CPU ranks over gloo, with Megatron's parallel
+state set up. Starting ``torchrun`` per test costs ~10 s; forking the already-imported test process
+costs milliseconds. Usage::
 
     from tests.helpers import run_distributed
 
@@ -21,17 +23,72 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import socket
+import sys
 import tempfile
 import time
 import traceback
 from typing import Any, Callable
 
+import pytest
 import torch
-from megatron.core import parallel_state  # imported here so that forked ranks inherit it
-from megatron.core.tensor_parallel import random as tp_random
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TIMEOUT_S = 120.0
 FAILURE_GRACE_S = 3.0
+
+# The CPU kernel tests need Triton's interpreter; tests/conftest.py decides whether it is on.
+needs_triton_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU kernel tests run in Triton's interpreter (on by default without CUDA; TRITON_INTERPRET=1)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def script_environment(**overrides) -> dict:
+    """Environment for running this checkout's scripts in a subprocess: this test's Python first on
+    PATH (the shell scripts call `python`), this checkout importable (installed or not), one thread,
+    CPU mode."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+               MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+    env.update(overrides)
+    return env
+
+
+# -- fork harness ----------------------------------------------------------------------------------
+
+
+def fork_ranks(world_size: int, target: Callable, rank_args: Callable[[int], tuple], *, daemon: bool) -> list:
+    """Start ``target(*rank_args(rank))`` in one forked process per rank. The parent's copy of a pipe
+    end handed to a rank is closed once that rank has started, before the next rank forks, so no
+    other process holds it: a rank that dies is seen as end-of-file at once."""
+    context = multiprocessing.get_context("fork")
+    processes = []
+    for rank in range(world_size):
+        args = rank_args(rank)
+        process = context.Process(target=target, args=args, daemon=daemon)
+        process.start()
+        for arg in args:
+            if isinstance(arg, multiprocessing.connection.Connection):
+                arg.close()
+        processes.append(process)
+    return processes
+
+
+def join_or_kill(processes: list, timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` in all for the processes to end; kill those still running."""
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 class RankError(RuntimeError):
@@ -39,6 +96,9 @@ class RankError(RuntimeError):
 
 
 def _rank_main(rank, world_size, store_path, parallel_sizes, fn, args, kwargs, conn):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as tp_random
+
     try:
         # Two ranks on a small shared machine: one thread each avoids oversubscription.
         torch.set_num_threads(1)
@@ -93,29 +153,22 @@ def run_distributed(
     """
     if world_size % (tp * pp * cp):
         raise ValueError(f"tp*pp*cp = {tp * pp * cp} does not divide world_size = {world_size}")
-    context = multiprocessing.get_context("fork")
+    import megatron.core.parallel_state  # noqa: F401  (imported once here, inherited by the ranks)
+
     with tempfile.TemporaryDirectory(prefix="megatron_s2_dist_") as tmp:
         store_path = os.path.join(tmp, "store")
-        processes, connections = [], []
-        for rank in range(world_size):
-            parent_end, child_end = context.Pipe(duplex=False)
-            process = context.Process(
-                target=_rank_main,
-                args=(rank, world_size, store_path, (tp, pp, cp), fn, args, kwargs, child_end),
-                daemon=True,
-            )
-            process.start()
-            child_end.close()
-            processes.append(process)
+        connections = []
+
+        def rank_args(rank):
+            parent_end, child_end = multiprocessing.Pipe(duplex=False)
             connections.append(parent_end)
+            return (rank, world_size, store_path, (tp, pp, cp), fn, args, kwargs, child_end)
+
+        processes = fork_ranks(world_size, _rank_main, rank_args, daemon=True)
         try:
             outcomes, arrival = _collect(connections, timeout_s)
         finally:
-            for process in processes:
-                process.join(timeout=2)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+            join_or_kill(processes, FAILURE_GRACE_S)
     errors = [(rank, outcomes[rank][1]) for rank in arrival if outcomes[rank][0] == "error"]
     if errors:
         # The first failure to arrive is the cause; later ones are usually its peers' broken pipes.
@@ -150,3 +203,75 @@ def _collect(connections, timeout_s: float) -> list:
                 if outcomes[rank][0] == "error":
                     deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
     return [o if o is not None else ("skipped", None) for o in outcomes], arrival
+
+
+# -- a tiny GPT model for the tensor-parallel tests (CPU and GPU) ----------------------------------
+
+SEQ, BATCH, VOCAB = 128, 2, 96
+# Block 16, one local block, stride 4: at 128 tokens (8 blocks) every head's stripes matter.
+S2_DEFAULTS = {"block_size": 16, "local_blocks": 1, "vert_stride": 4}
+
+
+def tiny_config(tp=1, heads=4, groups=None, num_layers=4, dtype=torch.float32, head_dim=16, **kw):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kw.setdefault("use_cpu_initialization", True)
+    kw.setdefault("attention_dropout", 0.0)
+    return TransformerConfig(
+        num_layers=num_layers, hidden_size=head_dim * heads, num_attention_heads=heads,
+        num_query_groups=groups or heads, ffn_hidden_size=2 * head_dim * heads,
+        hidden_dropout=0.0, tensor_model_parallel_size=tp,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, **kw,
+    )
+
+
+def build_gpt(config, s2_dict, seed=1234, seq=SEQ, **spec_kw):
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_s2.core.config import S2AttentionConfig
+    from megatron_s2.core.specs import get_s2_gpt_block_spec
+
+    s2 = S2AttentionConfig.from_dict(s2_dict, num_layers=config.num_layers,
+                                     num_attention_heads=config.num_attention_heads)
+    torch.manual_seed(seed)
+    spec = get_s2_gpt_block_spec(config, s2, seq_length=seq, **spec_kw)
+    # Learned positions: Megatron's RoPE places its tables on 'cuda', which forked CPU ranks lack.
+    return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=seq,
+                    position_embedding_type="learned_absolute")
+
+
+def batch(device="cpu", seq=SEQ):
+    g = torch.Generator().manual_seed(99)
+    tokens = torch.randint(0, VOCAB, (BATCH, seq + 1), generator=g)
+    positions = torch.arange(seq)[None].expand(BATCH, -1)
+    return tokens[:, :-1].to(device), positions.to(device), tokens[:, 1:].to(device)
+
+
+def gathered_grads(model):
+    """Every parameter's full gradient, TP shards concatenated along their partition dim."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad.detach().float()
+        if tp > 1 and getattr(param, "tensor_model_parallel", False):
+            parts = [torch.empty_like(grad) for _ in range(tp)]
+            torch.distributed.all_gather(parts, grad.contiguous(), group=group)
+            grad = torch.cat(parts, dim=param.partition_dim)
+        grads[name] = grad.cpu()
+    return grads
+
+
+def loss_and_grads(config, s2_dict, device="cpu", seq=SEQ):
+    from megatron.core.transformer.module import Float16Module
+
+    gpt = build_gpt(config, s2_dict, seq=seq)
+    # Half-precision models run inside Float16Module, as in Megatron's training loop.
+    model = (Float16Module(config, gpt) if config.bf16 or config.fp16 else gpt).to(device)
+    tokens, positions, labels = batch(device, seq)
+    loss = model(tokens, positions, None, labels=labels).float().mean()
+    loss.backward()
+    kinds = [type(layer.self_attention.core_attention).__name__ for layer in gpt.decoder.layers]
+    return loss.item(), gathered_grads(model), kinds

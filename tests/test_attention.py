@@ -6,16 +6,15 @@ and output gradients (of ``out`` and of ``lse``) are fresh random draws for ever
 run a backward take the ``backward_mode`` fixture: they run in the fast and the deterministic mode.
 """
 
-import os
+import pytest
+import torch
+from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention, s2_block_mask
+from megatron_s2.ops import kernel
+from megatron_s2.ops.attention import s2_attention_backward, s2_attention_into
+from megatron_s2.ops.reference import s2_attention_reference
+from tests.helpers import needs_triton_interpreter
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a @triton.jit module
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention, s2_block_mask  # noqa: E402
-from megatron_s2.ops import kernel  # noqa: E402
-from megatron_s2.ops.attention import s2_attention_backward, s2_attention_into  # noqa: E402
-from megatron_s2.ops.reference import s2_attention_reference  # noqa: E402
+pytestmark = needs_triton_interpreter
 
 ATOL = 2e-5  # float32 kernel vs float64 reference, values of order 1
 

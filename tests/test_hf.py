@@ -20,8 +20,8 @@ from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM, masked_attention, s2_token_mask
 from tests.helpers import run_distributed
 
-import tools.convert_from_hf as convert_from_hf  # noqa: E402
-import tools.convert_to_hf as convert_to_hf  # noqa: E402
+import tools.convert_from_hf as convert_from_hf
+import tools.convert_to_hf as convert_to_hf
 
 SEQ = 96
 

@@ -8,74 +8,12 @@ every TP size starts from the same model; dropout is 0, so losses and gradients 
 import pytest
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_s2.core.config import S2AttentionConfig
 from megatron_s2.core.core_attention import S2CoreAttention, SDPACoreAttention
 from megatron_s2.ops.pattern import S2ConfigError
 from megatron_s2.core.specs import get_s2_gpt_block_spec, stage_layer_indices
-from tests.helpers import run_distributed
-
-SEQ, BATCH, VOCAB = 128, 2, 96
-# Block 16, one local block, stride 4: at 128 tokens (8 blocks) every head's stripes matter.
-S2_DEFAULTS = {"block_size": 16, "local_blocks": 1, "vert_stride": 4}
-
-
-def tiny_config(tp=1, heads=4, groups=None, num_layers=4, dtype=torch.float32, head_dim=16, **kw):
-    kw.setdefault("use_cpu_initialization", True)
-    kw.setdefault("attention_dropout", 0.0)
-    return TransformerConfig(
-        num_layers=num_layers, hidden_size=head_dim * heads, num_attention_heads=heads,
-        num_query_groups=groups or heads, ffn_hidden_size=2 * head_dim * heads,
-        hidden_dropout=0.0, tensor_model_parallel_size=tp,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, **kw,
-    )
-
-
-def build_gpt(config, s2_dict, seed=1234, seq=SEQ, **spec_kw):
-    s2 = S2AttentionConfig.from_dict(s2_dict, num_layers=config.num_layers,
-                                     num_attention_heads=config.num_attention_heads)
-    torch.manual_seed(seed)
-    spec = get_s2_gpt_block_spec(config, s2, seq_length=seq, **spec_kw)
-    # Learned positions: Megatron's RoPE places its tables on 'cuda', which forked CPU ranks lack.
-    return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=seq,
-                    position_embedding_type="learned_absolute")
-
-
-def batch(device="cpu", seq=SEQ):
-    g = torch.Generator().manual_seed(99)
-    tokens = torch.randint(0, VOCAB, (BATCH, seq + 1), generator=g)
-    positions = torch.arange(seq)[None].expand(BATCH, -1)
-    return tokens[:, :-1].to(device), positions.to(device), tokens[:, 1:].to(device)
-
-
-def gathered_grads(model):
-    """Every parameter's full gradient, TP shards concatenated along their partition dim."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    grads = {}
-    for name, param in model.named_parameters():
-        grad = param.grad.detach().float()
-        if tp > 1 and getattr(param, "tensor_model_parallel", False):
-            parts = [torch.empty_like(grad) for _ in range(tp)]
-            torch.distributed.all_gather(parts, grad.contiguous(), group=group)
-            grad = torch.cat(parts, dim=param.partition_dim)
-        grads[name] = grad.cpu()
-    return grads
-
-
-def loss_and_grads(config, s2_dict, device="cpu", seq=SEQ):
-    gpt = build_gpt(config, s2_dict, seq=seq)
-    # Half-precision models run inside Float16Module, as in Megatron's training loop.
-    model = (Float16Module(config, gpt) if config.bf16 or config.fp16 else gpt).to(device)
-    tokens, positions, labels = batch(device, seq)
-    loss = model(tokens, positions, None, labels=labels).float().mean()
-    loss.backward()
-    kinds = [type(layer.self_attention.core_attention).__name__ for layer in gpt.decoder.layers]
-    return loss.item(), gathered_grads(model), kinds
-
+from tests.helpers import S2_DEFAULTS, batch, build_gpt, loss_and_grads, run_distributed, tiny_config
 
 def _tp_run(rank, world_size, heads, groups, s2_dict):
     tp = parallel_state.get_tensor_model_parallel_world_size()

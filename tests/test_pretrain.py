@@ -12,10 +12,8 @@ tools/preprocess_data.py.
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,15 +22,12 @@ import time
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import pretrain_gpt_s2  # noqa: E402  (heavy imports happen once, before forking)
-import preprocess_data  # noqa: E402
-from megatron_s2.training import checkpoint_layout  # noqa: E402
-from megatron_s2.ops import flops  # noqa: E402
-from megatron_s2.core.config import S2AttentionConfig  # noqa: E402
+import pretrain_gpt_s2  # heavy imports happen once, before forking
+import tools.preprocess_data as preprocess_data
+from megatron_s2.core.config import S2AttentionConfig
+from megatron_s2.training import checkpoint_layout
+from megatron_s2.training.progress import read_progress
+from tests.helpers import ROOT, fork_ranks, free_port, join_or_kill, script_environment
 
 RUN_TIMEOUT_S = 240
 
@@ -89,12 +84,6 @@ def workdir(tmp_path_factory):
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str, prepare=None) -> None:
     """Child process: one rank of `torchrun pretrain_gpt_s2.py argv`, output into log_path.
 
@@ -131,7 +120,7 @@ class Run:
 
     @property
     def losses(self) -> dict:
-        return {it: fields["loss"] for it, fields in pretrain_gpt_s2.read_progress(self.last_log).items()}
+        return {it: fields["loss"] for it, fields in read_progress(self.last_log).items()}
 
     def check_ok(self) -> "Run":
         assert self.codes == [0] * len(self.codes), f"exit codes {self.codes}; last log:\n{self.last_log[-4000:]}"
@@ -141,24 +130,16 @@ class Run:
 def start(workdir, name: str, argv: list, world_size: int = 1, prepare=None) -> tuple:
     """Fork the ranks of one run; returns (processes, log paths)."""
     argv = ["--s2-config", str(workdir / "s2.yaml"), "--data-path", str(workdir / "data")] + argv
-    port = _free_port()
-    context = multiprocessing.get_context("fork")
+    port = free_port()
     paths = [str(workdir / f"{name}.rank{r}.log") for r in range(world_size)]
-    processes = [context.Process(target=_rank_main, args=(r, world_size, port, argv, paths[r], prepare))
-                 for r in range(world_size)]
-    for process in processes:
-        process.start()
+    # Not daemonic: a rank starts processes of its own (Megatron's helpers, data loader workers).
+    processes = fork_ranks(world_size, _rank_main, lambda r: (r, world_size, port, argv, paths[r], prepare),
+                           daemon=False)
     return processes, paths
 
 
 def finish(processes: list, paths: list, timeout_s: float = RUN_TIMEOUT_S) -> Run:
-    deadline = time.monotonic() + timeout_s
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
+    join_or_kill(processes, timeout_s)
     logs = []
     for path in paths:
         with open(path, errors="replace") as f:
@@ -220,9 +201,7 @@ def test_train_multi_node_sh_on_two_local_nodes_equals_one_node(workdir, tp1_run
     # examples/train_multi_node.sh as a user runs it on two machines: one invocation per node with
     # its NODE_RANK, here both on this machine with the rendezvous on the loopback address. One rank
     # per node: data parallel over the two nodes, each one of the micro-batches TP=1 accumulates.
-    env = dict(os.environ, NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GPUS_PER_NODE="1",
-               MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="0",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env = script_environment(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPUS_PER_NODE="1")
     command = ["bash", os.path.join(ROOT, "examples", "train_multi_node.sh"), str(workdir / "s2.yaml"),
                "--data-path", str(workdir / "data"), "--train-iters", "4"]
     logs = [workdir / f"node{node}.log" for node in (0, 1)]
@@ -240,7 +219,7 @@ def test_train_multi_node_sh_on_two_local_nodes_equals_one_node(workdir, tp1_run
     texts = [log.read_text(errors="replace") for log in logs]
     assert codes == [0, 0], (codes, texts[0][-3000:], texts[1][-3000:])
     assert "data-parallel size: 2" in texts[0]
-    losses = pretrain_gpt_s2.read_progress(texts[1])  # the last rank (node 1) prints them
+    losses = read_progress(texts[1])  # the last rank (node 1) prints them
     assert sorted(losses) == [1, 2, 3, 4]
     for iteration, loss in tp1_run.losses.items():
         assert float(losses[iteration]["loss"]) == pytest.approx(float(loss), rel=2e-6, abs=0), iteration
@@ -289,7 +268,7 @@ def test_resume_with_other_s2_layout_is_refused_unless_allowed(workdir):
     assert "layer 1: s2 (block_size=16, local_blocks=2, vert_stride=4" in refused.last_log
     assert ") -> dense\n" in refused.last_log and "layer 2" not in refused.last_log
     assert "--allow-s2-layout-change" in refused.last_log
-    assert not pretrain_gpt_s2.read_progress(refused.last_log)
+    assert not read_progress(refused.last_log)
     assert "------------------------ arguments" not in refused.last_log
     allowed = launch(workdir, "layout_allowed", ["--train-iters", "2", "--load", save,
                                                  "--s2-override", "layers=DDSS",

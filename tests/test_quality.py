@@ -2,7 +2,6 @@
 pipeline of tools/quality_run.py end to end (CPU)."""
 
 import json
-import os
 import random
 import re
 

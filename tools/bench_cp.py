@@ -34,18 +34,16 @@ import functools
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
-from megatron_s2.core import context_parallel  # noqa: E402
-from megatron_s2.core.context_parallel import (  # noqa: E402
+from megatron_s2 import S2Pattern, s2_attention
+from megatron_s2.core import context_parallel
+from megatron_s2.core.context_parallel import (
     CP_EXCHANGES,
     context_parallel_attention,
     dense_context_parallel_attention,
@@ -54,7 +52,7 @@ from megatron_s2.core.context_parallel import (  # noqa: E402
     kv_exchange_bytes,
     make_exchange,
 )
-from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
+from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs
 
 
 def parse_args(argv=None):

@@ -18,14 +18,12 @@ import argparse
 import glob
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_s2.core.config import S2AttentionConfig  # noqa: E402
-from megatron_s2.hf import convert  # noqa: E402
+from megatron_s2.core.config import S2AttentionConfig
+from megatron_s2.hf import convert
 
 
 def parse_args(argv=None):

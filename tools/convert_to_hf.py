@@ -16,13 +16,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_s2.hf import convert  # noqa: E402
+from megatron_s2.hf import convert
 
 HF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_s2", "hf")
 REMOTE_CODE_FILES = ("configuration_s2_llama.py", "modeling_s2_llama.py", "token_masks.py", "s2_kv_cache.py",

@@ -25,17 +25,15 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ["S2_AUTOTUNE"] = "0"  # the launcher's first config, so each variant runs what it names
 
-import torch  # noqa: E402
-from megatron_s2 import S2Pattern  # noqa: E402
-from megatron_s2.ops import kernel  # noqa: E402
-from megatron_s2.ops.attention import _kernel_problem  # noqa: E402
-from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
+import torch
+from megatron_s2 import S2Pattern
+from megatron_s2.ops import kernel
+from megatron_s2.ops.attention import _kernel_problem
+from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs
 
 DEVICE = "cuda"
 

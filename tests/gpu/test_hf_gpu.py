@@ -9,21 +9,19 @@ pure-PyTorch path): the HF bf16 error must be of the size of Megatron's own bf16
 """
 
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("megatron.core")
 
-from megatron_s2.core.config import S2AttentionConfig  # noqa: E402
-from megatron_s2.hf import convert  # noqa: E402
-from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig  # noqa: E402
-from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM  # noqa: E402
-from tools import convert_from_hf, convert_to_hf  # noqa: E402
+from megatron_s2.core.config import S2AttentionConfig
+from megatron_s2.hf import convert
+from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
+from tools import convert_from_hf, convert_to_hf
 
 SEQ, VOCAB, HEADS, KV_HEADS = 2048, 1000, 8, 2
 S2 = {"layers": "SDSS", "defaults": {"block_size": 64, "local_blocks": 4, "vert_stride": 8}}
