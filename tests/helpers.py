@@ -19,6 +19,7 @@ function must be picklable only in its results (it is inherited through ``fork``
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -203,6 +204,139 @@ def _collect(connections, timeout_s: float) -> list:
                 if outcomes[rank][0] == "error":
                     deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
     return [o if o is not None else ("skipped", None) for o in outcomes], arrival
+
+
+# -- training runs of pretrain_gpt_s2.py in forked ranks ------------------------------------------
+#
+# Each run forks the already-imported test process once per rank (torchrun would cost ~10 s of
+# imports per run) and calls the script's entry, ``pretrain_gpt_s2.cli(main)``, with the usual
+# RANK/WORLD_SIZE/MASTER_* variables; the rank then ends as the script's process would.
+
+RUN_TIMEOUT_S = 240
+
+S2_YAML = """\
+megatron:
+  num-layers: 4
+  hidden-size: 64
+  ffn-hidden-size: 128
+  num-attention-heads: 4
+  seq-length: 128
+  max-position-embeddings: 128
+  position-embedding-type: rope
+  normalization: RMSNorm
+  swiglu: true
+  disable-bias-linear: true
+  untie-embeddings-and-output-weights: true
+  transformer-impl: local
+  no-rope-fusion: true
+  no-persist-layer-norm: true
+  no-gradient-accumulation-fusion: true
+  no-masked-softmax-fusion: true
+  attention-dropout: 0.0
+  hidden-dropout: 0.0
+  no-create-attention-mask-in-dataloader: true
+  tokenizer-type: NullTokenizer
+  vocab-size: 257
+  make-vocab-size-divisible-by: 256   # same padded vocabulary at TP=1 and TP=2
+  split: "98,2,0"
+  micro-batch-size: 2
+  global-batch-size: 4
+  lr: 3.0e-3
+  min-lr: 3.0e-4
+  lr-decay-style: cosine
+  lr-warmup-iters: 1
+  seed: 1234
+  log-interval: 1
+  eval-interval: 1000
+  eval-iters: 1
+  num-workers: 0
+s2:
+  layers: DSSS
+  defaults: {block_size: 16, local_blocks: 2, vert_stride: 4}
+"""
+
+
+def training_workdir(root, documents: int):
+    """``root`` with the tiny model's config (s2.yaml) and a dataset ``data`` of ``documents``
+    documents of real text (Python's bundled docs, small enough to index instantly)."""
+    import tools.preprocess_data as preprocess_data
+
+    (root / "s2.yaml").write_text(S2_YAML)
+    text = root / "corpus.txt"
+    text.write_text("\n\n".join(list(preprocess_data.default_corpus())[:documents]))
+    preprocess_data.main(["--input", str(text), "--line-documents", "--output-prefix", str(root / "data")])
+    return root
+
+
+def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str, prepare=None) -> None:
+    """Child process: one rank of `torchrun pretrain_gpt_s2.py argv`, output into log_path.
+
+    ``prepare(rank)``, if given, runs first (tests use it to inject a fault into this rank only).
+    """
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    # pytest replaces sys.stdout/err with its capture objects; print to the log file instead.
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+    sys.argv = ["pretrain_gpt_s2.py"] + argv
+    # Temporary files (multiprocessing's pymp-* folders) of this rank and of the helpers it starts
+    # go beside the log, not into /tmp: a helper that has to be killed leaves its folder behind.
+    os.environ["TMPDIR"] = tempfile.tempdir = os.path.dirname(log_path)
+    # TRITON_INTERPRET=0: S2 layers take the dense-masked reference path on CPU (same layouts,
+    # same head sharding), ~10x faster than the Triton interpreter; the kernel's own numerics are
+    # tested against that reference in the kernel tests.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+    torch.set_num_threads(1)
+    if prepare is not None:
+        prepare(rank)
+    # The script's own entry. Whatever it lets through (an exit code, an exception) goes on to
+    # multiprocessing, which ends this process as the interpreter would end the script: it prints
+    # the exception, then runs the exit handler that terminates and joins the child processes.
+    import pretrain_gpt_s2
+
+    pretrain_gpt_s2.cli(functools.partial(pretrain_gpt_s2.main, argv))
+
+
+class Run:
+    def __init__(self, codes: list, logs: list):
+        self.codes, self.logs = codes, logs
+        self.last_log = logs[-1]  # Megatron prints losses on the last rank
+
+    @property
+    def losses(self) -> dict:
+        from megatron_s2.training.progress import read_progress
+
+        return {it: fields["loss"] for it, fields in read_progress(self.last_log).items()}
+
+    def check_ok(self) -> "Run":
+        assert self.codes == [0] * len(self.codes), f"exit codes {self.codes}; last log:\n{self.last_log[-4000:]}"
+        return self
+
+
+def start(workdir, name: str, argv: list, world_size: int = 1, prepare=None) -> tuple:
+    """Fork the ranks of one run; returns (processes, log paths)."""
+    argv = ["--s2-config", str(workdir / "s2.yaml"), "--data-path", str(workdir / "data")] + argv
+    port = free_port()
+    paths = [str(workdir / f"{name}.rank{r}.log") for r in range(world_size)]
+    # Not daemonic: a rank starts processes of its own (Megatron's helpers, data loader workers).
+    processes = fork_ranks(world_size, _rank_main, lambda r: (r, world_size, port, argv, paths[r], prepare),
+                           daemon=False)
+    return processes, paths
+
+
+def finish(processes: list, paths: list, timeout_s: float = RUN_TIMEOUT_S) -> Run:
+    join_or_kill(processes, timeout_s)
+    logs = []
+    for path in paths:
+        with open(path, errors="replace") as f:
+            logs.append(f.read())
+    return Run([p.exitcode for p in processes], logs)
+
+
+def launch(workdir, name: str, argv: list, world_size: int = 1) -> Run:
+    return finish(*start(workdir, name, argv, world_size))
 
 
 # -- a tiny GPT model for the tensor-parallel tests (CPU and GPU) ----------------------------------

@@ -23,7 +23,9 @@ from megatron_s2.core.context_parallel import (
     validate_context_parallel,
 )
 from megatron_s2.ops.reference import s2_attention_reference
-from tests.helpers import run_distributed
+from tests.helpers import ROOT, run_distributed
+
+pytestmark = pytest.mark.distributed
 
 BLOCK = 16
 SEQ = 256  # 16 blocks; with CP=2 four chunks of 4 blocks
@@ -183,14 +185,14 @@ def _interpreted_kernel_body(rank, world_size):
                         seed=7, dim=16, tolerance=1e-4)
 
 
+@pytest.mark.slow
 def test_cp2_with_interpreted_kernel():
     # TRITON_INTERPRET must be set before torch imports Triton: a fresh interpreter guarantees it.
-    code = ("from tests.helpers import run_distributed; "
+    code = ("from tests.helpers import ROOT, run_distributed; "
             "from tests.test_context_parallel import _interpreted_kernel_body; "
             "run_distributed(2, _interpreted_kernel_body, cp=2)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 

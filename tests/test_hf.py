@@ -18,10 +18,12 @@ from megatron_s2.core.config import S2AttentionConfig
 from megatron_s2.hf import convert
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM, masked_attention, s2_token_mask
-from tests.helpers import run_distributed
+from tests.helpers import launch, run_distributed, training_workdir
 
 import tools.convert_from_hf as convert_from_hf
 import tools.convert_to_hf as convert_to_hf
+
+pytestmark = pytest.mark.distributed
 
 SEQ = 96
 
@@ -117,18 +119,10 @@ GQA_FLAGS = ["--group-query-attention", "--num-query-groups", "2"]
 @pytest.fixture(scope="module")
 def pretrain_dir(tmp_path_factory):
     """The training helper's tiny hybrid model (layers D S S S) and a small corpus."""
-    test_pretrain = pytest.importorskip("tests.test_pretrain")
-    root = tmp_path_factory.mktemp("pretrain_hf")
-    (root / "s2.yaml").write_text(test_pretrain.S2_YAML)
-    text = root / "corpus.txt"
-    text.write_text("\n\n".join(list(test_pretrain.preprocess_data.default_corpus())[:4]))
-    test_pretrain.preprocess_data.main(
-        ["--input", str(text), "--line-documents", "--output-prefix", str(root / "data")])
-    return root, test_pretrain.launch
+    return training_workdir(tmp_path_factory.mktemp("pretrain_hf"), documents=4)
 
 
-def train(pretrain_dir, name, tp, pp, extra=()):
-    root, launch = pretrain_dir
+def train(root, name, tp, pp, extra=()):
     save = str(root / name)
     run = launch(root, name, ["--train-iters", "2", "--save", save, "--save-interval", "2",
                               "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
@@ -178,7 +172,7 @@ def test_window_model_trains_exports_and_generates(pretrain_dir, tmp_path):
 def test_imported_checkpoint_trains_in_pretrain_gpt_s2_like_the_original(pretrain_dir, tmp_path):
     """Megatron (TP=2) -> HF -> Megatron (--tensor-parallel 2): pretrain_gpt_s2.py --finetune from the
     converted checkpoint gives the same losses as from the original one."""
-    original = str(pretrain_dir[0] / "tp2pp1")
+    original = str(pretrain_dir / "tp2pp1")
     if not os.path.exists(original):
         original, _ = train(pretrain_dir, "tp2pp1", 2, 1)
     # Keep Megatron's padded vocabulary rows: its loss normalizes over them too.

@@ -16,8 +16,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import tools.preprocess_data as preprocess_data
 from tests.helpers import ROOT, free_port, script_environment
+
+pytestmark = pytest.mark.slow
 
 
 def test_quickstart_keeps_the_earlier_run_until_a_new_one_has_trained(tmp_path):

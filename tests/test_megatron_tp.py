@@ -15,6 +15,9 @@ from megatron_s2.ops.pattern import S2ConfigError
 from megatron_s2.core.specs import get_s2_gpt_block_spec, stage_layer_indices
 from tests.helpers import S2_DEFAULTS, batch, build_gpt, loss_and_grads, run_distributed, tiny_config
 
+pytestmark = pytest.mark.distributed
+
+
 def _tp_run(rank, world_size, heads, groups, s2_dict):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     return loss_and_grads(tiny_config(tp, heads, groups), s2_dict)
@@ -144,9 +147,18 @@ def test_packed_sequences_through_gpt():
         assert (packed2 - packed1).abs().max().item() < 1e-5
 
 
-def test_spec_rejects_dropout_and_mismatched_layers():
+def test_spec_rejects_what_the_core_attentions_cannot_do():
+    """Validated once, where the spec is built: the core attentions trust these settings."""
     s2 = S2AttentionConfig.from_dict({"layers": "DSSS", "defaults": S2_DEFAULTS})
-    with pytest.raises(S2ConfigError, match="--attention-dropout 0"):
-        get_s2_gpt_block_spec(tiny_config(attention_dropout=0.1), s2)
-    with pytest.raises(S2ConfigError, match="layers"):
-        get_s2_gpt_block_spec(tiny_config(num_layers=6), s2)
+    dense = S2AttentionConfig.dense(4)
+    cases = [
+        (tiny_config(attention_dropout=0.1), s2, "--attention-dropout 0"),
+        (tiny_config(num_layers=6), s2, "layers"),
+        (tiny_config(softmax_type="off-by-one"), s2, "--softmax-type vanilla"),
+        (tiny_config(window_size=(8, 0)), dense, "--window-size"),  # dense layers on SDPA
+        (tiny_config(), S2AttentionConfig.from_dict({"layers": "DSSS", "defaults": {
+            **S2_DEFAULTS, "num_dense_heads": 5}}), "num_dense_heads"),
+    ]
+    for config, s2_config, message in cases:
+        with pytest.raises(S2ConfigError, match=message):
+            get_s2_gpt_block_spec(config, s2_config, use_transformer_engine=False)
