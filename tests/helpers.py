@@ -96,7 +96,7 @@ class RankError(RuntimeError):
     """A rank raised; the message holds the rank number and its traceback."""
 
 
-def _rank_main(rank, world_size, store_path, parallel_sizes, fn, args, kwargs, conn):
+def _distributed_rank_main(rank, world_size, store_path, parallel_sizes, fn, args, kwargs, conn):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as tp_random
 
@@ -165,7 +165,7 @@ def run_distributed(
             connections.append(parent_end)
             return (rank, world_size, store_path, (tp, pp, cp), fn, args, kwargs, child_end)
 
-        processes = fork_ranks(world_size, _rank_main, rank_args, daemon=True)
+        processes = fork_ranks(world_size, _distributed_rank_main, rank_args, daemon=True)
         try:
             outcomes, arrival = _collect(connections, timeout_s)
         finally:
@@ -268,7 +268,7 @@ def training_workdir(root, documents: int):
     return root
 
 
-def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str, prepare=None) -> None:
+def _training_rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str, prepare=None) -> None:
     """Child process: one rank of `torchrun pretrain_gpt_s2.py argv`, output into log_path.
 
     ``prepare(rank)``, if given, runs first (tests use it to inject a fault into this rank only).
@@ -321,7 +321,7 @@ def start(workdir, name: str, argv: list, world_size: int = 1, prepare=None) -> 
     port = free_port()
     paths = [str(workdir / f"{name}.rank{r}.log") for r in range(world_size)]
     # Not daemonic: a rank starts processes of its own (Megatron's helpers, data loader workers).
-    processes = fork_ranks(world_size, _rank_main, lambda r: (r, world_size, port, argv, paths[r], prepare),
+    processes = fork_ranks(world_size, _training_rank_main, lambda r: (r, world_size, port, argv, paths[r], prepare),
                            daemon=False)
     return processes, paths
 

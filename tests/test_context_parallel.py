@@ -22,6 +22,7 @@ from megatron_s2.core.context_parallel import (
     kv_exchange_bytes,
     validate_context_parallel,
 )
+from megatron_s2.ops.layout import Shard
 from megatron_s2.ops.reference import s2_attention_reference
 from tests.helpers import ROOT, run_distributed
 
@@ -86,8 +87,8 @@ def _check_case(case, exchange, overlap, cp_rank, cp_size, cp_group, seed, dim=8
         out = dense_context_parallel_attention(*cp_inputs, cp_group=cp_group, softmax_scale=softmax_scale)
     else:
         out = context_parallel_attention(*cp_inputs, pattern, cp_group=cp_group, exchange=exchange,
-                                         overlap=overlap, softmax_scale=softmax_scale, head_start=head_start,
-                                         num_q_heads=num_q, num_kv_heads=num_kv)
+                                         overlap=overlap, softmax_scale=softmax_scale,
+                                         shard=Shard(num_q, num_kv, head_start=head_start))
     out.backward(_local_chunks(grad_out, cp_rank, cp_size))
 
     label = f"{name}/{exchange}/overlap={overlap}/cp_rank{cp_rank}"

@@ -131,7 +131,7 @@ def _global_heads(rank, world_size, heads, groups, pattern):
     # test could not catch it.
     local_offsets = pattern.head_offsets(heads, groups)[:hl]
     buggy = masked_softmax_attention(ql, kl, vl, s2_token_mask(pattern, local_offsets, 128), 1 / math.sqrt(HEAD_DIM))
-    return module.head_start, (out - full).abs().max().item(), (buggy - full).abs().max().item()
+    return module.shard.head_start, (out - full).abs().max().item(), (buggy - full).abs().max().item()
 
 
 @pytest.mark.parametrize(

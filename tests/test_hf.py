@@ -130,6 +130,7 @@ def train(root, name, tp, pp, extra=()):
     return save, run
 
 
+@pytest.mark.slow  # trains with pretrain_gpt_s2.py
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
 def test_pretrain_gpt_s2_checkpoint_exports_with_equal_logits(pretrain_dir, tmp_path, tp, pp):
     """pretrain_gpt_s2.py trains a GQA hybrid model at TP=2 (or PP=2) and saves; the export gives the
@@ -146,6 +147,7 @@ def test_pretrain_gpt_s2_checkpoint_exports_with_equal_logits(pretrain_dir, tmp_
     assert (hf_logits - megatron_logits[..., :257]).abs().max() < 1e-4
 
 
+@pytest.mark.slow  # trains with pretrain_gpt_s2.py
 def test_window_model_trains_exports_and_generates(pretrain_dir, tmp_path):
     """The quality experiment's control: pretrain_gpt_s2.py with window-only layers (W), export, and the
     HF model gives Megatron's logits and generates alike with the default and the S2 KV cache (which
@@ -169,6 +171,7 @@ def test_window_model_trains_exports_and_generates(pretrain_dir, tmp_path):
     assert stats["kept_entries"] < stats["full_entries"], stats
 
 
+@pytest.mark.slow  # trains with pretrain_gpt_s2.py
 def test_imported_checkpoint_trains_in_pretrain_gpt_s2_like_the_original(pretrain_dir, tmp_path):
     """Megatron (TP=2) -> HF -> Megatron (--tensor-parallel 2): pretrain_gpt_s2.py --finetune from the
     converted checkpoint gives the same losses as from the original one."""

@@ -149,6 +149,7 @@ def test_loss_by_position_equals_direct_cross_entropy():
     assert result["ranges"][1]["loss"] == pytest.approx(float(per_position[512:].mean()), rel=1e-6)  # the evaluator computes in float32
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_end_to_end(tmp_path):
     """Data, four variants trained by pretrain_gpt_s2.py, export, evaluation and the report."""
     out = tmp_path / "quality"

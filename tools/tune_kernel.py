@@ -33,6 +33,7 @@ import torch
 from megatron_s2 import S2Pattern
 from megatron_s2.ops import kernel
 from megatron_s2.ops.attention import _kernel_problem
+from megatron_s2.ops.layout import Shard
 from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs
 
 DEVICE = "cuda"
@@ -70,8 +71,7 @@ class Bench:
 
     def problem(self):
         c = self.case
-        return _kernel_problem(self.q, self.k, c.pattern, softmax_scale=None, head_start=0, num_q_heads=c.heads,
-                               num_kv_heads=c.kv_heads, q_start=0, k_start=0)
+        return _kernel_problem(self.q, self.k, c.pattern, Shard(c.heads, c.kv_heads), softmax_scale=None)
 
     def time_forward(self):
         prob = self.problem()

@@ -26,6 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from ..ops.attention import s2_attention
+from ..ops.layout import Shard
 from ..ops.pattern import S2ConfigError
 from .context_parallel import context_parallel_attention, dense_context_parallel_attention
 
@@ -75,7 +76,8 @@ class _CoreAttentionBase(MegatronModule):
         self.num_kv_heads = config.num_query_groups if num_query_groups is None else num_query_groups
         self.num_local_heads = self.num_q_heads // self.tp_size
         self.num_local_kv_heads = max(1, self.num_kv_heads // self.tp_size)
-        self.head_start = tp_rank * self.num_local_heads  # global index of the first local head
+        # The global heads of this TP rank; context parallelism places the positions per call.
+        self.shard = Shard(self.num_q_heads, self.num_kv_heads, head_start=tp_rank * self.num_local_heads)
         self.head_dim = config.kv_channels
 
         # apply_query_key_layer_scaling divides the scale by layer_number and multiplies the scores
@@ -160,7 +162,7 @@ class S2CoreAttention(_CoreAttentionBase):
         # attention_mask is ignored as in TE's causal attention: S2 is causal by construction.
         packed = self._check_call(attn_mask_type, attention_bias, packed_seq_params)
         self._check_local_shapes(query, key)
-        heads = dict(head_start=self.head_start, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads)
+        heads = dict(head_start=self.shard.head_start, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads)
         if packed:
             cu_q, cu_k = self._sequence_bounds(packed_seq_params)
             out = s2_attention(
@@ -178,7 +180,7 @@ class S2CoreAttention(_CoreAttentionBase):
             out = context_parallel_attention(
                 q, k, v, self.pattern, cp_group=self.cp_group, exchange=self.cp_exchange,
                 overlap=self.cp_overlap, deterministic=self.deterministic,
-                softmax_scale=self.softmax_scale, **heads,
+                softmax_scale=self.softmax_scale, shard=self.shard,
             )
         else:
             out = self._attend_right_aligned(q, k, v, heads)

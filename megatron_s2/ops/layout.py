@@ -26,6 +26,28 @@ _LAYOUT_CACHE_SIZE = 128
 
 
 @dataclasses.dataclass(frozen=True)
+class Shard:
+    """The part of a model's attention that one call computes.
+
+    Heads (tensor parallelism): the model has ``num_q_heads`` query and ``num_kv_heads`` KV heads;
+    the call's local heads are the global ones from ``head_start`` on. Positions (context
+    parallelism): its first query and first key sit at absolute positions ``q_start`` and
+    ``k_start``. Layouts are built from these global indices, so a sharded model computes the same
+    function as an unsharded one.
+    """
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_start: int = 0
+    q_start: int = 0
+    k_start: int = 0
+
+    def at(self, q_start: int, k_start: int) -> "Shard":
+        """The same heads at other positions (one key range of a context-parallel chunk)."""
+        return dataclasses.replace(self, q_start=q_start, k_start=k_start)
+
+
+@dataclasses.dataclass(frozen=True)
 class LayoutKey:
     """Everything a layout depends on: lengths only through their block counts."""
 

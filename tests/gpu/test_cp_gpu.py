@@ -27,6 +27,7 @@ from megatron_s2.core.context_parallel import (
     dense_context_parallel_attention,
     fused_attention_backend,
 )
+from megatron_s2.ops.layout import Shard
 from megatron_s2.ops.reference import s2_attention_reference
 from tests.helpers import free_port
 
@@ -108,7 +109,7 @@ def _run_case(case, rank):
     for exchange in ("allgather", "s2"):
         for overlap in (True, False):
             cp2 = _run(lambda *t: context_parallel_attention(*t, pattern, cp_group=None, exchange=exchange,
-                                                             overlap=overlap, **heads),
+                                                             overlap=overlap, shard=Shard(**heads)),
                        local_inputs, _local_chunks(grad_out, rank))
             _compare(f"{name}/{exchange}/overlap={overlap}", rank, cp2, single, exact)
 
