@@ -74,13 +74,13 @@ class Bench:
         return _kernel_problem(self.q, self.k, c.pattern, Shard(c.heads, c.kv_heads), softmax_scale=None)
 
     def time_forward(self):
-        prob = self.problem()
-        return _median_ms(lambda: kernel.forward(self.q, self.k, self.v, prob))
+        problem = self.problem()
+        return _median_ms(lambda: kernel.forward(self.q, self.k, self.v, problem))
 
     def time_backward(self, deterministic: bool):
-        prob = self.problem()
-        out, lse = kernel.forward(self.q, self.k, self.v, prob)
-        return _median_ms(lambda: kernel.backward(self.do, self.q, self.k, self.v, out, lse, None, prob,
+        problem = self.problem()
+        out, lse = kernel.forward(self.q, self.k, self.v, problem)
+        return _median_ms(lambda: kernel.backward(self.do, self.q, self.k, self.v, out, lse, None, problem,
                                                   deterministic))
 
 

@@ -170,12 +170,12 @@ def _deterministic(deterministic: Optional[bool]) -> bool:
 
 class _S2AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, prob, deterministic):
+    def forward(ctx, q, k, v, problem, deterministic):
         from . import kernel
 
-        out, lse = kernel.forward(q, k, v, prob)
+        out, lse = kernel.forward(q, k, v, problem)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.prob = prob
+        ctx.problem = problem
         ctx.deterministic = deterministic
         ctx.set_materialize_grads(False)
         return out, lse
@@ -186,7 +186,7 @@ class _S2AttentionFunction(torch.autograd.Function):
 
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)[0]
-        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, dlse, ctx.prob, ctx.deterministic)
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, dlse, ctx.problem, ctx.deterministic)
         return dq, dk, dv, None, None
 
 
@@ -245,8 +245,8 @@ def s2_attention(
         layout_len = max_seqlen_q if isinstance(pattern, BlockMaskPattern) else max(
             16 * pattern.block_size, 1 << (max_seqlen_q - 1).bit_length())
         packed_shape = (cu_seqlens_q.numel() - 1, max_seqlen_q, layout_len, cu_seqlens_q)
-    prob = _kernel_problem(q4, k4, pattern, shard, softmax_scale=softmax_scale, packed=packed_shape)
-    out, lse = _S2AttentionFunction.apply(q4, k4, v4, prob, _deterministic(deterministic))
+    problem = _kernel_problem(q4, k4, pattern, shard, softmax_scale=softmax_scale, packed=packed_shape)
+    out, lse = _S2AttentionFunction.apply(q4, k4, v4, problem, _deterministic(deterministic))
     if packed:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
