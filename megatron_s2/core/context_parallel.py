@@ -82,7 +82,7 @@ def validate_context_parallel(seq_len: int, cp_size: int, block_size: int) -> No
 
 def _check_exchange(exchange: str) -> None:
     if exchange not in CP_EXCHANGES:
-        raise ValueError(f"exchange must be one of {CP_EXCHANGES}, got {exchange!r}")
+        raise S2ConfigError(f"cp_exchange must be one of {CP_EXCHANGES}, got {exchange!r}")
 
 
 def chunks_of_rank(cp_rank: int, cp_size: int) -> tuple:

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from .layout import Pattern, Shard, get_layout
-from .pattern import BlockMaskPattern, S2Pattern
+from .layout import Pattern, Shard, get_layout, validate_layout_args
+from .pattern import BlockMaskPattern
 from .reference import merge_by_lse, s2_attention_reference, s2_attention_reference_backward
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -29,8 +29,6 @@ def _interpreting() -> bool:
 
 def _check_inputs(q, k, v, pattern, packed, head_start, num_q_heads, num_kv_heads, q_start, k_start) -> Shard:
     """Check one call's inputs; returns its ``Shard`` (head counts None: the local ones)."""
-    if not isinstance(pattern, (S2Pattern, BlockMaskPattern)):
-        raise TypeError(f"pattern must be an S2Pattern or BlockMaskPattern, got {type(pattern).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -71,13 +69,8 @@ def _check_inputs(q, k, v, pattern, packed, head_start, num_q_heads, num_kv_head
             f"GQA ratios, and the local heads are not a slice of one KV group: pass the whole model's "
             f"num_q_heads and num_kv_heads"
         )
-    block = pattern.block_size
-    for name, start in (("q_start", q_start), ("k_start", k_start)):
-        if not isinstance(start, int) or start < 0 or start % block:
-            raise ValueError(
-                f"{name}={start!r} must be a non-negative multiple of block_size={block} "
-                f"(context-parallel chunks start on block boundaries)"
-            )
+    validate_layout_args(pattern, num_q_heads, num_kv_heads, q.shape[-3], k.shape[-3], head_start, heads, q_start,
+                         k_start)
     return Shard(num_q_heads, num_kv_heads, head_start, q_start, k_start)
 
 
