@@ -70,7 +70,7 @@ def masked_softmax_attention(q, k, v, mask, scale):
 
 
 def s2_token_mask(pattern, offsets, seq):
-    """The S2 rule of S2_SEMANTICS.md written out per token, for the given per-head offsets."""
+    """The S2 rule of docs/semantics.md written out per token, for the given per-head offsets."""
     pos = torch.arange(seq)
     qb, kb = pos[:, None] // pattern.block_size, pos[None, :] // pattern.block_size
     masks = []

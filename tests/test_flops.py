@@ -8,7 +8,7 @@ from megatron_s2.ops.pattern import S2Pattern
 
 
 def _pairs_by_formula(block, local, stride, offsets, seq_len):
-    """Attended (q, k) token pairs, summed over heads, from S2_SEMANTICS.md written out."""
+    """Attended (q, k) token pairs, summed over heads, from docs/semantics.md written out."""
     total = 0
     for offset in offsets:
         for q in range(seq_len):

@@ -18,7 +18,7 @@ from megatron_s2.core.config import S2AttentionConfig
 from megatron_s2.hf import convert
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM, masked_attention, s2_token_mask
-from tests.helpers import launch, run_distributed, training_workdir
+from tests.helpers import RankError, launch, run_distributed, training_workdir
 
 import tools.convert_from_hf as convert_from_hf
 import tools.convert_to_hf as convert_to_hf
@@ -325,6 +325,35 @@ def test_hf_to_megatron_to_hf_round_trip(tmp_path, tied):
         assert (model(input_ids).logits - megatron_logits[..., :100]).abs().max() < 1e-4
 
 
+def _megatron_logits_own_config(load_dir, input_ids):
+    """Logits of a checkpoint built from Megatron's own arguments-to-TransformerConfig translation
+    (as pretrain_gpt_s2.py builds it), not the converter's."""
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    convert.transformer_config = lambda args, tensor_parallel=1: core_transformer_config_from_args(args)
+    return _megatron_logits_tp1(load_dir, input_ids)[1]
+
+
+@pytest.mark.slow  # trains with pretrain_gpt_s2.py
+def test_mup_model_exports_with_equal_logits(pretrain_dir, tmp_path):
+    """A run with --use-mup (softmax scale 1/kv_channels, embedding and logit multipliers) exports to the
+    HF model that gives Megatron's logits; a dense (stock Llama) export, which cannot express them, is
+    refused with the fix named."""
+    save, _ = train(pretrain_dir, "mup", 1, 1, ["--use-mup", "--mup-base-hidden-size", "32",
+                                                "--mup-embedding-mult", "1.5"])
+    in_child(convert_to_hf.main, ["--load", save, "--out", str(tmp_path / "hf")])
+    model = load_exported(tmp_path / "hf")
+    assert model.config.softmax_scale == 1 / 16 and model.config.logits_multiplier == 0.5
+    input_ids = tokens(length=128, vocab=257)
+    megatron_logits = in_child(_megatron_logits_own_config, save, input_ids)
+    with torch.no_grad():
+        assert (model(input_ids).logits - megatron_logits[..., :257]).abs().max() < 1e-4
+    with pytest.raises(RankError, match="UnsupportedArchitectureError: .*--use-mup.*export without --dense"):
+        in_child(convert_to_hf.main, ["--load", save, "--out", str(tmp_path / "dense"), "--dense"])
+    with pytest.raises(convert.UnsupportedArchitectureError, match="softmax_scale.*MuP export"):
+        convert.megatron_args_from_hf(model.config)
+
+
 def _megatron_logits_tp1(load_dir, input_ids):
     margs, state, s2 = convert.load_megatron_checkpoint(load_dir)
     with convert.single_process_megatron():
@@ -389,6 +418,9 @@ def test_unsupported_model_types_and_megatron_args_are_named():
         convert.megatron_args_from_hf(Qwen2Config())
     args = convert.megatron_args_from_hf(S2LlamaConfig(**llama_kwargs()))
     convert.check_megatron_llama_args(args)
-    bad = Namespace(**{**vars(args), "normalization": "LayerNorm", "add_bias_linear": True, "num_experts": 8})
-    with pytest.raises(convert.UnsupportedArchitectureError, match="normalization.*add-bias-linear.*num-experts"):
+    bad = Namespace(**{**vars(args), "normalization": "LayerNorm", "add_bias_linear": True, "num_experts": 8,
+                       "apply_residual_connection_post_layernorm": True, "no_rope_freq": 4})
+    with pytest.raises(convert.UnsupportedArchitectureError,
+                       match="normalization.*add-bias-linear.*num-experts.*apply-residual-connection-post-layernorm"
+                             ".*no-rope-freq"):
         convert.check_megatron_llama_args(bad)

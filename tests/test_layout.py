@@ -14,7 +14,7 @@ from megatron_s2.ops.reference import s2_attention_reference
 def formula_mask(num_q_heads, num_kv_heads, q_blocks, k_blocks, *, block_size, local_blocks, vert_stride,
                  head_pattern="heterogeneous", step=None, offset=0, num_dense_heads=0,
                  head_start=0, num_local_heads=None, q_block_start=0, k_block_start=0):
-    """S2_SEMANTICS.md's rule, one (head, qb, kb) at a time."""
+    """docs/semantics.md's rule, one (head, qb, kb) at a time."""
     groups = {"heterogeneous": num_q_heads, "kv_group": num_kv_heads, "homogeneous": 1}[head_pattern]
     if step is None:
         step = max(1, vert_stride // groups)

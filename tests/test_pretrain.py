@@ -10,8 +10,10 @@ tools/preprocess_data.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import struct
 import subprocess
 import time
 
@@ -113,6 +115,61 @@ def test_train_multi_node_sh_on_two_local_nodes_equals_one_node(workdir, tp1_run
     assert sorted(losses) == [1, 2, 3, 4]
     for iteration, loss in tp1_run.losses.items():
         assert float(losses[iteration]["loss"]) == pytest.approx(float(loss), rel=2e-6, abs=0), iteration
+
+
+def read_wandb_records(path) -> list:
+    """The protobuf records of an offline wandb run log (``run-<id>.wandb``), which wandb has no public
+    reader for: a LevelDB-style log, a 7-byte file header then 32 KiB blocks of chunks, each with a
+    7-byte header (crc32, length, type: 1 whole record, 2 first, 3 middle, 4 last part)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a wandb run log"
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+    return records
+
+
+def test_wandb_offline_run_records_s2_scalars_and_config(workdir, tmp_path, monkeypatch):
+    """--wandb-project (Megatron's wandb writer, offline): the run log holds the S2 progress scalars of
+    every step, as printed, and the resolved S2 config in the run config."""
+    pytest.importorskip("wandb", reason="wandb is optional: pip install wandb")
+    import yaml
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = launch(workdir, "wandb", ["--train-iters", "2", "--wandb-project", "s2-test", "--wandb-exp-name",
+                                    "tiny", "--wandb-save-dir", str(tmp_path)]).check_ok()
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_wandb_records(log)
+    logged = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                     for item in record.history.item}
+            logged[items["_step"]] = items
+    printed = read_progress(run.last_log)
+    assert sorted(logged) == sorted(printed) == [1, 2]
+    for step, fields in printed.items():
+        tokens = float(fields["tokens_per_s"].replace(",", ""))
+        assert logged[step]["s2/tokens_per_s_per_gpu"] == pytest.approx(tokens, abs=0.5)
+        assert logged[step]["s2/tflops_per_gpu"] == pytest.approx(float(fields["tflops"]), abs=0.005)
+    config = {}
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            items = record.run.config.update if kind == "run" else record.config.update
+            config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+    expected = S2AttentionConfig.from_dict(yaml.safe_load(S2_YAML)["s2"]).to_dict()
+    assert S2AttentionConfig.from_dict(config["s2_attention"]).to_dict() == expected
 
 
 @pytest.fixture(scope="module")

@@ -150,8 +150,11 @@ def test_loss_by_position_equals_direct_cross_entropy():
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end(tmp_path):
+def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
     """Data, four variants trained by pretrain_gpt_s2.py, export, evaluation and the report."""
+    # As a user runs it: on CPU the S2 layers take the PyTorch path, not Triton's interpreter (which
+    # the test session switches on for the kernel tests and the child processes would inherit).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "quality"
     results = quality_run.main(["--out", str(out), "--tiny"])
     assert list(results) == list(quality_run.VARIANTS)

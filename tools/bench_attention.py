@@ -7,7 +7,7 @@ same layout and dense SDPA (cuDNN, flash), side by side in one process.
 Default cases: b1 8k/32k/128k MHA head dim 128; GQA 32/8 with heterogeneous and kv_group heads at
 32k and 128k; head dim 64 at 32k; b4 8k. Times are medians of ``triton.testing.do_bench``; "useful
 TFLOP/s" counts only attended (query, key) pairs, 4*D per pair forward and 2.5x that backward
-(S2_SEMANTICS.md), so sparse and dense kernels compare fairly. S2 runs its fixed default launch
+(docs/semantics.md), so sparse and dense kernels compare fairly. S2 runs its fixed default launch
 configs (what training runs; ``S2_AUTOTUNE=1`` for the tuner; tools/tune_kernel.py times the
 candidates). DKernel (``dkernel``, not vendored) runs when importable, with the same block mask.
 Dense SDPA does the same work for every head pattern, so it runs on the heterogeneous cases only.

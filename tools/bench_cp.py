@@ -20,7 +20,7 @@ layer keeps for its backward (both the maximum over ranks). ``--cp1`` also times
 one GPU for the whole sequence (S2 kernel; dense: SDPA, as ``SDPACoreAttention``) and gives every
 row its scaling efficiency: CP=1 time / (CP x the row's time), 1.0 being perfect. Bytes are K/V
 bytes received per rank in the forward pass (backward returns the same amount of gradient).
-"Useful TFLOP/s per GPU" counts attended pairs only (S2_SEMANTICS.md). Writes ``bench_cp.json``
+"Useful TFLOP/s per GPU" counts attended pairs only (docs/semantics.md). Writes ``bench_cp.json``
 under ``--out`` and prints a table last. Without CUDA it runs on CPU over gloo (the reference
 attention: tiny shapes only, for a smoke test).
 """

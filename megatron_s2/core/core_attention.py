@@ -6,7 +6,7 @@ softmax_scale, cp_comm_type, pg_collection``; called with ``query, key, value [s
 (packed THD: ``[t, heads, dim]``) plus ``attention_mask, attn_mask_type, attention_bias,
 packed_seq_params``; returning ``[sq, b, heads * dim]`` (THD: ``[t, heads * dim]``).
 
-Head bookkeeping follows Megatron's split (S2_SEMANTICS.md, "Tensor parallelism"): TP rank ``r`` holds
+Head bookkeeping follows Megatron's split (docs/semantics.md, "Tensor parallelism"): TP rank ``r`` holds
 query heads ``[r*H/t, (r+1)*H/t)`` and KV groups ``[r*G/t, (r+1)*G/t)`` (one replicated group when
 ``G < t``). S2 layouts are built from these *global* indices, so the model is the same function at
 every TP size.

@@ -13,6 +13,10 @@ so the pure-PyTorch attention needs no pattern logic. A query at position ``p`` 
 position ``k`` iff ``k <= p`` and (``p//B - k//B < local_blocks`` or ``(k//B + offset) % vert_stride
 == 0`` or the head is dense), positions counted from each sequence's first token. ``vert_stride`` 0 is a
 window-only layer (no stripes).
+
+Models trained with MuP (``--use-mup``) compute another function than plain Llama: ``softmax_scale``
+(attention scores' scale; ``None``: ``head_dim ** -0.5``), ``embedding_multiplier`` (token embeddings)
+and ``logits_multiplier`` (output logits) carry Megatron's values.
 """
 
 from transformers import LlamaConfig
@@ -24,6 +28,9 @@ class S2LlamaConfig(LlamaConfig):
     model_type = "s2_llama"
 
     s2_layers: list | None = None
+    softmax_scale: float | None = None
+    embedding_multiplier: float = 1.0
+    logits_multiplier: float = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

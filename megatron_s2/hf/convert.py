@@ -146,7 +146,16 @@ _LLAMA_ARGS = {
     "num_experts": None,
     "rotary_seq_len_interpolation_factor": None,
     "mtp_num_layers": None,
+    "apply_residual_connection_post_layernorm": False,
+    "activation_func_clamp_value": None,
+    "squared_relu": False,
+    "no_rope_freq": None,
 }
+
+# MuP (Megatron's TransformerConfig derives the softmax scale and the embedding and logit multipliers
+# from these): passed to the converter's TransformerConfig and carried into S2LlamaConfig.
+_MUP_ARGS = ("use_mup", "mup_base_hidden_size", "mup_embedding_mult", "mup_output_mult", "mup_base_head_dim",
+             "mup_attn_scale_power")
 
 
 def check_megatron_llama_args(args: Namespace) -> None:
@@ -219,6 +228,7 @@ def transformer_config(args: Namespace, tensor_parallel: int = 1):
         apply_rope_fusion=False,
         persist_layer_norm=False,
         tensor_model_parallel_size=tensor_parallel,
+        **{name: getattr(args, name) for name in _MUP_ARGS if hasattr(args, name)},
     )
 
 
@@ -505,6 +515,15 @@ def hf_config_kwargs(args: Namespace, s2_config: Optional[S2AttentionConfig], vo
         kwargs.update(bos_token_id=end_of_document, eos_token_id=end_of_document, pad_token_id=end_of_document)
     if s2_config is not None:
         kwargs["s2_layers"] = s2_layers_for_hf(s2_config, shape.num_heads, shape.num_kv_heads)
+    if getattr(args, "use_mup", False):
+        if s2_config is None:
+            raise UnsupportedArchitectureError(
+                "this checkpoint was trained with --use-mup (softmax scale, embedding and logit multipliers "
+                "that a stock Llama config cannot express). Fix: export without --dense; the S2 Llama "
+                "config carries them")
+        mup = transformer_config(args)  # Megatron's own derivation of the MuP factors
+        kwargs.update(softmax_scale=mup.softmax_scale, embedding_multiplier=mup.mup_embedding_mult,
+                      logits_multiplier=mup.mup_output_mult)
     return kwargs
 
 
@@ -574,6 +593,10 @@ def megatron_args_from_hf(config, *, tensor_parallel: int = 1, pipeline_parallel
     return args
 
 
+# S2LlamaConfig's scaling fields and their plain-Llama values.
+_PLAIN_SCALING = {"softmax_scale": None, "embedding_multiplier": 1.0, "logits_multiplier": 1.0}
+
+
 def check_hf_llama_config(config) -> None:
     """Raise UnsupportedArchitectureError naming every field outside the supported Llama subset."""
     problems = []
@@ -596,6 +619,11 @@ def check_hf_llama_config(config) -> None:
         problems.append(f"rope_type={rope.get('rope_type')!r} (supported: default, llama3)")
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         problems.append(f"pretraining_tp={config.pretraining_tp} (need 1)")
+    scaled = {name: getattr(config, name) for name, plain in _PLAIN_SCALING.items()
+              if getattr(config, name, plain) != plain}
+    if scaled:
+        problems.append(f"{scaled} (a MuP export; importing it back into Megatron is not supported: "
+                        f"continue from the Megatron checkpoint it was exported from)")
     if problems:
         raise UnsupportedArchitectureError("cannot convert this Hugging Face model: " + "; ".join(problems))
 

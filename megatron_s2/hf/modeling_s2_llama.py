@@ -47,7 +47,7 @@ class S2LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
+        self.scaling = self.head_dim**-0.5 if config.softmax_scale is None else config.softmax_scale
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
@@ -185,6 +185,8 @@ class S2LlamaModel(S2LlamaPreTrainedModel):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if self.config.embedding_multiplier != 1.0:  # MuP
+            inputs_embeds = inputs_embeds * self.config.embedding_multiplier
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -230,6 +232,8 @@ class S2LlamaForCausalLM(S2LlamaPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
+        if self.config.logits_multiplier != 1.0:  # MuP
+            logits = logits * self.config.logits_multiplier
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

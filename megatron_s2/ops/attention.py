@@ -17,8 +17,13 @@ from typing import Optional
 import torch
 
 from .layout import Pattern, Shard, get_layout, validate_layout_args
-from .pattern import BlockMaskPattern
-from .reference import merge_by_lse, s2_attention_reference, s2_attention_reference_backward
+from .pattern import BlockMaskPattern, S2Pattern
+from .reference import (
+    merge_by_lse,
+    s2_attention_reference,
+    s2_attention_reference_backward,
+    s2_attention_reference_grads,
+)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -118,7 +123,7 @@ def _check_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if max_seqlen_k is not None and max_seqlen_k != max_seqlen_q:
         raise ValueError(f"max_seqlen_k={max_seqlen_k} differs from max_seqlen_q={max_seqlen_q}: packed S2 "
                          "attention is self-attention (pass the same value, or leave max_seqlen_k out)")
-    if not isinstance(max_seqlen_q, int) or max_seqlen_q < 1:
+    if not isinstance(max_seqlen_q, (int, torch.SymInt)) or max_seqlen_q < 1:  # SymInt: under torch.compile
         raise ValueError(f"max_seqlen_q must be a positive int, got {max_seqlen_q!r}")
     return cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 
@@ -161,26 +166,136 @@ def _deterministic(deterministic: Optional[bool]) -> bool:
     return kernel.DETERMINISTIC_BY_DEFAULT if deterministic is None else bool(deterministic)
 
 
-class _S2AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, problem, deterministic):
-        from . import kernel
+# torch.compile: the forward and backward are registered custom ops with fake implementations, so
+# Dynamo traces ``s2_attention`` into one graph (fullgraph=True) and treats the kernel as opaque.
+# Op arguments must be tensors or scalars: the pattern travels as its fields (an S2Pattern) or its
+# mask tensor (a BlockMaskPattern) and is rebuilt inside the op; layouts stay cached by value.
+# Every S2Pattern field but head_pattern is an int >= 0 or None (sent as -1), so new fields travel too.
+_INT_FIELDS = tuple(f.name for f in dataclasses.fields(S2Pattern) if f.name != "head_pattern")
 
-        out, lse = kernel.forward(q, k, v, problem)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem = problem
-        ctx.deterministic = deterministic
-        ctx.set_materialize_grads(False)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        from . import kernel
+def _pattern_fields(pattern: Pattern):
+    """``(ints, head_pattern, mask)``: the op arguments that name ``pattern``."""
+    if isinstance(pattern, BlockMaskPattern):
+        return [pattern.block_size], "", pattern.mask
+    values = (getattr(pattern, name) for name in _INT_FIELDS)
+    return [-1 if value is None else value for value in values], pattern.head_pattern, None
 
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)[0]
-        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, dlse, ctx.problem, ctx.deterministic)
-        return dq, dk, dv, None, None
+
+# (id(mask), block_size) -> the BlockMaskPattern rebuilt for that mask, so that its cached layout is
+# found again; held for the process (models have a few masks), which also keeps the ids unique.
+_block_mask_patterns: dict = {}
+
+
+def _pattern_from_fields(ints, head_pattern, mask) -> Pattern:
+    if mask is None:
+        values = (None if value == -1 else value for value in ints)
+        return S2Pattern(head_pattern=head_pattern, **dict(zip(_INT_FIELDS, values)))
+    key = (id(mask), ints[0])
+    pattern = _block_mask_patterns.get(key)
+    if pattern is None or pattern.mask is not mask:
+        pattern = _block_mask_patterns[key] = BlockMaskPattern(mask, block_size=ints[0])
+    return pattern
+
+
+def _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale, head_start, num_q_heads,
+                num_kv_heads, q_start, k_start, max_seqlen):
+    """The pattern and the keyword options of ``_problem`` / ``_reference_4d``, from op arguments."""
+    return _pattern_from_fields(pattern_ints, head_pattern, block_mask), dict(
+        softmax_scale=softmax_scale, head_start=head_start, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        q_start=q_start, k_start=k_start, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+
+def _reference_4d(reference, tensors, pattern, *, cu_seqlens, max_seqlen, **options):
+    """A reference function on the op's 4-D views (packed input is ``[1, tokens, heads, dim]``)."""
+    if cu_seqlens is None:
+        return reference(*tensors, pattern, **options)
+    results = reference(*(t[0] for t in tensors), pattern, cu_seqlens_q=cu_seqlens, max_seqlen_q=max_seqlen,
+                        **options)
+    return tuple(r[None] for r in results)
+
+
+def _problem(q, k, pattern, *, cu_seqlens, max_seqlen, softmax_scale, head_start, num_q_heads, num_kv_heads,
+             q_start, k_start):
+    packed = None
+    if cu_seqlens is not None:
+        # The layout of a longer length serves every shorter sequence: round up so that batches
+        # with different longest sequences share a few cached layouts.
+        layout_len = max_seqlen if isinstance(pattern, BlockMaskPattern) else max(
+            16 * pattern.block_size, 1 << (max_seqlen - 1).bit_length())
+        packed = (cu_seqlens.numel() - 1, max_seqlen, layout_len, cu_seqlens)
+    shard = Shard(num_q_heads, num_kv_heads, head_start, q_start, k_start)
+    return _kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale, packed=packed)
+
+
+@torch.library.custom_op("megatron_s2::s2_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                pattern_ints: list[int], head_pattern: str, block_mask: Optional[torch.Tensor],
+                softmax_scale: float, head_start: int, num_q_heads: int, num_kv_heads: int, q_start: int,
+                k_start: int, max_seqlen: int, return_lse: bool,
+                deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of 4-D ``q, k, v`` (packed: ``[1, tokens, heads, dim]`` with ``cu_seqlens``)."""
+    pattern, options = _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale,
+                                   head_start, num_q_heads, num_kv_heads, q_start, k_start, max_seqlen)
+    if _uses_reference(q):
+        out, lse = _reference_4d(s2_attention_reference, (q, k, v), pattern, return_lse=True, **options)
+        return out.contiguous(), lse.contiguous()  # the strides that the fake implementation promises
+    from . import kernel
+
+    return kernel.forward(q, k, v, _problem(q, k, pattern, **options))
+
+
+@_forward_op.register_fake
+def _(q, k, v, cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale, head_start, num_q_heads,
+      num_kv_heads, q_start, k_start, max_seqlen, return_lse, deterministic):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("megatron_s2::s2_attention_backward", mutates_args=())
+def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                 pattern_ints: list[int], head_pattern: str, block_mask: Optional[torch.Tensor],
+                 softmax_scale: float, head_start: int, num_q_heads: int, num_kv_heads: int, q_start: int,
+                 k_start: int, max_seqlen: int,
+                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of ``_forward_op`` given the gradients of ``out`` and (optionally) ``lse``."""
+    pattern, options = _op_options(cu_seqlens, pattern_ints, head_pattern, block_mask, softmax_scale,
+                                   head_start, num_q_heads, num_kv_heads, q_start, k_start, max_seqlen)
+    if _uses_reference(q):
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        grads = _reference_4d(s2_attention_reference_grads, (dout, dlse, q, k, v), pattern, **options)
+        return tuple(g.contiguous() for g in grads)
+    from . import kernel
+
+    (dout,) = _last_dim_contiguous(dout)
+    return kernel.backward(dout, q, k, v, out, lse, dlse, _problem(q, k, pattern, **options), deterministic)
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, *static):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, pattern_ints, head_pattern, block_mask, *scalars, return_lse, deterministic = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens, block_mask)
+    ctx.pattern = (pattern_ints, head_pattern)
+    ctx.scalars = scalars
+    ctx.return_lse = return_lse
+    ctx.deterministic = deterministic
+    ctx.num_inputs = len(inputs)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens, block_mask = ctx.saved_tensors
+    # Autograd hands in zeros for an lse the caller never saw: leave its term out.
+    dlse = dlse if ctx.return_lse else None
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, dlse, cu_seqlens, *ctx.pattern, block_mask, *ctx.scalars,
+                              ctx.deterministic)
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
+
+
+torch.library.register_autograd("megatron_s2::s2_attention_forward", _backward, setup_context=_setup_context)
 
 
 def s2_attention(
@@ -225,21 +340,11 @@ def s2_attention(
             q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start)
     if not packed and not return_lse:
         _check_key_range(q.shape[1], k.shape[1], q_start, k_start)
-    if _uses_reference(q):
-        return s2_attention_reference(
-            q, k, v, pattern, softmax_scale=softmax_scale, **dataclasses.asdict(shard), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, return_lse=return_lse,
-        )
-    packed_shape = None
     q4, k4, v4 = _last_dim_contiguous(*((t[None] for t in (q, k, v)) if packed else (q, k, v)))
-    if packed:
-        # The layout of a longer length serves every shorter sequence: round up so that batches
-        # with different longest sequences share a few cached layouts.
-        layout_len = max_seqlen_q if isinstance(pattern, BlockMaskPattern) else max(
-            16 * pattern.block_size, 1 << (max_seqlen_q - 1).bit_length())
-        packed_shape = (cu_seqlens_q.numel() - 1, max_seqlen_q, layout_len, cu_seqlens_q)
-    problem = _kernel_problem(q4, k4, pattern, shard, softmax_scale=softmax_scale, packed=packed_shape)
-    out, lse = _S2AttentionFunction.apply(q4, k4, v4, problem, _deterministic(deterministic))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    out, lse = _forward_op(q4, k4, v4, cu_seqlens_q, *_pattern_fields(pattern), scale, shard.head_start,
+                           shard.num_q_heads, shard.num_kv_heads, shard.q_start, shard.k_start, max_seqlen_q or 0,
+                           return_lse, _deterministic(deterministic))
     if packed:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out

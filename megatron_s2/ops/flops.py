@@ -2,7 +2,7 @@
 
 Megatron's ``num_floating_point_operations`` assumes every layer attends densely (half of S^2 pairs
 per head). This module keeps Megatron's count for everything else (projections, MLP, logits) and
-replaces its core-attention term with the team's count (S2_SEMANTICS.md, "Counting work"): a head
+replaces its core-attention term with the team's count (docs/semantics.md, "Counting work"): a head
 that attends ``pairs`` (query, key) token pairs costs ``4 * head_dim * pairs`` FLOPs forward and
 2.5 times that backward. Pairs come from the layout the kernel runs (``s2_block_mask``), so dense
 layers, dense heads, the diagonal blocks' token mask and a ragged last block are all exact.
@@ -17,7 +17,7 @@ import torch
 
 from .layout import s2_block_mask
 
-FORWARD_AND_BACKWARD_FACTOR = 3.5  # backward = 2.5 x forward (S2_SEMANTICS.md)
+FORWARD_AND_BACKWARD_FACTOR = 3.5  # backward = 2.5 x forward (docs/semantics.md)
 
 
 def dense_causal_pairs(seq_len: int) -> int:

@@ -1,6 +1,6 @@
 """S2 sparsity patterns: which key blocks each attention head computes.
 
-The pattern is a pure function of a few integers (S2_SEMANTICS.md). For a head of shard group ``g``
+The pattern is a pure function of a few integers (docs/semantics.md). For a head of shard group ``g``
 a query block ``qb`` computes key block ``kb`` iff ``kb <= qb`` and either ``qb - kb < local_blocks``
 or ``(kb + offset(g)) % vert_stride == 0``, with ``offset(g) = g * head_sliding_step +
 head_sliding_offset``. This module holds the parameters, the per-head offsets and the coverage

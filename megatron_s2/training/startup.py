@@ -3,6 +3,8 @@ config (validated once), and the S2 additions to Megatron's training loop."""
 
 from __future__ import annotations
 
+from megatron.training import get_wandb_writer
+
 from ..core.config import S2AttentionConfig
 from . import checkpoint_layout, cpu_compat, seams
 from .arguments import add_s2_arguments, parse_arguments
@@ -34,7 +36,12 @@ def prepare_training(argv: list) -> tuple:
 
 
 def print_s2_config(args, s2_config: S2AttentionConfig) -> None:
-    """Start-up table of the S2 layout. TensorBoard (as text) and wandb (in the run config) get the
-    settings from Megatron itself: both record every argument, ``args.s2_attention`` included."""
+    """Start-up table of the S2 layout. TensorBoard gets the settings from Megatron itself (it writes
+    every argument as text when training starts, ``args.s2_attention`` included); Megatron's wandb
+    writer copied the arguments into the run config while parsing them, before the S2 settings
+    existed, so they are added to it here."""
     if args.rank == 0:  # before torch.distributed starts, so not print_rank_0
         print(s2_config.summary(seq_length=args.seq_length), flush=True)
+    wandb_writer = get_wandb_writer()
+    if wandb_writer:
+        wandb_writer.config.update({checkpoint_layout.ARGS_ATTRIBUTE: s2_config.to_dict()})

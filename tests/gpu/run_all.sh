@@ -2,7 +2,8 @@
 # Every GPU check and the end-to-end benchmark in one go, on a host with two GPUs:
 #   1. both GPUs: TP=2 vs TP=1 (GPTModel, and pretrain_gpt_s2.py through Megatron's loop), CP=2 vs CP=1;
 #   2. then, side by side: GPU 0 runs tools/bench_training.py (S2 hybrid vs dense), GPU 1 runs the
-#      quickstart, the Hugging Face bf16 parity and the kernel's GPU tests.
+#      quickstart, the Hugging Face bf16 parity, the kernel's, torch.compile's and the decode kernel's
+#      GPU tests.
 # One log per check goes to $LOG_DIR (default runs/gpu_checks), the runs' own logs to $LOG_DIR/runs;
 # everything is packed into $LOG_DIR.tgz and a summary is printed last. Exits 1 when any check failed
 # (or left no exit status).
@@ -35,20 +36,25 @@ echo "check two_gpu_tests exit $?" >> "$LOG_DIR/two_gpu_tests.log"
     echo "check quickstart exit $?" >> "$LOG_DIR/quickstart.log"
     timeout 70 python -m pytest -q -p no:cacheprovider -s tests/gpu/test_hf_gpu.py > "$LOG_DIR/hf_gpu.log" 2>&1
     echo "check hf_gpu exit $?" >> "$LOG_DIR/hf_gpu.log"
-    timeout 70 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernel_gpu.py > "$LOG_DIR/kernel_gpu.log" 2>&1
+    timeout 600 python -m pytest -q -p no:cacheprovider tests/gpu/test_kernel_gpu.py > "$LOG_DIR/kernel_gpu.log" 2>&1
     echo "check kernel_gpu exit $?" >> "$LOG_DIR/kernel_gpu.log"
+    timeout 150 python -m pytest -q -p no:cacheprovider -s tests/gpu/test_compile_gpu.py > "$LOG_DIR/compile_gpu.log" 2>&1
+    echo "check compile_gpu exit $?" >> "$LOG_DIR/compile_gpu.log"
+    timeout 150 python -m pytest -q -p no:cacheprovider -s tests/gpu/test_hf_decode_gpu.py > "$LOG_DIR/hf_decode_gpu.log" 2>&1
+    echo "check hf_decode_gpu exit $?" >> "$LOG_DIR/hf_decode_gpu.log"
 ) &
 wait
 
 tar czf "$LOG_DIR.tgz" -C "$(dirname "$LOG_DIR")" "$(basename "$LOG_DIR")"
-for log in two_gpu_tests quickstart hf_gpu kernel_gpu bench_training; do
+CHECKS=(two_gpu_tests quickstart hf_gpu kernel_gpu compile_gpu hf_decode_gpu bench_training)
+for log in "${CHECKS[@]}"; do
     echo "===== $log"
     grep -E "passed|failed|error|exit|^\||iteration +[0-9]+/|TP=|loss" "$LOG_DIR/$log.log" | grep -v Warning | tail -n 14
 done
 cat "$LOG_DIR/runs/tp_gpu.txt" 2>/dev/null
 
 failed=()
-for log in two_gpu_tests quickstart hf_gpu kernel_gpu bench_training; do
+for log in "${CHECKS[@]}"; do
     grep -qx "check $log exit 0" "$LOG_DIR/$log.log" 2>/dev/null || failed+=("$log")
 done
 if [ ${#failed[@]} -gt 0 ]; then
