@@ -129,7 +129,35 @@ def test_entry_points_import_the_package_only(script):
         for name in names:
             top = name.split(".")[0]
             assert top not in ("pretrain_gpt_s2", "tools", "examples", "tests"), f"{script} imports {name}"
-    assert "sys.path" not in path.read_text(), f"{script} edits sys.path"
+
+
+def _edits_sys_path(tree) -> bool:
+    """Whether the code calls a method of ``sys.path`` or assigns to it."""
+    def is_sys_path(node):
+        return (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                and node.value.id == "sys")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_sys_path(node.func.value):
+            return True
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(is_sys_path(t) or (isinstance(t, ast.Subscript) and is_sys_path(t.value)) for t in targets):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for d in ("megatron_s2", "tools", "examples", "tests")
+                                        for p in (ROOT / d).rglob("*.py")) + ["pretrain_gpt_s2.py"])
+def test_no_sys_path_edits(path):
+    """Imports work through the installed package (pip install -e .) or pytest's pythonpath setting."""
+    assert not _edits_sys_path(ast.parse((ROOT / path).read_text())), f"{path} edits sys.path"
+
+
+def test_the_sys_path_check_sees_an_edit():
+    assert _edits_sys_path(ast.parse("import sys\nsys.path.insert(0, 'x')\n"))
+    assert _edits_sys_path(ast.parse("import sys\nsys.path[:0] = ['x']\n"))
+    assert not _edits_sys_path(ast.parse("import sys\nprint(sys.path)\n"))
 
 
 def test_the_checker_sees_lazy_relative_imports_and_cycles(tmp_path):
