@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 pytest.importorskip("megatron.core")
 
 from megatron_s2.core.config import S2AttentionConfig
-from megatron_s2.hf import convert
+from megatron_s2.hf import checkpoints, convert, megatron_model
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
 from tools import convert_from_hf, convert_to_hf
@@ -49,10 +49,10 @@ def build_folders(root, device="cuda"):
 
 
 def megatron_logits(megatron_dir, input_ids, dtype):
-    margs, state, s2 = convert.load_megatron_checkpoint(megatron_dir)
+    margs, state, s2 = checkpoints.load_megatron_checkpoint(megatron_dir)
     margs.params_dtype = dtype
-    with convert.single_process_megatron():
-        model = convert.build_gpt_model(margs, s2)
+    with megatron_model.single_process_megatron():
+        model = megatron_model.build_gpt_model(margs, s2)
         model.load_state_dict(state, strict=False)
         model = model.to(input_ids.device).eval()
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
