@@ -15,23 +15,24 @@ serving path (see docs/hf.md for generation with Hugging Face and the S2 KV cach
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.training import get_args, get_tokenizer
+from megatron.training.checkpointing import load_checkpoint
+from megatron.training.initialize import initialize_megatron
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import pretrain_gpt_s2  # noqa: E402
-from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
-from megatron.training import get_args, get_tokenizer  # noqa: E402
-from megatron.training.checkpointing import load_checkpoint  # noqa: E402
-from megatron.training.initialize import initialize_megatron  # noqa: E402
-from megatron_s2 import checkpoint_layout, cpu_compat  # noqa: E402
+from megatron_s2.training import checkpoint_layout, cpu_compat
+from megatron_s2.training.arguments import add_s2_arguments
+from megatron_s2.training.launch import cli
+from megatron_s2.training.model import build_model_config
+from megatron_s2.training.seams import use_shipped_dataset_helpers
+from megatron_s2.training.startup import prepare_process_and_arguments
 
 
 def add_sample_arguments(parser):
-    pretrain_gpt_s2.add_s2_arguments(parser)
+    add_s2_arguments(parser)
     group = parser.add_argument_group(title="sampling")
     group.add_argument("--prompt", default="The ")
     group.add_argument("--sample-tokens", type=int, default=200)
@@ -75,26 +76,20 @@ def sample(model, prompt_ids: list, num_tokens: int, temperature: float, vocab_s
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    pretrain_gpt_s2.default_single_process_rendezvous()
-    cpu = cpu_compat.cpu_mode_requested()
-    if cpu:
-        cpu_compat.activate()
     # Only the weights are needed: no optimizer or RNG state, one sequence at a time.
     argv += ["--no-load-optim", "--no-load-rng", "--micro-batch-size", "1", "--global-batch-size", "1"]
-    args, s2_section = pretrain_gpt_s2.parse_arguments(argv, extra_args_provider=add_sample_arguments)
-    if cpu:
-        cpu_compat.apply_cpu_arguments(args)
+    args, s2_config = prepare_process_and_arguments(argv, extra_args_provider=add_sample_arguments)
+    cpu = cpu_compat.cpu_mode_requested()
     if not args.load:
         raise SystemExit("error: --load CHECKPOINT_DIR is required")
-    s2_config = pretrain_gpt_s2.resolve_s2_config(args, s2_section)
     # Megatron would go on from random weights when --load holds no checkpoint: refuse instead.
     if checkpoint_layout.check_resume(args, s2_config) is None:
         raise SystemExit(f"error: --load {args.load} holds no checkpoint. Fix: give the --save folder "
                          "of a finished pretrain_gpt_s2.py run")
-    pretrain_gpt_s2.use_shipped_dataset_helpers()
+    use_shipped_dataset_helpers()
     initialize_megatron(allow_no_cuda=cpu)
 
-    model_config = pretrain_gpt_s2.build_model_config(args, s2_config)
+    model_config = build_model_config(args, s2_config)
     builder = model_config.get_builder_cls()(model_config)
     model = builder.build_model(ProcessGroupCollection.use_mpu_process_groups())
     device = torch.device("cpu" if cpu else "cuda")
@@ -114,4 +109,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    pretrain_gpt_s2.cli(main)
+    cli(main)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create (or reuse) a Python 3.12 virtual environment and install requirements.txt into it.
+# Create (or reuse) a Python 3.12 virtual environment, install requirements.txt (the tested versions)
+# into it, then this repository as an editable package (`pip install -e .`: megatron_s2 importable
+# from the tools, examples and tests).
 #
 #   bash examples/setup_env.sh [VENV_DIR]        (default: .venv in the repository)
 #
@@ -40,4 +42,5 @@ if [ "${TORCH_CPU:-0}" = "1" ] && ! "$VENV/bin/python" -c 'import torch' >/dev/n
         || echo "PyTorch's CPU wheel index is unreachable: installing the default torch wheel"
 fi
 "${PIP[@]}" -r "$ROOT/requirements.txt"
+"${PIP[@]}" -e "$ROOT"
 echo "environment ready: $VENV"

@@ -1,8 +1,13 @@
-"""megatron_s2: S2 (sparsely-sharded) attention for Megatron-Core pretraining."""
+"""megatron_s2: S2 (sparsely-sharded) attention for Megatron-Core pretraining.
 
-from .attention import s2_attention
-from .layout import get_layout, s2_block_mask
-from .pattern import BlockMaskPattern, S2ConfigError, S2CoverageError, S2Pattern
+Layers (docs/ARCHITECTURE.md), each importing only the ones below it: ``ops`` (torch + Triton),
+``core`` (Megatron-Core glue), ``training``, ``hf``, ``eval``. The public names below are the ops layer's
+and import no Megatron.
+"""
+
+from .ops.attention import s2_attention
+from .ops.layout import get_layout, s2_block_mask
+from .ops.pattern import BlockMaskPattern, S2ConfigError, S2CoverageError, S2Pattern
 
 __all__ = [
     "BlockMaskPattern",

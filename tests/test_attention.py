@@ -6,17 +6,16 @@ and output gradients (of ``out`` and of ``lse``) are fresh random draws for ever
 run a backward take the ``backward_mode`` fixture: they run in the fast and the deterministic mode.
 """
 
-import os
+import pytest
+import torch
+from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention, s2_block_mask
+from megatron_s2.ops import kernel
+from megatron_s2.ops.attention import s2_attention_backward, s2_attention_into
+from megatron_s2.ops.layout import Shard
+from megatron_s2.ops.reference import s2_attention_reference
+from tests.helpers import needs_triton_interpreter
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a @triton.jit module
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention, s2_block_mask  # noqa: E402
-from megatron_s2 import kernel  # noqa: E402
-from megatron_s2.attention import s2_attention_backward, s2_attention_into  # noqa: E402
-from megatron_s2.reference import s2_attention_reference  # noqa: E402
+pytestmark = needs_triton_interpreter
 
 ATOL = 2e-5  # float32 kernel vs float64 reference, values of order 1
 
@@ -125,7 +124,8 @@ def _split_by_keys(pattern, q, k, v, grad_out, q_start, split, dtype):
              for kr, vr, start in ranges]
     lse = torch.logaddexp(parts[0][1], parts[1][1])
     out = sum(o.double() * torch.exp(l - lse).transpose(1, 2)[..., None] for o, l in parts).to(dtype)
-    grads = [s2_attention_backward(grad_out, q, kr, vr, out, lse, pattern, q_start=q_start, k_start=start)
+    heads = Shard(num_q_heads=q.shape[2], num_kv_heads=k.shape[2])
+    grads = [s2_attention_backward(grad_out, q, kr, vr, out, lse, pattern, shard=heads.at(q_start, start))
              for kr, vr, start in ranges]
     dq = grads[0][0] + grads[1][0]
     dk, dv = (torch.cat([grads[0][i], grads[1][i]], 1) for i in (1, 2))
@@ -162,10 +162,11 @@ def test_resumed_softmax_into_views_equals_one_call(monkeypatch, path):
     out = torch.full((1, 80, 4, 32), float("nan"))
     lse = torch.full((1, 4, 80), float("nan"))
     rows = slice(16, 64)  # strided views of the buffers
-    s2_attention_into(q, k[:, :32], v[:, :32], pattern, out[:, rows], lse[:, :, rows], resume=False,
-                      q_start=64)
-    s2_attention_into(q, k[:, 32:], v[:, 32:], pattern, out[:, rows], lse[:, :, rows], resume=True,
-                      q_start=64, k_start=32)
+    heads = Shard(num_q_heads=4, num_kv_heads=2)
+    s2_attention_into(q, k[:, :32], v[:, :32], pattern, out[:, rows], lse[:, :, rows], shard=heads.at(64, 0),
+                      resume=False)
+    s2_attention_into(q, k[:, 32:], v[:, 32:], pattern, out[:, rows], lse[:, :, rows], shard=heads.at(64, 32),
+                      resume=True)
     want_out, want_lse = s2_attention_reference(q.double(), k.double(), v.double(), pattern, q_start=64,
                                                 return_lse=True)
     assert (out[:, rows].double() - want_out).abs().max() < ATOL

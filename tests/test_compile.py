@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from megatron_s2 import BlockMaskPattern, S2Pattern, s2_attention
-from megatron_s2.attention import _backward_op, _forward_op, _pattern_fields, _pattern_from_fields
-from megatron_s2.reference import s2_attention_reference
-from tests.distributed import run_distributed
+from megatron_s2.ops.attention import _backward_op, _forward_op, _pattern_fields, _pattern_from_fields
+from megatron_s2.ops.reference import s2_attention_reference
+from tests.helpers import run_distributed
 
 ATOL = 2e-5  # float32 vs float64, values of order 1
 

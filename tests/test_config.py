@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from megatron_s2.config import S2AttentionConfig, apply_overrides, load_s2_config, parse_override
-from megatron_s2.pattern import S2ConfigError, S2CoverageError, S2Pattern
+from megatron_s2.core.config import S2AttentionConfig, apply_overrides, load_s2_config, parse_override
+from megatron_s2.ops.pattern import S2ConfigError, S2CoverageError, S2Pattern
 
 SMALL = {"block_size": 16, "local_blocks": 2, "vert_stride": 4}
 
@@ -226,8 +226,8 @@ def test_yaml_errors_name_the_file(tmp_path):
 def test_explicit_block_mask_layers():
     import torch
 
-    from megatron_s2.config import LayerAttention
-    from megatron_s2.pattern import BlockMaskPattern
+    from megatron_s2.core.config import LayerAttention
+    from megatron_s2.ops.pattern import BlockMaskPattern
 
     mask = BlockMaskPattern(torch.eye(4, dtype=torch.bool)[None].expand(2, 4, 4).clone(), block_size=16)
     cfg = S2AttentionConfig(layers=(LayerAttention(0, None), LayerAttention(1, mask)))
@@ -321,7 +321,7 @@ def test_errors_name_values_set_on_the_command_line(tmp_path):
 
 
 def test_resuming_with_window_layers_names_the_change():
-    from megatron_s2.checkpoint_layout import describe_differences
+    from megatron_s2.training.checkpoint_layout import describe_differences
 
     saved = resolve({"layers": "SS", "defaults": SMALL}).to_dict()
     lines = describe_differences(saved, resolve({"layers": "SW", "defaults": SMALL}).to_dict())

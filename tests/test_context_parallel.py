@@ -15,15 +15,18 @@ import pytest
 import torch
 
 from megatron_s2 import BlockMaskPattern, S2Pattern
-from megatron_s2.context_parallel import (
+from megatron_s2.core.context_parallel import (
     context_parallel_attention,
     dense_context_parallel_attention,
     fused_attention_backend,
     kv_exchange_bytes,
     validate_context_parallel,
 )
-from megatron_s2.reference import s2_attention_reference
-from tests.distributed import run_distributed
+from megatron_s2.ops.layout import Shard
+from megatron_s2.ops.reference import s2_attention_reference
+from tests.helpers import ROOT, run_distributed
+
+pytestmark = pytest.mark.distributed
 
 BLOCK = 16
 SEQ = 256  # 16 blocks; with CP=2 four chunks of 4 blocks
@@ -84,8 +87,8 @@ def _check_case(case, exchange, overlap, cp_rank, cp_size, cp_group, seed, dim=8
         out = dense_context_parallel_attention(*cp_inputs, cp_group=cp_group, softmax_scale=softmax_scale)
     else:
         out = context_parallel_attention(*cp_inputs, pattern, cp_group=cp_group, exchange=exchange,
-                                         overlap=overlap, softmax_scale=softmax_scale, head_start=head_start,
-                                         num_q_heads=num_q, num_kv_heads=num_kv)
+                                         overlap=overlap, softmax_scale=softmax_scale,
+                                         shard=Shard(num_q, num_kv, head_start=head_start))
     out.backward(_local_chunks(grad_out, cp_rank, cp_size))
 
     label = f"{name}/{exchange}/overlap={overlap}/cp_rank{cp_rank}"
@@ -183,14 +186,14 @@ def _interpreted_kernel_body(rank, world_size):
                         seed=7, dim=16, tolerance=1e-4)
 
 
+@pytest.mark.slow
 def test_cp2_with_interpreted_kernel():
     # TRITON_INTERPRET must be set before torch imports Triton: a fresh interpreter guarantees it.
-    code = ("from tests.distributed import run_distributed; "
+    code = ("from tests.helpers import ROOT, run_distributed; "
             "from tests.test_context_parallel import _interpreted_kernel_body; "
             "run_distributed(2, _interpreted_kernel_body, cp=2)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 

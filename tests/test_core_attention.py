@@ -1,6 +1,6 @@
 """S2CoreAttention and SDPACoreAttention against independent references (CPU, gloo ranks).
 
-Each test body runs in forked ranks (tests/distributed.py) because the modules read Megatron's
+Each test body runs in forked ranks (tests/helpers.py) because the modules read Megatron's
 process groups. References: ``s2_attention_reference`` in float64 on the *full* (TP=1) tensors, the
 S2 mask formula written out here, and plain masked softmax attention for the dense module.
 """
@@ -13,10 +13,12 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_s2.core_attention import S2CoreAttention, SDPACoreAttention
-from megatron_s2.pattern import S2ConfigError, S2Pattern
-from megatron_s2.reference import s2_attention_reference
-from tests.distributed import run_distributed
+from megatron_s2.core.core_attention import S2CoreAttention, SDPACoreAttention
+from megatron_s2.ops.pattern import S2ConfigError, S2Pattern
+from megatron_s2.ops.reference import s2_attention_reference
+from tests.helpers import run_distributed
+
+pytestmark = pytest.mark.distributed
 
 HEAD_DIM = 16
 TOL = 2e-5  # float32 modules against float64 references
@@ -129,7 +131,7 @@ def _global_heads(rank, world_size, heads, groups, pattern):
     # test could not catch it.
     local_offsets = pattern.head_offsets(heads, groups)[:hl]
     buggy = masked_softmax_attention(ql, kl, vl, s2_token_mask(pattern, local_offsets, 128), 1 / math.sqrt(HEAD_DIM))
-    return module.head_start, (out - full).abs().max().item(), (buggy - full).abs().max().item()
+    return module.shard.head_start, (out - full).abs().max().item(), (buggy - full).abs().max().item()
 
 
 @pytest.mark.parametrize(
@@ -244,14 +246,10 @@ def test_context_parallel_core_attention():
 def _errors(rank, world_size):
     q, k, v = full_qkv(32, 1, 4, 4)
     cases = {
-        "dropout": lambda: make_s2(make_config(attention_dropout=0.1)),
         "mask_type": lambda: S2CoreAttention(make_config(), 1, AttnMaskType.no_mask, "self", pattern=PATTERN),
         "forward_mask_type": lambda: make_s2(make_config())(q, k, v, None, attn_mask_type=AttnMaskType.padding),
         "bias": lambda: make_s2(make_config())(q, k, v, None, attention_bias=torch.zeros(1)),
-        "softmax_type": lambda: make_s2(make_config(softmax_type="off-by-one")),
-        "window": lambda: make_sdpa(make_config(window_size=(8, 0))),
         "layer_index": lambda: make_s2(make_config(), layer_number=3, layer_index=0),
-        "dense_heads": lambda: make_s2(make_config(), S2Pattern(block_size=16, num_dense_heads=5)),
         "thd_format": lambda: make_s2(make_config())(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="bshd")),
     }
     messages = {}
@@ -264,17 +262,14 @@ def _errors(rank, world_size):
     return messages
 
 
-def test_rejects_what_it_cannot_do():
+def test_rejects_layer_and_call_inputs_it_cannot_handle():
+    """Model-level settings are checked where the spec is built (test_megatron_tp.py)."""
     messages = run_distributed(1, _errors)[0]
     hints = {
-        "dropout": "--attention-dropout 0",
         "mask_type": "causal only",
         "forward_mask_type": "causal only",
         "bias": "attention bias",
-        "softmax_type": "--softmax-type vanilla",
-        "window": "--window-size",
         "layer_index": "pipeline stage",
-        "dense_heads": "num_dense_heads",
         "thd_format": "thd",
     }
     for name, hint in hints.items():
@@ -283,7 +278,7 @@ def test_rejects_what_it_cannot_do():
 
 
 def _backward_mode(rank, world_size):
-    import megatron_s2.core_attention as core_attention
+    import megatron_s2.core.core_attention as core_attention
 
     seen = []
     real = core_attention.s2_attention

@@ -14,14 +14,16 @@ import pytest
 import torch
 
 from megatron_s2 import S2Pattern, s2_block_mask
-from megatron_s2.config import S2AttentionConfig
-from megatron_s2.hf import convert
+from megatron_s2.core.config import S2AttentionConfig
+from megatron_s2.hf import checkpoints, convert, megatron_model, weight_mapping
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM, masked_attention, s2_token_mask
-from tests.distributed import RankError, run_distributed
+from tests.helpers import RankError, launch, run_distributed, training_workdir
 
-import tools.convert_from_hf as convert_from_hf  # noqa: E402
-import tools.convert_to_hf as convert_to_hf  # noqa: E402
+import tools.convert_from_hf as convert_from_hf
+import tools.convert_to_hf as convert_to_hf
+
+pytestmark = pytest.mark.distributed
 
 SEQ = 96
 
@@ -101,12 +103,12 @@ def _megatron_logits_tp2(rank, world_size, load_dir, input_ids):
     """Logits of a checkpoint loaded by Megatron itself at TP=2 (not through the converter's TP=1 path)."""
     from megatron.core import dist_checkpointing, tensor_parallel
 
-    args = dist_checkpointing.load_common_state_dict(convert.resolve_checkpoint_dir(load_dir))["args"]
-    model = convert.build_gpt_model(args, convert.s2_config_from_args(args), tensor_parallel=2)
-    metadata = convert._sharded_metadata()
+    args = dist_checkpointing.load_common_state_dict(checkpoints.resolve_checkpoint_dir(load_dir))["args"]
+    model = megatron_model.build_gpt_model(args, megatron_model.s2_config_from_args(args), tensor_parallel=2)
+    metadata = megatron_model.sharded_metadata()
     model.load_state_dict(dist_checkpointing.load(
-        {"model": model.sharded_state_dict(metadata=metadata)}, convert.resolve_checkpoint_dir(load_dir))["model"])
-    with torch.no_grad(), convert.cpu_without_cuda():
+        {"model": model.sharded_state_dict(metadata=metadata)}, checkpoints.resolve_checkpoint_dir(load_dir))["model"])
+    with torch.no_grad(), megatron_model.cpu_without_cuda():
         positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
         return tensor_parallel.gather_from_tensor_model_parallel_region(model(input_ids, positions, None))
 
@@ -117,18 +119,10 @@ GQA_FLAGS = ["--group-query-attention", "--num-query-groups", "2"]
 @pytest.fixture(scope="module")
 def pretrain_dir(tmp_path_factory):
     """The training helper's tiny hybrid model (layers D S S S) and a small corpus."""
-    test_pretrain = pytest.importorskip("tests.test_pretrain")
-    root = tmp_path_factory.mktemp("pretrain_hf")
-    (root / "s2.yaml").write_text(test_pretrain.S2_YAML)
-    text = root / "corpus.txt"
-    text.write_text("\n\n".join(list(test_pretrain.preprocess_data.default_corpus())[:4]))
-    test_pretrain.preprocess_data.main(
-        ["--input", str(text), "--line-documents", "--output-prefix", str(root / "data")])
-    return root, test_pretrain.launch
+    return training_workdir(tmp_path_factory.mktemp("pretrain_hf"), documents=4)
 
 
-def train(pretrain_dir, name, tp, pp, extra=()):
-    root, launch = pretrain_dir
+def train(root, name, tp, pp, extra=()):
     save = str(root / name)
     run = launch(root, name, ["--train-iters", "2", "--save", save, "--save-interval", "2",
                               "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
@@ -136,6 +130,7 @@ def train(pretrain_dir, name, tp, pp, extra=()):
     return save, run
 
 
+@pytest.mark.slow  # trains with pretrain_gpt_s2.py
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
 def test_pretrain_gpt_s2_checkpoint_exports_with_equal_logits(pretrain_dir, tmp_path, tp, pp):
     """pretrain_gpt_s2.py trains a GQA hybrid model at TP=2 (or PP=2) and saves; the export gives the
@@ -152,6 +147,7 @@ def test_pretrain_gpt_s2_checkpoint_exports_with_equal_logits(pretrain_dir, tmp_
     assert (hf_logits - megatron_logits[..., :257]).abs().max() < 1e-4
 
 
+@pytest.mark.slow  # trains with pretrain_gpt_s2.py
 def test_window_model_trains_exports_and_generates(pretrain_dir, tmp_path):
     """The quality experiment's control: pretrain_gpt_s2.py with window-only layers (W), export, and the
     HF model gives Megatron's logits and generates alike with the default and the S2 KV cache (which
@@ -175,10 +171,11 @@ def test_window_model_trains_exports_and_generates(pretrain_dir, tmp_path):
     assert stats["kept_entries"] < stats["full_entries"], stats
 
 
+@pytest.mark.slow  # trains with pretrain_gpt_s2.py
 def test_imported_checkpoint_trains_in_pretrain_gpt_s2_like_the_original(pretrain_dir, tmp_path):
     """Megatron (TP=2) -> HF -> Megatron (--tensor-parallel 2): pretrain_gpt_s2.py --finetune from the
     converted checkpoint gives the same losses as from the original one."""
-    original = str(pretrain_dir[0] / "tp2pp1")
+    original = str(pretrain_dir / "tp2pp1")
     if not os.path.exists(original):
         original, _ = train(pretrain_dir, "tp2pp1", 2, 1)
     # Keep Megatron's padded vocabulary rows: its loss normalizes over them too.
@@ -204,13 +201,13 @@ def _fill(model, rank):
 def _save_tp2(rank, world_size, save_dir, args, s2, input_ids):
     from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
-    model = convert.build_gpt_model(args, s2, tensor_parallel=2)
+    model = megatron_model.build_gpt_model(args, s2, tensor_parallel=2)
     _fill(model, rank)
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
                 "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     directory = os.path.join(save_dir, "iter_0000005")
     os.makedirs(directory, exist_ok=True)
-    with torch.no_grad(), convert.cpu_without_cuda(), convert.in_process_checkpoint_writes():
+    with torch.no_grad(), megatron_model.cpu_without_cuda(), megatron_model.in_process_checkpoint_writes():
         positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
         logits = model(input_ids, positions, None)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
@@ -219,7 +216,7 @@ def _save_tp2(rank, world_size, save_dir, args, s2, input_ids):
              "checkpoint_version": 3.0},
             directory, content_metadata={k: v for k, v in metadata.items() if k != "dp_cp_group"})
     if rank == 0:
-        with open(os.path.join(save_dir, convert.TRACKER_FILE), "w") as f:
+        with open(os.path.join(save_dir, checkpoints.TRACKER_FILE), "w") as f:
             f.write("5")
     return logits
 
@@ -333,10 +330,11 @@ def _megatron_logits_own_config(load_dir, input_ids):
     (as pretrain_gpt_s2.py builds it), not the converter's."""
     from megatron.training.arguments import core_transformer_config_from_args
 
-    convert.transformer_config = lambda args, tensor_parallel=1: core_transformer_config_from_args(args)
+    megatron_model.transformer_config = lambda args, tensor_parallel=1: core_transformer_config_from_args(args)
     return _megatron_logits_tp1(load_dir, input_ids)[1]
 
 
+@pytest.mark.slow  # trains with pretrain_gpt_s2.py
 def test_mup_model_exports_with_equal_logits(pretrain_dir, tmp_path):
     """A run with --use-mup (softmax scale 1/kv_channels, embedding and logit multipliers) exports to the
     HF model that gives Megatron's logits; a dense (stock Llama) export, which cannot express them, is
@@ -357,11 +355,11 @@ def test_mup_model_exports_with_equal_logits(pretrain_dir, tmp_path):
 
 
 def _megatron_logits_tp1(load_dir, input_ids):
-    margs, state, s2 = convert.load_megatron_checkpoint(load_dir)
-    with convert.single_process_megatron():
-        megatron = convert.build_gpt_model(margs, s2)
+    margs, state, s2 = checkpoints.load_megatron_checkpoint(load_dir)
+    with megatron_model.single_process_megatron():
+        megatron = megatron_model.build_gpt_model(margs, s2)
         megatron.load_state_dict(state, strict=False)
-        with torch.no_grad(), convert.cpu_without_cuda():
+        with torch.no_grad(), megatron_model.cpu_without_cuda():
             logits = megatron(input_ids, torch.arange(input_ids.shape[1])[None].expand_as(input_ids), None)
     return state["embedding.word_embeddings.weight"].shape[0], logits
 
@@ -382,15 +380,15 @@ def test_dense_export_is_stock_llama(exported, tmp_path):
 
 def test_weight_mapping_reads_transformer_engine_norm_names():
     """TE specs fuse the norms into the next linear (``layer_norm_weight``); both layouts map back."""
-    shape = convert.LlamaShape(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_heads=4, num_kv_heads=2,
+    shape = weight_mapping.LlamaShape(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_heads=4, num_kv_heads=2,
                                head_dim=8, vocab_size=64, tied_embeddings=False)
     config = S2LlamaConfig(**llama_kwargs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2))
     torch.manual_seed(4)
     hf = {k: torch.randn_like(v) for k, v in S2LlamaForCausalLM(config).state_dict().items()}
     for fused in (False, True):
-        megatron = convert.hf_to_megatron_weights(hf, shape, fused_norms=fused)
+        megatron = weight_mapping.hf_to_megatron_weights(hf, shape, fused_norms=fused)
         assert ("decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in megatron) == fused
-        back = convert.megatron_to_hf_weights(megatron, shape)
+        back = weight_mapping.megatron_to_hf_weights(megatron, shape)
         assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)
 
 

@@ -6,7 +6,6 @@ float64, the kept set written out as loops over positions, and S = N / (L + G (N
 """
 
 import dataclasses
-import os
 import sys
 
 import pytest
@@ -18,6 +17,7 @@ from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
 from megatron_s2.hf.s2_decode_kernel import s2_decode_attention
 from megatron_s2.hf.s2_kv_cache import S2KVCache
 from megatron_s2.hf.token_masks import s2_token_mask
+from tests.helpers import needs_triton_interpreter
 
 HEADS, KV_HEADS, DIM = 8, 2, 16
 
@@ -115,17 +115,13 @@ def test_cache_memory_matches_the_formula(pattern, distinct):
     assert stats["allocated_entries"] == stats["kept_entries"]  # capacity: nothing allocated in vain
 
 
-needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                            reason="CPU kernel tests run in Triton's interpreter")
-
-
 KERNEL_CASES = {  # name: (layer, query heads, splits of the context)
     **{name: (layer, HEADS, splits) for (name, layer), splits in zip(sorted(LAYERS.items()), (5, 3, 1, 2))},
     "mha_kv_group": (s2_layer(2, KV_HEADS, head_pattern="kv_group", vert_stride=2), 2, 4),
 }
 
 
-@needs_interpreter
+@needs_triton_interpreter
 @pytest.mark.parametrize("name", sorted(KERNEL_CASES))
 def test_decode_kernel_matches_float64_attention_over_the_full_keys(name):
     layer, heads, splits = KERNEL_CASES[name]
@@ -148,7 +144,7 @@ def test_decode_kernel_matches_float64_attention_over_the_full_keys(name):
     assert (out.double() - reference).abs().max() < 1e-5
 
 
-@needs_interpreter
+@needs_triton_interpreter
 @pytest.mark.parametrize("name", ["dense_heads", "heterogeneous", "kv_group"])
 def test_decode_store_kernel_fills_the_cache_like_the_pytorch_path(name, monkeypatch):
     positions = left_padded([120, 77], 120)
@@ -259,7 +255,7 @@ def test_beam_search_with_the_compacted_cache_equals_the_default_cache():
     assert torch.equal(default, compact)
 
 
-@needs_interpreter
+@needs_triton_interpreter
 def test_model_decodes_through_the_kernel_like_the_reference(monkeypatch):
     """The model's decode steps through the Triton kernel (interpreted) give the no-cache tokens."""
     model = _model(MODELS["hybrid_heterogeneous_kv_group"][0])

@@ -10,7 +10,8 @@ import torch
 
 from megatron.training.arguments import add_megatron_arguments
 
-import pretrain_gpt_s2
+from megatron_s2.core.config import read_config_file
+from megatron_s2.training.arguments import add_s2_arguments, flags_to_argv
 from megatron_s2.hf import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _quickstart_args():
     """The Megatron arguments of configs/quickstart.yaml (NullTokenizer, vocabulary 257)."""
-    flags, _ = pretrain_gpt_s2.read_config_file(os.path.join(ROOT, "configs", "quickstart.yaml"))
-    parser = pretrain_gpt_s2.add_s2_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
-    args = parser.parse_args(pretrain_gpt_s2.flags_to_argv(flags))
+    flags, _ = read_config_file(os.path.join(ROOT, "configs", "quickstart.yaml"))
+    parser = add_s2_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    args = parser.parse_args(flags_to_argv(flags))
     args.padded_vocab_size = 384
     return args
 

@@ -16,19 +16,12 @@ import shutil
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+import pytest
 
-import preprocess_data  # noqa: E402
-from tests.test_pretrain import _free_port  # noqa: E402
+import tools.preprocess_data as preprocess_data
+from tests.helpers import ROOT, free_port, script_environment
 
-
-def _environment(**overrides) -> dict:
-    """This test's Python first on PATH (the scripts call `python`), one thread, CPU mode."""
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
-    env.update(overrides)
-    return env
+pytestmark = pytest.mark.slow
 
 
 def test_quickstart_keeps_the_earlier_run_until_a_new_one_has_trained(tmp_path):
@@ -43,8 +36,8 @@ def test_quickstart_keeps_the_earlier_run_until_a_new_one_has_trained(tmp_path):
     (run_dir / "latest_checkpointed_iteration.txt").write_text("150")
 
     def quickstart(data):
-        env = _environment(SKIP_INSTALL="1", RUN_DIR=str(run_dir), DATA=str(data), ITERS="1",
-                           SAMPLE_TOKENS="8", MASTER_PORT=str(_free_port()))
+        env = script_environment(SKIP_INSTALL="1", RUN_DIR=str(run_dir), DATA=str(data), ITERS="1",
+                           SAMPLE_TOKENS="8", MASTER_PORT=str(free_port()))
         return subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh")], env=env,
                               capture_output=True, text=True, timeout=400)
 
@@ -70,7 +63,7 @@ def test_preprocess_data_console_has_only_its_result(tmp_path):
     text.write_text("one document\n")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", str(text),
                            "--output-prefix", str(tmp_path / "notes")],
-                          env=_environment(), capture_output=True, text=True, timeout=120, check=True)
+                          env=script_environment(), capture_output=True, text=True, timeout=120, check=True)
     assert done.stderr == ""
     assert done.stdout.splitlines()[0].startswith(f"wrote {tmp_path / 'notes'}.bin/.idx: 1 documents, 14 tokens")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from megatron_s2 import BlockMaskPattern, S2ConfigError, S2CoverageError, S2Pattern, get_layout, s2_block_mask
-from megatron_s2.layout import clear_layout_cache
-from megatron_s2.reference import s2_attention_reference
+from megatron_s2.ops.layout import clear_layout_cache
+from megatron_s2.ops.reference import s2_attention_reference
 
 
 def formula_mask(num_q_heads, num_kv_heads, q_blocks, k_blocks, *, block_size, local_blocks, vert_stride,
@@ -243,7 +243,7 @@ def test_window_coverage_is_reported_not_refused():
 
 @pytest.mark.parametrize("seq_len", [96, 100])  # 100: a ragged last block
 def test_window_flops_count_the_window_pairs(seq_len):
-    from megatron_s2 import flops
+    from megatron_s2.ops import flops
 
     block, local, heads = 16, 2, 3
     # A query q in block qb reads keys from the first token of block qb - local + 1 up to itself.

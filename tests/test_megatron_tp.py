@@ -8,73 +8,14 @@ every TP size starts from the same model; dropout is 0, so losses and gradients 
 import pytest
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_s2.config import S2AttentionConfig
-from megatron_s2.core_attention import S2CoreAttention, SDPACoreAttention
-from megatron_s2.pattern import S2ConfigError
-from megatron_s2.specs import get_s2_gpt_block_spec, stage_layer_indices
-from tests.distributed import run_distributed
+from megatron_s2.core.config import S2AttentionConfig
+from megatron_s2.core.core_attention import S2CoreAttention, SDPACoreAttention
+from megatron_s2.ops.pattern import S2ConfigError
+from megatron_s2.core.specs import get_s2_gpt_block_spec, stage_layer_indices
+from tests.helpers import S2_DEFAULTS, batch, build_gpt, loss_and_grads, run_distributed, tiny_config
 
-SEQ, BATCH, VOCAB = 128, 2, 96
-# Block 16, one local block, stride 4: at 128 tokens (8 blocks) every head's stripes matter.
-S2_DEFAULTS = {"block_size": 16, "local_blocks": 1, "vert_stride": 4}
-
-
-def tiny_config(tp=1, heads=4, groups=None, num_layers=4, dtype=torch.float32, head_dim=16, **kw):
-    kw.setdefault("use_cpu_initialization", True)
-    kw.setdefault("attention_dropout", 0.0)
-    return TransformerConfig(
-        num_layers=num_layers, hidden_size=head_dim * heads, num_attention_heads=heads,
-        num_query_groups=groups or heads, ffn_hidden_size=2 * head_dim * heads,
-        hidden_dropout=0.0, tensor_model_parallel_size=tp,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, **kw,
-    )
-
-
-def build_gpt(config, s2_dict, seed=1234, seq=SEQ, **spec_kw):
-    s2 = S2AttentionConfig.from_dict(s2_dict, num_layers=config.num_layers,
-                                     num_attention_heads=config.num_attention_heads)
-    torch.manual_seed(seed)
-    spec = get_s2_gpt_block_spec(config, s2, seq_length=seq, **spec_kw)
-    # Learned positions: Megatron's RoPE places its tables on 'cuda', which forked CPU ranks lack.
-    return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=seq,
-                    position_embedding_type="learned_absolute")
-
-
-def batch(device="cpu", seq=SEQ):
-    g = torch.Generator().manual_seed(99)
-    tokens = torch.randint(0, VOCAB, (BATCH, seq + 1), generator=g)
-    positions = torch.arange(seq)[None].expand(BATCH, -1)
-    return tokens[:, :-1].to(device), positions.to(device), tokens[:, 1:].to(device)
-
-
-def gathered_grads(model):
-    """Every parameter's full gradient, TP shards concatenated along their partition dim."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    grads = {}
-    for name, param in model.named_parameters():
-        grad = param.grad.detach().float()
-        if tp > 1 and getattr(param, "tensor_model_parallel", False):
-            parts = [torch.empty_like(grad) for _ in range(tp)]
-            torch.distributed.all_gather(parts, grad.contiguous(), group=group)
-            grad = torch.cat(parts, dim=param.partition_dim)
-        grads[name] = grad.cpu()
-    return grads
-
-
-def loss_and_grads(config, s2_dict, device="cpu", seq=SEQ):
-    gpt = build_gpt(config, s2_dict, seq=seq)
-    # Half-precision models run inside Float16Module, as in Megatron's training loop.
-    model = (Float16Module(config, gpt) if config.bf16 or config.fp16 else gpt).to(device)
-    tokens, positions, labels = batch(device, seq)
-    loss = model(tokens, positions, None, labels=labels).float().mean()
-    loss.backward()
-    kinds = [type(layer.self_attention.core_attention).__name__ for layer in gpt.decoder.layers]
-    return loss.item(), gathered_grads(model), kinds
+pytestmark = pytest.mark.distributed
 
 
 def _tp_run(rank, world_size, heads, groups, s2_dict):
@@ -206,9 +147,18 @@ def test_packed_sequences_through_gpt():
         assert (packed2 - packed1).abs().max().item() < 1e-5
 
 
-def test_spec_rejects_dropout_and_mismatched_layers():
+def test_spec_rejects_what_the_core_attentions_cannot_do():
+    """Validated once, where the spec is built: the core attentions trust these settings."""
     s2 = S2AttentionConfig.from_dict({"layers": "DSSS", "defaults": S2_DEFAULTS})
-    with pytest.raises(S2ConfigError, match="--attention-dropout 0"):
-        get_s2_gpt_block_spec(tiny_config(attention_dropout=0.1), s2)
-    with pytest.raises(S2ConfigError, match="layers"):
-        get_s2_gpt_block_spec(tiny_config(num_layers=6), s2)
+    dense = S2AttentionConfig.dense(4)
+    cases = [
+        (tiny_config(attention_dropout=0.1), s2, "--attention-dropout 0"),
+        (tiny_config(num_layers=6), s2, "layers"),
+        (tiny_config(softmax_type="off-by-one"), s2, "--softmax-type vanilla"),
+        (tiny_config(window_size=(8, 0)), dense, "--window-size"),  # dense layers on SDPA
+        (tiny_config(), S2AttentionConfig.from_dict({"layers": "DSSS", "defaults": {
+            **S2_DEFAULTS, "num_dense_heads": 5}}), "num_dense_heads"),
+    ]
+    for config, s2_config, message in cases:
+        with pytest.raises(S2ConfigError, match=message):
+            get_s2_gpt_block_spec(config, s2_config, use_transformer_engine=False)

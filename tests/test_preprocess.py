@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import numpy
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
-import preprocess_data  # noqa: E402
-from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
+import tools.preprocess_data as preprocess_data
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 DOCUMENTS = ["Sparse attention, shared across heads.", "Ünïcödé → bytes ✓", "line one\nline two"]
 

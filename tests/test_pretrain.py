@@ -1,174 +1,46 @@
 """pretrain_gpt_s2.py end to end on CPU: TP=1 vs TP=2, save/exit/resume, layout checks, bad inputs,
 signals and crashes, continued training, and train_multi_node.sh on two local "nodes".
 
-Each run forks the already-imported test process once per rank (torchrun would cost ~10 s of imports
-per run) and calls the script's entry, ``pretrain_gpt_s2.cli(main)``, with the usual
-RANK/WORLD_SIZE/MASTER_* variables; the rank then ends as the script's process would. So the code
-under test is exactly what ``torchrun pretrain_gpt_s2.py ...`` runs, over gloo. The model
+Each run forks the already-imported test process once per rank and calls the script's entry,
+``pretrain_gpt_s2.cli(main)`` (tests/helpers.py), so the code under test is exactly what ``torchrun
+pretrain_gpt_s2.py ...`` runs, over gloo. The model
 is a 4-layer hybrid (layer 0 dense, layers 1-3 S2) on real text preprocessed by
 tools/preprocess_data.py.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import multiprocessing
 import os
 import signal
-import socket
-import subprocess
 import struct
-import sys
-import tempfile
+import subprocess
 import time
 
 import pytest
-import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+import pretrain_gpt_s2  # noqa: F401  (heavy imports happen once, before forking)
+from megatron_s2.core.config import S2AttentionConfig
+from megatron_s2.training import checkpoint_layout
+from megatron_s2.training.progress import read_progress
+from tests.helpers import (
+    RUN_TIMEOUT_S,
+    ROOT,
+    S2_YAML,
+    finish,
+    free_port,
+    launch,
+    script_environment,
+    start,
+    training_workdir,
+)
 
-import pretrain_gpt_s2  # noqa: E402  (heavy imports happen once, before forking)
-import preprocess_data  # noqa: E402
-from megatron_s2 import checkpoint_layout, flops  # noqa: E402
-from megatron_s2.config import S2AttentionConfig  # noqa: E402
-
-RUN_TIMEOUT_S = 240
-
-S2_YAML = """\
-megatron:
-  num-layers: 4
-  hidden-size: 64
-  ffn-hidden-size: 128
-  num-attention-heads: 4
-  seq-length: 128
-  max-position-embeddings: 128
-  position-embedding-type: rope
-  normalization: RMSNorm
-  swiglu: true
-  disable-bias-linear: true
-  untie-embeddings-and-output-weights: true
-  transformer-impl: local
-  no-rope-fusion: true
-  no-persist-layer-norm: true
-  no-gradient-accumulation-fusion: true
-  no-masked-softmax-fusion: true
-  attention-dropout: 0.0
-  hidden-dropout: 0.0
-  no-create-attention-mask-in-dataloader: true
-  tokenizer-type: NullTokenizer
-  vocab-size: 257
-  make-vocab-size-divisible-by: 256   # same padded vocabulary at TP=1 and TP=2
-  split: "98,2,0"
-  micro-batch-size: 2
-  global-batch-size: 4
-  lr: 3.0e-3
-  min-lr: 3.0e-4
-  lr-decay-style: cosine
-  lr-warmup-iters: 1
-  seed: 1234
-  log-interval: 1
-  eval-interval: 1000
-  eval-iters: 1
-  num-workers: 0
-s2:
-  layers: DSSS
-  defaults: {block_size: 16, local_blocks: 2, vert_stride: 4}
-"""
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrain")
-    (root / "s2.yaml").write_text(S2_YAML)
-    text = root / "corpus.txt"
-    # Real text from Python's bundled docs, small enough to index instantly.
-    text.write_text("\n\n".join(list(preprocess_data.default_corpus())[:12]))
-    preprocess_data.main(["--input", str(text), "--line-documents", "--output-prefix", str(root / "data")])
-    return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, argv: list, log_path: str, prepare=None) -> None:
-    """Child process: one rank of `torchrun pretrain_gpt_s2.py argv`, output into log_path.
-
-    ``prepare(rank)``, if given, runs first (tests use it to inject a fault into this rank only).
-    """
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    # pytest replaces sys.stdout/err with its capture objects; print to the log file instead.
-    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
-    sys.argv = ["pretrain_gpt_s2.py"] + argv
-    # Temporary files (multiprocessing's pymp-* folders) of this rank and of the helpers it starts
-    # go beside the log, not into /tmp: a helper that has to be killed leaves its folder behind.
-    os.environ["TMPDIR"] = tempfile.tempdir = os.path.dirname(log_path)
-    # TRITON_INTERPRET=0: S2 layers take the dense-masked reference path on CPU (same layouts,
-    # same head sharding), ~10x faster than the Triton interpreter; the kernel's own numerics are
-    # tested against that reference in the kernel tests.
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
-    torch.set_num_threads(1)
-    if prepare is not None:
-        prepare(rank)
-    # The script's own entry. Whatever it lets through (an exit code, an exception) goes on to
-    # multiprocessing, which ends this process as the interpreter would end the script: it prints
-    # the exception, then runs the exit handler that terminates and joins the child processes.
-    pretrain_gpt_s2.cli(functools.partial(pretrain_gpt_s2.main, argv))
-
-
-class Run:
-    def __init__(self, codes: list, logs: list):
-        self.codes, self.logs = codes, logs
-        self.last_log = logs[-1]  # Megatron prints losses on the last rank
-
-    @property
-    def losses(self) -> dict:
-        return {it: fields["loss"] for it, fields in pretrain_gpt_s2.read_progress(self.last_log).items()}
-
-    def check_ok(self) -> "Run":
-        assert self.codes == [0] * len(self.codes), f"exit codes {self.codes}; last log:\n{self.last_log[-4000:]}"
-        return self
-
-
-def start(workdir, name: str, argv: list, world_size: int = 1, prepare=None) -> tuple:
-    """Fork the ranks of one run; returns (processes, log paths)."""
-    argv = ["--s2-config", str(workdir / "s2.yaml"), "--data-path", str(workdir / "data")] + argv
-    port = _free_port()
-    context = multiprocessing.get_context("fork")
-    paths = [str(workdir / f"{name}.rank{r}.log") for r in range(world_size)]
-    processes = [context.Process(target=_rank_main, args=(r, world_size, port, argv, paths[r], prepare))
-                 for r in range(world_size)]
-    for process in processes:
-        process.start()
-    return processes, paths
-
-
-def finish(processes: list, paths: list, timeout_s: float = RUN_TIMEOUT_S) -> Run:
-    deadline = time.monotonic() + timeout_s
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    logs = []
-    for path in paths:
-        with open(path, errors="replace") as f:
-            logs.append(f.read())
-    return Run([p.exitcode for p in processes], logs)
-
-
-def launch(workdir, name: str, argv: list, world_size: int = 1) -> Run:
-    return finish(*start(workdir, name, argv, world_size))
+    return training_workdir(tmp_path_factory.mktemp("pretrain"), documents=12)
 
 
 @pytest.fixture(scope="module")
@@ -221,9 +93,7 @@ def test_train_multi_node_sh_on_two_local_nodes_equals_one_node(workdir, tp1_run
     # examples/train_multi_node.sh as a user runs it on two machines: one invocation per node with
     # its NODE_RANK, here both on this machine with the rendezvous on the loopback address. One rank
     # per node: data parallel over the two nodes, each one of the micro-batches TP=1 accumulates.
-    env = dict(os.environ, NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GPUS_PER_NODE="1",
-               MEGATRON_S2_CPU="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="0",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env = script_environment(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPUS_PER_NODE="1")
     command = ["bash", os.path.join(ROOT, "examples", "train_multi_node.sh"), str(workdir / "s2.yaml"),
                "--data-path", str(workdir / "data"), "--train-iters", "4"]
     logs = [workdir / f"node{node}.log" for node in (0, 1)]
@@ -241,7 +111,7 @@ def test_train_multi_node_sh_on_two_local_nodes_equals_one_node(workdir, tp1_run
     texts = [log.read_text(errors="replace") for log in logs]
     assert codes == [0, 0], (codes, texts[0][-3000:], texts[1][-3000:])
     assert "data-parallel size: 2" in texts[0]
-    losses = pretrain_gpt_s2.read_progress(texts[1])  # the last rank (node 1) prints them
+    losses = read_progress(texts[1])  # the last rank (node 1) prints them
     assert sorted(losses) == [1, 2, 3, 4]
     for iteration, loss in tp1_run.losses.items():
         assert float(losses[iteration]["loss"]) == pytest.approx(float(loss), rel=2e-6, abs=0), iteration
@@ -286,13 +156,13 @@ def test_wandb_offline_run_records_s2_scalars_and_config(workdir, tmp_path, monk
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                      for item in record.history.item}
             logged[items["_step"]] = items
-    printed = pretrain_gpt_s2.read_progress(run.last_log)
+    printed = read_progress(run.last_log)
     assert sorted(logged) == sorted(printed) == [1, 2]
     for step, fields in printed.items():
         tokens = float(fields["tokens_per_s"].replace(",", ""))
-        per = fields["unit"].lower()  # per GPU, or per rank in CPU mode
-        assert logged[step][f"s2/tokens_per_s_per_{per}"] == pytest.approx(tokens, abs=0.5)
-        assert logged[step][f"s2/tflops_per_{per}"] == pytest.approx(float(fields["tflops"]), abs=0.005)
+        # CPU mode (the harness's ranks): the rates are per rank, under that name.
+        assert logged[step]["s2/tokens_per_s_per_rank"] == pytest.approx(tokens, abs=0.5)
+        assert logged[step]["s2/tflops_per_rank"] == pytest.approx(float(fields["tflops"]), abs=0.005)
     config = {}
     for record in records:
         kind = record.WhichOneof("record_type")
@@ -346,7 +216,7 @@ def test_resume_with_other_s2_layout_is_refused_unless_allowed(workdir):
     assert "layer 1: s2 (block_size=16, local_blocks=2, vert_stride=4" in refused.last_log
     assert ") -> dense\n" in refused.last_log and "layer 2" not in refused.last_log
     assert "--allow-s2-layout-change" in refused.last_log
-    assert not pretrain_gpt_s2.read_progress(refused.last_log)
+    assert not read_progress(refused.last_log)
     assert "------------------------ arguments" not in refused.last_log
     allowed = launch(workdir, "layout_allowed", ["--train-iters", "2", "--load", save,
                                                  "--s2-override", "layers=DDSS",
@@ -486,80 +356,3 @@ def test_misspelt_flag_in_config_file_is_named_before_megatron_prints(workdir):
     assert error and str(config) in error[0] and "'num-layyers'" in error[0], run.last_log[-3000:]
     assert "did you mean 'num-layers'" in error[0]
     assert "usage:" not in run.last_log and "------------------------ arguments" not in run.last_log
-
-
-def _pairs_by_formula(block, local, stride, offsets, seq_len):
-    """Attended (q, k) token pairs, summed over heads, from docs/semantics.md written out."""
-    total = 0
-    for offset in offsets:
-        for q in range(seq_len):
-            for k in range(q + 1):
-                qb, kb = q // block, k // block
-                if offset is None or qb - kb < local or (kb + offset) % stride == 0:
-                    total += 1
-    return total
-
-
-@pytest.mark.parametrize("seq_len", [96, 100])  # 100: a ragged last block
-def test_sparse_flops_count_the_pairs_the_layout_attends(seq_len):
-    from megatron_s2.pattern import S2Pattern
-
-    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=1)
-    # 4 heterogeneous heads, step max(1, 4 // 4) = 1: offsets 0, 1, 2; the last head is dense.
-    offsets = [0, 1, 2, None]
-    assert flops.attended_pairs(pattern, 4, 4, seq_len) == _pairs_by_formula(16, 2, 4, offsets, seq_len)
-    assert flops.attended_pairs(None, 4, 4, seq_len) == _pairs_by_formula(16, 1, 1, [None] * 4, seq_len)
-
-
-def test_sparse_aware_flops_replace_only_the_attention_term():
-    from argparse import Namespace
-
-    from megatron.training.training import num_floating_point_operations as megatron_flops
-    from megatron_s2.pattern import S2Pattern
-
-    args = Namespace(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                     group_query_attention=False, num_query_groups=4, kv_channels=16, seq_length=64,
-                     swiglu=True, padded_vocab_size=256)
-    full = Namespace(**vars(args))
-    for name in ("num_experts", "mtp_num_layers", "moe_latent_size", "moe_ffn_hidden_size",
-                 "moe_shared_expert_intermediate_size", "experimental_attention_variant",
-                 "hybrid_layer_pattern"):
-        setattr(full, name, None)
-    full.multi_latent_attention = full.attention_output_gate = False
-    pattern = S2Pattern(block_size=16, local_blocks=1, vert_stride=4)
-    counted = flops.sparse_aware_flops(megatron_flops, [None, pattern])(full, 3)
-    dense_part = megatron_flops(full, 3) - 3 * 64 * 64 * 6 * 64 * 2
-    attention = 3 * 3.5 * 4 * 16 * (4 * 64 * 65 // 2 + flops.attended_pairs(pattern, 4, 4, 64))
-    assert counted == pytest.approx(dense_part + attention, rel=1e-12)
-    assert attention < 3 * 3.5 * 4 * 16 * 2 * (4 * 64 * 65 // 2)  # the S2 layer costs less
-
-
-@pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs"))
-                                        if f.endswith(".yaml")))
-def test_shipped_configs_are_valid_megatron_flags_and_s2_layouts(name):
-    import argparse
-
-    from megatron.training.arguments import add_megatron_arguments
-
-    flags, s2_section = pretrain_gpt_s2.read_config_file(os.path.join(ROOT, "configs", f"{name}.yaml"))
-    parser = pretrain_gpt_s2.add_s2_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
-    args = parser.parse_args(pretrain_gpt_s2.flags_to_argv(flags))  # a misspelt flag exits here
-    config = pretrain_gpt_s2.resolve_s2_config(args, s2_section)
-    assert config.num_layers == args.num_layers and config.sparse_layers
-
-
-def test_model_config_keeps_the_rope_scaling_factor():
-    """Megatron's gpt_config_from_args drops --rope-scaling-factor; an imported Llama 3.2 (factor
-    32) must keep training with 32, not the default 8."""
-    import argparse
-
-    from megatron.training.arguments import add_megatron_arguments, validate_args
-
-    flags, s2_section = pretrain_gpt_s2.read_config_file(os.path.join(ROOT, "configs", "quickstart.yaml"))
-    parser = pretrain_gpt_s2.add_s2_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
-    args = parser.parse_args(pretrain_gpt_s2.flags_to_argv(flags) + [
-        "--mock-data", "--use-rope-scaling", "--rope-scaling-factor", "32"])
-    args.rank, args.world_size = 0, 1
-    validate_args(args)
-    model_config = pretrain_gpt_s2.build_model_config(args, pretrain_gpt_s2.resolve_s2_config(args, s2_section))
-    assert model_config.rope_scaling and model_config.rope_scaling_factor == 32

@@ -2,7 +2,6 @@
 pipeline of tools/quality_run.py end to end (CPU)."""
 
 import json
-import os
 import random
 import re
 
@@ -10,7 +9,7 @@ import numpy
 import pytest
 import torch
 
-from megatron_s2.data import BYTE_EOD, ByteTokenizer
+from megatron_s2.training.data import BYTE_EOD, ByteTokenizer
 from megatron_s2.eval import corpus, needle
 from megatron_s2.eval.hf_eval import loss_by_position
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
@@ -150,6 +149,7 @@ def test_loss_by_position_equals_direct_cross_entropy():
     assert result["ranges"][1]["loss"] == pytest.approx(float(per_position[512:].mean()), rel=1e-6)  # the evaluator computes in float32
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
     """Data, four variants trained by pretrain_gpt_s2.py, export, evaluation and the report."""
     # As a user runs it: on CPU the S2 layers take the PyTorch path, not Triton's interpreter (which

@@ -26,13 +26,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("S2_AUTOTUNE", "0")  # the fixed default configs, as in training
 
-from megatron_s2 import S2Pattern, get_layout, s2_attention  # noqa: E402
-from megatron_s2 import kernel as s2_kernel  # noqa: E402
-from megatron_s2.layout import clear_layout_cache  # noqa: E402
-from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs, dense_causal_pairs  # noqa: E402
+from megatron_s2 import S2Pattern, get_layout, s2_attention
+from megatron_s2.ops import kernel as s2_kernel
+from megatron_s2.ops.layout import clear_layout_cache
+from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs, dense_causal_pairs
 
 DEVICE = "cuda"
 # s2-fast / s2-det: the kernel's fast and deterministic backward (same forward); s2: its default mode.

@@ -12,15 +12,11 @@ measured as the wall time of 200 calls issued back to back). Prints a table last
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
+from megatron_s2 import S2Pattern, s2_attention
 
 PATTERN = S2Pattern()  # block 64, window 16 blocks, stride 16, heterogeneous heads
 HEADS, KV_HEADS, DIM = 32, 8, 128

@@ -34,19 +34,17 @@ import functools
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
-from megatron_s2 import context_parallel  # noqa: E402
-from megatron_s2.context_parallel import (  # noqa: E402
-    EXCHANGES,
+from megatron_s2 import S2Pattern, s2_attention
+from megatron_s2.core import context_parallel
+from megatron_s2.core.context_parallel import (
+    CP_EXCHANGES,
     context_parallel_attention,
     dense_context_parallel_attention,
     dense_pattern,
@@ -54,7 +52,8 @@ from megatron_s2.context_parallel import (  # noqa: E402
     kv_exchange_bytes,
     make_exchange,
 )
-from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
+from megatron_s2.ops.layout import Shard
+from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs
 
 
 def parse_args(argv=None):
@@ -69,7 +68,7 @@ def parse_args(argv=None):
     parser.add_argument("--vert-stride", type=int, default=16)
     parser.add_argument("--head-pattern", default="heterogeneous")
     parser.add_argument("--layers", nargs="+", default=["s2", "dense"], choices=["s2", "dense"])
-    parser.add_argument("--exchanges", nargs="+", default=list(EXCHANGES), choices=EXCHANGES,
+    parser.add_argument("--exchanges", nargs="+", default=list(CP_EXCHANGES), choices=CP_EXCHANGES,
                         help="S2 layers' exchanges (dense layers always all-gather)")
     parser.add_argument("--overlap", nargs="+", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--warmup", type=int, default=3)
@@ -187,9 +186,8 @@ def exchange_alone(exchange, overlap, pattern, seq, args, device, common):
     """Filling the key buffer and returning its gradients, without attention."""
     def run(k, v):
         with torch.no_grad():
-            mover = make_exchange(exchange, pattern, cp_group=None, seq_len=seq, overlap=overlap, head_start=0,
-                                  num_local_heads=args.heads, num_local_kv_heads=args.kv_heads, device=device,
-                                  **common)
+            mover = make_exchange(exchange, pattern, Shard(**common), cp_group=None, seq_len=seq, overlap=overlap,
+                                  num_local_heads=args.heads, num_local_kv_heads=args.kv_heads, device=device)
             k_buf, v_buf = mover.finish(mover.start(k, v), k, v)
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
             mover.finish_grads(mover.start_grads(k_buf, v_buf, dk, dv), dk, dv)
@@ -232,7 +230,7 @@ def s2_rows(pattern, seq, args, device, dtype, timer, common):
         for overlap in args.overlap:
             overlap = overlap == "on"
             attend = functools.partial(context_parallel_attention, pattern=pattern, cp_group=None,
-                                       exchange=exchange, overlap=overlap, **common)
+                                       exchange=exchange, overlap=overlap, shard=Shard(**common))
             row = bench_layer(f"{exchange}, overlap" if overlap else exchange, attend, seq, args, device, dtype,
                               timer, exchange_only=exchange_alone(exchange, overlap, pattern, seq, args, device,
                                                                   common), serialize=overlap)
@@ -257,7 +255,7 @@ def dense_rows(seq, args, device, dtype, timer, common):
                         serialize=True)
     previous = bench_layer("S2 kernel, allgather, overlap (previous)",
                            functools.partial(context_parallel_attention, pattern=pattern, cp_group=None,
-                                             exchange="allgather", overlap=True, **common),
+                                             exchange="allgather", overlap=True, shard=Shard(**common)),
                            seq, args, device, dtype, timer)
     rows = [fused, previous]
     for row in rows:

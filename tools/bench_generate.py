@@ -36,12 +36,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_s2 import S2Pattern  # noqa: E402
-from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig  # noqa: E402
-from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM  # noqa: E402
-from megatron_s2.hf.token_masks import dense_attention  # noqa: E402
+from megatron_s2 import S2Pattern
+from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
+from megatron_s2.hf.token_masks import dense_attention
 
 DEVICE = "cuda"
 VARIANTS = ("kv_group", "dense", "heterogeneous", "kv_group_hybrid", "heterogeneous_hybrid")

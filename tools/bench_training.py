@@ -45,9 +45,10 @@ import sys
 import time
 from typing import Optional
 
+from megatron_s2.core.config import read_config_file
+from megatron_s2.training.progress import read_progress
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import pretrain_gpt_s2  # noqa: E402  (its config reader and progress-line reader)
 
 VARIANTS = ("s2", "dense", "all_s2")
 # Parallel layout -> (GPUs, pretrain_gpt_s2.py flags)
@@ -137,7 +138,7 @@ def finish(run: Run, deadline: Optional[float], warmup: int) -> None:
     wall = time.time() - run.started
     with open(run.log_path, errors="replace") as log:
         text = log.read()
-    steps = sorted(pretrain_gpt_s2.read_progress(text).items())
+    steps = sorted(read_progress(text).items())
     steady = [fields for i, fields in steps if i > warmup]
     if not steady:
         tail = "\n".join(text.splitlines()[-30:])
@@ -267,7 +268,7 @@ def main(argv=None) -> list:
         parser.error("--warmup must be smaller than --iters")
     if not os.path.isfile(args.config):
         parser.error(f"--config {args.config}: no such file (the S2 configs are in configs/)")
-    flags, s2_section = pretrain_gpt_s2.read_config_file(args.config)
+    flags, s2_section = read_config_file(args.config)
     num_layers = int(flags.get("num-layers", 0))
     if "all_s2" in args.variants and not num_layers:
         parser.error(f"--variants all_s2 needs num-layers in {args.config}'s megatron: section")

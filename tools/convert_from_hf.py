@@ -18,14 +18,12 @@ import argparse
 import glob
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_s2.config import S2AttentionConfig  # noqa: E402
-from megatron_s2.hf import convert  # noqa: E402
+from megatron_s2.core.config import S2AttentionConfig
+from megatron_s2.hf import checkpoints, convert, megatron_model, weight_mapping
 
 
 def parse_args(argv=None):
@@ -109,26 +107,26 @@ def training_flags(margs):
 
 def main(argv=None):
     args = parse_args(argv)
-    convert.check_output_folder(args.save, "--save", args.overwrite, inputs=[args.hf])
+    checkpoints.check_output_folder(args.save, "--save", args.overwrite, inputs=[args.hf])
     config = read_hf_config(args.hf)
     s2_config = choose_s2_config(args, config)
     margs = convert.megatron_args_from_hf(
         config, tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
         s2_config=s2_config, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
     weights = read_hf_weights(args.hf)
-    shape = convert.shape_from_args(margs)
+    shape = megatron_model.shape_from_args(margs)
     if shape.tied_embeddings:
         weights.pop("lm_head.weight", None)
     elif "lm_head.weight" not in weights:
         raise convert.UnsupportedArchitectureError("tie_word_embeddings=False but the folder has no lm_head.weight")
-    weights = {k: v.to(torch.float32) for k, v in convert.resize_vocab(weights, shape.vocab_size).items()}
-    state = convert.hf_to_megatron_weights(weights, shape)
-    with convert.writing_folder(args.save) as partial:
-        convert.save_megatron_checkpoint(partial, state, margs, s2_config)
+    weights = {k: v.to(torch.float32) for k, v in weight_mapping.resize_vocab(weights, shape.vocab_size).items()}
+    state = weight_mapping.hf_to_megatron_weights(weights, shape)
+    with checkpoints.writing_folder(args.save) as partial:
+        checkpoints.save_megatron_checkpoint(partial, state, margs, s2_config)
     directory = os.path.join(args.save, "release")
     print(f"wrote {directory} (model weights only, {len(s2_config.sparse_layers)} S2 layers of {margs.num_layers})")
     print("pretrain_gpt_s2.py model flags: " + training_flags(margs) + f" --load {args.save}")
 
 
 if __name__ == "__main__":
-    convert.run_tool(main)
+    checkpoints.run_tool(main)

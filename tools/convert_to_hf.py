@@ -16,13 +16,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_s2.hf import convert  # noqa: E402
+from megatron_s2.hf import checkpoints, convert, megatron_model, weight_mapping
 
 HF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_s2", "hf")
 REMOTE_CODE_FILES = ("configuration_s2_llama.py", "modeling_s2_llama.py", "token_masks.py", "s2_kv_cache.py",
@@ -65,15 +63,15 @@ def export_tokenizer(args, megatron_args, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    convert.check_output_folder(args.out, "--out", args.overwrite, inputs=[args.load])
-    megatron_args, state, s2_config = convert.load_megatron_checkpoint(args.load, args.iteration)
-    shape = convert.shape_from_args(megatron_args)
+    checkpoints.check_output_folder(args.out, "--out", args.overwrite, inputs=[args.load])
+    megatron_args, state, s2_config = checkpoints.load_megatron_checkpoint(args.load, args.iteration)
+    shape = megatron_model.shape_from_args(megatron_args)
     vocab = args.vocab_size or getattr(megatron_args, "vocab_size", None) or shape.vocab_size
     dtype = DTYPES[args.dtype] if args.dtype else getattr(megatron_args, "params_dtype", torch.float32)
-    weights = convert.resize_vocab(convert.megatron_to_hf_weights(state, shape), vocab)
+    weights = weight_mapping.resize_vocab(weight_mapping.megatron_to_hf_weights(state, shape), vocab)
     weights = {k: v.to(dtype) for k, v in weights.items()}
 
-    with convert.writing_folder(args.out) as out:
+    with checkpoints.writing_folder(args.out) as out:
         tokenizer = export_tokenizer(args, megatron_args, out)
         special = {}
         if tokenizer is not None:
@@ -113,4 +111,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    convert.run_tool(main)
+    checkpoints.run_tool(main)

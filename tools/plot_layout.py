@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from megatron_s2 import S2Pattern, s2_block_mask  # noqa: E402
-from megatron_s2.config import S2AttentionConfig, split_config_file  # noqa: E402
-from megatron_s2.pattern import HEAD_PATTERNS, S2ConfigError  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import yaml
+from matplotlib.colors import Normalize
+from matplotlib.ticker import MaxNLocator
+from megatron_s2 import S2Pattern, s2_block_mask
+from megatron_s2.core.config import S2AttentionConfig, read_config_file
+from megatron_s2.ops.pattern import HEAD_PATTERNS, S2ConfigError
 
 PRESETS = ("phi3_small", "dkernel", "window")
 # Pattern options: command-line flag -> S2Pattern field. Unset (None) ones keep the preset's values.
@@ -89,8 +86,7 @@ def _megatron_value(flags: dict, name: str):
 def layer_from_config(path: str, layer: int, num_heads=None, num_kv_heads=None, seq_len=None) -> tuple:
     """``(pattern or None for dense, num_heads, num_kv_heads, seq_len)`` of one layer of a config file;
     values given (not None) win over the file's megatron: section."""
-    with open(path) as f:
-        flags, section = split_config_file(yaml.safe_load(f) or {})
+    flags, section = read_config_file(path)
     num_heads = num_heads or _megatron_value(flags, "num-attention-heads") or DEFAULT_NUM_HEADS
     if num_kv_heads is None and _megatron_value(flags, "group-query-attention"):
         num_kv_heads = _megatron_value(flags, "num-query-groups")

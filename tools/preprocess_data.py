@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Iterable, Iterator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_s2.data import ByteTokenizer, write_indexed_dataset  # noqa: E402
+from megatron_s2.training.data import ByteTokenizer, write_indexed_dataset
 
 class HuggingFaceTokenizer:
     """A Hugging Face tokenizer by name or local path; end-of-document is its EOS token."""

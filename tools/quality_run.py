@@ -31,13 +31,12 @@ import sys
 import threading
 import time
 
+import yaml
+
+from megatron_s2.eval.corpus import plain_documents, token_streams, training_documents
+from megatron_s2.training.data import BYTE_VOCAB_SIZE, write_indexed_dataset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import yaml  # noqa: E402
-
-from megatron_s2.data import BYTE_VOCAB_SIZE, write_indexed_dataset  # noqa: E402
-from megatron_s2.eval.corpus import plain_documents, token_streams, training_documents  # noqa: E402
 
 VARIANTS = ("dense", "s2_hybrid", "s2", "window")
 # Megatron's periodic evaluations and its final one ("... on validation set"), which reads the next

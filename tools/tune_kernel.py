@@ -13,7 +13,7 @@ What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed c
 - tensor-descriptor (TMA) against pointer loads in the forward (``kernel.TMA_LOADS``);
 - 64-row against 128-row query and key tiles, and at head dim 64 every forward config at 64 rows.
 Each stage prints its variants with the winner marked; a summary of the winners comes last, with
-what to change in ``megatron_s2/kernel.py``, then the registers and spills (ptxas) of each kernel's
+what to change in ``megatron_s2/ops/kernel.py``, then the registers and spills (ptxas) of each kernel's
 default config. Stops starting new variants after ``--max-minutes`` (6.5: the whole run stays
 under 8 minutes).
 """
@@ -25,18 +25,16 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ["S2_AUTOTUNE"] = "0"  # the launcher's first config, so each variant runs what it names
 
-import torch  # noqa: E402
-
-from megatron_s2 import S2Pattern  # noqa: E402
-from megatron_s2 import kernel  # noqa: E402
-from megatron_s2.attention import _kernel_problem  # noqa: E402
-from megatron_s2.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs  # noqa: E402
+import torch
+from megatron_s2 import S2Pattern
+from megatron_s2.ops import kernel
+from megatron_s2.ops.attention import _kernel_problem
+from megatron_s2.ops.layout import Shard
+from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs
 
 DEVICE = "cuda"
 
@@ -73,17 +71,16 @@ class Bench:
 
     def problem(self):
         c = self.case
-        return _kernel_problem(self.q, self.k, c.pattern, softmax_scale=None, head_start=0, num_q_heads=c.heads,
-                               num_kv_heads=c.kv_heads, q_start=0, k_start=0)
+        return _kernel_problem(self.q, self.k, c.pattern, Shard(c.heads, c.kv_heads), softmax_scale=None)
 
     def time_forward(self):
-        prob = self.problem()
-        return _median_ms(lambda: kernel.forward(self.q, self.k, self.v, prob))
+        problem = self.problem()
+        return _median_ms(lambda: kernel.forward(self.q, self.k, self.v, problem))
 
     def time_backward(self, deterministic: bool):
-        prob = self.problem()
-        out, lse = kernel.forward(self.q, self.k, self.v, prob)
-        return _median_ms(lambda: kernel.backward(self.do, self.q, self.k, self.v, out, lse, None, prob,
+        problem = self.problem()
+        out, lse = kernel.forward(self.q, self.k, self.v, problem)
+        return _median_ms(lambda: kernel.backward(self.do, self.q, self.k, self.v, out, lse, None, problem,
                                                   deterministic))
 
 

@@ -4,7 +4,7 @@ The text is the source and documentation of the running Python's standard librar
 packages (on every machine with Python, no download; the standard library alone is 10-40 MB, the
 installed packages of a PyTorch environment several hundred). Files are split by a hash of their path: ``train`` (90%),
 ``valid`` (5%: held-out text for the validation loss) and ``haystack`` (5%: held-out text for needle
-prompts), so no evaluation text was seen in training. Tokens are bytes (``megatron_s2.data``).
+prompts), so no evaluation text was seen in training. Tokens are bytes (``megatron_s2.training.data``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 
 import numpy
 
-from megatron_s2.data import BYTE_EOD
+from megatron_s2.training.data import BYTE_EOD
 from megatron_s2.eval.needle import make_training_document
 
 SPLITS = ("train", "valid", "haystack")

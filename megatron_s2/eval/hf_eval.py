@@ -19,7 +19,7 @@ import time
 import numpy
 import torch
 
-from megatron_s2.data import BYTE_EOD
+from megatron_s2.training.data import BYTE_EOD
 from megatron_s2.eval.corpus import token_streams
 from megatron_s2.eval.needle import needle_grid
 

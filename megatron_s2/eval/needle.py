@@ -2,7 +2,7 @@
 end, scored by exact match of the greedy continuation.
 
 Everything works on token ids with a tokenizer that has ``encode(str) -> list[int]`` and
-``decode(list[int]) -> str`` (the byte-level one of ``megatron_s2.data`` by default). A model is any
+``decode(list[int]) -> str`` (the byte-level one of ``megatron_s2.training.data`` by default). A model is any
 ``generate(prompts, max_new_tokens) -> continuations`` callable, so this module needs neither
 Megatron nor Hugging Face. Training documents use the same templates as the evaluation prompts;
 only the keys, labels and haystacks are new at evaluation.
@@ -14,7 +14,7 @@ import dataclasses
 import random
 from typing import Callable, Sequence
 
-from megatron_s2.data import ByteTokenizer
+from megatron_s2.training.data import ByteTokenizer
 
 NEEDLE = "\nThe pass key of the {label} is {key}. Remember it.\n"
 QUESTION = "\nWhat is the pass key of the {label}? The pass key of the {label} is "

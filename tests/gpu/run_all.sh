@@ -12,6 +12,8 @@ cd "$(dirname "$0")/../.."
 LOG_DIR=${LOG_DIR:-runs/gpu_checks}
 mkdir -p "$LOG_DIR/runs"
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+# The tools import megatron_s2: this checkout, unless it is installed (`pip install -e .`).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 

@@ -9,9 +9,6 @@ result (S2: both exchanges and schedules). At 8k tokens both are also checked ag
 dense-masked reference: the CP error must be no larger than the CP=1 attention's.
 """
 
-import os
-import socket
-import sys
 
 import pytest
 import torch
@@ -19,20 +16,20 @@ import torch
 if torch.cuda.device_count() < 2:
     pytest.skip("needs two CUDA GPUs", allow_module_level=True)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
-from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
-from megatron_s2.context_parallel import (  # noqa: E402
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from megatron_s2 import S2Pattern, s2_attention
+from megatron_s2.core.context_parallel import (
     context_parallel_attention,
     dense_context_parallel_attention,
     fused_attention_backend,
 )
-from megatron_s2.reference import s2_attention_reference  # noqa: E402
+from megatron_s2.ops.layout import Shard
+from megatron_s2.ops.reference import s2_attention_reference
+from tests.helpers import free_port
 
 CP = 2
 # (name, seq, pattern, global q heads, global kv heads, head_start, local q heads, local kv heads,
@@ -112,7 +109,7 @@ def _run_case(case, rank):
     for exchange in ("allgather", "s2"):
         for overlap in (True, False):
             cp2 = _run(lambda *t: context_parallel_attention(*t, pattern, cp_group=None, exchange=exchange,
-                                                             overlap=overlap, **heads),
+                                                             overlap=overlap, shard=Shard(**heads)),
                        local_inputs, _local_chunks(grad_out, rank))
             _compare(f"{name}/{exchange}/overlap={overlap}", rank, cp2, single, exact)
 
@@ -156,11 +153,5 @@ def _worker(rank, port):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cp2_equals_cp1_on_two_gpus():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=CP, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=CP, join=True)

@@ -10,22 +10,19 @@
 """
 
 import dataclasses
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from megatron_s2 import S2Pattern  # noqa: E402
-from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig  # noqa: E402
-from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM  # noqa: E402
-from megatron_s2.hf.s2_decode_kernel import s2_decode_attention  # noqa: E402
-from megatron_s2.hf.s2_kv_cache import S2KVCache  # noqa: E402
-from megatron_s2.hf.token_masks import masked_attention, s2_token_mask  # noqa: E402
+from megatron_s2 import S2Pattern
+from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
+from megatron_s2.hf.s2_decode_kernel import s2_decode_attention
+from megatron_s2.hf.s2_kv_cache import S2KVCache
+from megatron_s2.hf.token_masks import masked_attention, s2_token_mask
 
 HEADS, KV_HEADS = 32, 8
 PATTERNS = {

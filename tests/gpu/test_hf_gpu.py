@@ -9,21 +9,19 @@ pure-PyTorch path): the HF bf16 error must be of the size of Megatron's own bf16
 """
 
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("megatron.core")
 
-from megatron_s2.config import S2AttentionConfig  # noqa: E402
-from megatron_s2.hf import convert  # noqa: E402
-from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig  # noqa: E402
-from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM  # noqa: E402
-from tools import convert_from_hf, convert_to_hf  # noqa: E402
+from megatron_s2.core.config import S2AttentionConfig
+from megatron_s2.hf import checkpoints, convert, megatron_model
+from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
+from tools import convert_from_hf, convert_to_hf
 
 SEQ, VOCAB, HEADS, KV_HEADS = 2048, 1000, 8, 2
 S2 = {"layers": "SDSS", "defaults": {"block_size": 64, "local_blocks": 4, "vert_stride": 8}}
@@ -51,10 +49,10 @@ def build_folders(root, device="cuda"):
 
 
 def megatron_logits(megatron_dir, input_ids, dtype):
-    margs, state, s2 = convert.load_megatron_checkpoint(megatron_dir)
+    margs, state, s2 = checkpoints.load_megatron_checkpoint(megatron_dir)
     margs.params_dtype = dtype
-    with convert.single_process_megatron():
-        model = convert.build_gpt_model(margs, s2)
+    with megatron_model.single_process_megatron():
+        model = megatron_model.build_gpt_model(margs, s2)
         model.load_state_dict(state, strict=False)
         model = model.to(input_ids.device).eval()
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)

@@ -8,9 +8,11 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from megatron_s2 import S2Pattern, kernel, s2_attention  # noqa: E402
-from megatron_s2.attention import s2_attention_backward, s2_attention_into  # noqa: E402
-from megatron_s2.reference import s2_attention_reference  # noqa: E402
+from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
+from megatron_s2.ops import kernel  # noqa: E402
+from megatron_s2.ops.attention import s2_attention_backward, s2_attention_into  # noqa: E402
+from megatron_s2.ops.layout import Shard  # noqa: E402
+from megatron_s2.ops.reference import s2_attention_reference  # noqa: E402
 
 DEVICE = "cuda"
 # ||kernel - ref|| / ||ref|| with bf16/fp16 inputs and fp32 accumulation; gradients see one more
@@ -196,9 +198,10 @@ def test_softmax_split_by_key_ranges(backward_mode, dtype):
     out = torch.empty_like(q)
     lse = torch.empty(2, 8, 1024, device=DEVICE)
     ranges = [(k[:, 2048:], v[:, 2048:], 2048), (k[:, :2048], v[:, :2048], 0)]  # own keys first
+    heads = Shard(num_q_heads=8, num_kv_heads=2)
     for resume, (kr, vr, start) in enumerate(ranges):
-        s2_attention_into(q, kr, vr, pattern, out, lse, resume=bool(resume), q_start=2048, k_start=start)
-    grads = [s2_attention_backward(grad_out, q, kr, vr, out, lse, pattern, q_start=2048, k_start=start)
+        s2_attention_into(q, kr, vr, pattern, out, lse, shard=heads.at(2048, start), resume=bool(resume))
+    grads = [s2_attention_backward(grad_out, q, kr, vr, out, lse, pattern, shard=heads.at(2048, start))
              for kr, vr, start in ranges]
     got = (out, lse, grads[0][0] + grads[1][0], torch.cat([grads[1][1], grads[0][1]], 1),
            torch.cat([grads[1][2], grads[0][2]], 1))

@@ -21,8 +21,7 @@ if torch.cuda.device_count() < 2:
 pytest.importorskip("megatron.core")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-import pretrain_gpt_s2  # noqa: E402  (its progress-line reader)
+from megatron_s2.training.progress import read_progress
 
 OUT = os.environ.get("OUT") or tempfile.mkdtemp(prefix="pretrain_gpu_")
 os.makedirs(OUT, exist_ok=True)
@@ -42,7 +41,7 @@ def run(name: str, gpus: int, *flags: str) -> dict:
                               timeout=400).returncode
     text = open(log_path, errors="replace").read()
     assert code == 0, f"{name} failed ({code}); log {log_path}:\n" + "\n".join(text.splitlines()[-40:])
-    rows = {i: (float(f["loss"]), float(f["step_ms"])) for i, f in pretrain_gpt_s2.read_progress(text).items()}
+    rows = {i: (float(f["loss"]), float(f["step_ms"])) for i, f in read_progress(text).items()}
     SUMMARY.append((name, rows))
     return rows
 

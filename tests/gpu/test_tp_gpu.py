@@ -10,8 +10,6 @@ last (and written to $OUT/tp_gpu.txt when OUT is set).
 """
 
 import os
-import socket
-import sys
 
 import pytest
 import torch
@@ -20,13 +18,12 @@ if torch.cuda.device_count() < 2:
     pytest.skip("needs two CUDA GPUs", allow_module_level=True)
 pytest.importorskip("megatron.core")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from megatron.core import parallel_state, tensor_parallel
 
-from tests.test_megatron_tp import loss_and_grads, tiny_config  # noqa: E402
+from tests.helpers import free_port, loss_and_grads, tiny_config
 
 SEQ = 2048
 # Window of 4 blocks and stride 4 at 32 blocks: every head's stripes matter, so a head-index error
@@ -82,10 +79,7 @@ def _worker(rank, port):
 
 
 def test_tp2_equals_tp1_on_two_gpus():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port,), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

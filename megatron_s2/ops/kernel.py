@@ -58,7 +58,8 @@ DETERMINISTIC_BY_DEFAULT = True
 AUTOTUNE = not INTERPRET and os.environ.get("S2_AUTOTUNE", "0") == "1"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _MAX_UNIT = 64
-_FLAG_BITS = 8  # an entry stores (unit index << 8) | unit bitmask: up to 8 units per tile
+_FLAG_BITS = 8  # an entry stores (unit index << _FLAG_BITS) | unit bitmask: up to 8 units per tile
+FLAG_BITS = tl.constexpr(_FLAG_BITS)  # the kernels' copy
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)  # the kernels' copy (Triton reads only constexpr globals)
 MASKED_SCORE = tl.constexpr(-1.0e6)  # a masked key's scaled score: finite, so exp2 never sees inf - inf
@@ -325,7 +326,7 @@ def _lower_bound(ENTRIES, lo, hi, unit_limit):
     """First position in the ascending ``ENTRIES[lo:hi]`` whose unit is >= ``unit_limit``."""
     while lo < hi:
         mid = (lo + hi) // 2
-        below = (tl.load(ENTRIES + mid) >> 8) < unit_limit
+        below = (tl.load(ENTRIES + mid) >> FLAG_BITS) < unit_limit
         lo = tl.where(below, mid + 1, lo)
         hi = tl.where(below, hi, mid)
     return lo
@@ -341,15 +342,15 @@ def _key_ptrs(base, ENTRIES, e, stride, offs_n, offs_d, UNIT: tl.constexpr, STEP
     if STEP == 2:
         # Row offsets, not a select between pointers: the compiler then still sees 16-byte
         # contiguous rows and pipelines the loads.
-        second = (tl.load(ENTRIES + e + 1) >> 8) * UNIT - UNIT
-        rows = tl.where(offs_n < UNIT, (entry >> 8) * UNIT, second) + offs_n
+        second = (tl.load(ENTRIES + e + 1) >> FLAG_BITS) * UNIT - UNIT
+        rows = tl.where(offs_n < UNIT, (entry >> FLAG_BITS) * UNIT, second) + offs_n
         row_off = rows.to(tl.int64) * stride
         if TRANSPOSED:
             ptrs = base + row_off[None, :] + offs_d[:, None]
         else:
             ptrs = base + row_off[:, None] + offs_d[None, :]
     else:
-        ptr0 = base + ((entry >> 8) * UNIT).to(tl.int64) * stride
+        ptr0 = base + ((entry >> FLAG_BITS) * UNIT).to(tl.int64) * stride
         if TRANSPOSED:
             ptrs = ptr0 + offs_n[None, :] * stride + offs_d[:, None]
         else:
@@ -425,7 +426,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, 
         k_ptrs, entry = _key_ptrs(k_base, ENTRIES, e, stride_ks, offs_n, offs_d, UNIT, STEP, True)
         v_ptrs, _ = _key_ptrs(v_base, ENTRIES, e, stride_vs, offs_n, offs_d, UNIT, STEP, False)
         if MASKED:
-            k_row0 = (entry >> 8) * UNIT
+            k_row0 = (entry >> FLAG_BITS) * UNIT
             k_ok = (k_row0 + offs_n) < len_k
             kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
         else:
@@ -460,11 +461,11 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, ENTRIES, e_lo, e_hi, qk_sca
     key units: no per-element pointers. With ``STEP`` 2 the two units' scores share one online
     softmax update, as the pointer loop's 128-key step does."""
     for e in range(e_lo, e_hi, STEP):
-        row0 = (tl.load(ENTRIES + e) >> 8) * UNIT
+        row0 = (tl.load(ENTRIES + e) >> FLAG_BITS) * UNIT
         s0 = tl.dot(q, tl.trans(k_desc.load([row0, 0])), input_precision=DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(s0, 1) * qk_scale)
         if STEP == 2:
-            row1 = (tl.load(ENTRIES + e + 1) >> 8) * UNIT
+            row1 = (tl.load(ENTRIES + e + 1) >> FLAG_BITS) * UNIT
             s1 = tl.dot(q, tl.trans(k_desc.load([row1, 0])), input_precision=DOT_PREC)
             m_new = tl.maximum(m_new, tl.max(s1, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
@@ -590,7 +591,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_q
     for e in range(e_lo, e_hi):
         entry = tl.load(ENTRIES + e)
         for sub in tl.static_range(UNIT // QSTEP):
-            q_row0 = (entry >> 8) * UNIT + sub * QSTEP
+            q_row0 = (entry >> FLAG_BITS) * UNIT + sub * QSTEP
             q_ok = (q_row0 + offs_u) < len_q
             q_off = q_row0.to(tl.int64)
             qt = tl.load(q_base + q_off * stride_qs + offs_u[None, :] * stride_qs + offs_d[:, None],
@@ -697,7 +698,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTR
         k_ptrs, entry = _key_ptrs(k_base, ENTRIES, e, stride_ks, offs_n, offs_d, UNIT, STEP, True)
         v_ptrs, _ = _key_ptrs(v_base, ENTRIES, e, stride_vs, offs_n, offs_d, UNIT, STEP, True)
         if MASKED:
-            k_row0 = (entry >> 8) * UNIT
+            k_row0 = (entry >> FLAG_BITS) * UNIT
             k_ok = (k_row0 + offs_n) < len_k
             kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
             vt = tl.load(v_ptrs, mask=k_ok[None, :], other=0.0)
@@ -869,14 +870,29 @@ class Problem:
         return self.cu_q is not None
 
 
-def _bsh(t: torch.Tensor, varlen: bool):
-    """(batch, seq, head) strides; packed tensors address sequences through cu_seqlens instead."""
-    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)
+def _strides(name: str, t: torch.Tensor, varlen: bool) -> dict:
+    """The kernels' ``stride_<name>b/s/h`` (batch, seq, head) arguments of ``t``; packed tensors
+    address sequences through cu_seqlens instead of a batch stride."""
+    return {f"stride_{name}b": 0 if varlen else t.stride(0), f"stride_{name}s": t.stride(1),
+            f"stride_{name}h": t.stride(2)}
 
 
-def _lse_strides(lse: torch.Tensor, varlen: bool):
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> dict:
     # lse is [batch, heads, seq] or, packed, [heads, tokens] (viewed as [1, heads, tokens]).
-    return (0 if varlen else lse.stride(0)), lse.stride(1)
+    return {"stride_lb": 0 if varlen else lse.stride(0), "stride_lh": lse.stride(1)}
+
+
+def _seq_bounds_args(problem: Problem, placeholder: torch.Tensor) -> dict:
+    """``CU_Q``/``CU_K``: the packed sequences' bounds, or an unused pointer when not packed."""
+    if problem.varlen:
+        return {"CU_Q": problem.cu_q, "CU_K": problem.cu_k}
+    return {"CU_Q": placeholder, "CU_K": placeholder}
+
+
+def _positions(problem: Problem) -> dict:
+    """The kernels' lengths, absolute first positions and tuning bucket of one call."""
+    return dict(len_q_all=problem.len_q, len_k_all=problem.len_k, q_pos0=problem.q_pos0, k_pos0=problem.k_pos0,
+                tune_bucket=_tune_bucket(problem.len_q))
 
 
 def new_output(shape, dtype, device):
@@ -888,25 +904,23 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward(q, k, v, prob: Problem, out=None, lse=None, resume=False):
+def forward(q, k, v, problem: Problem, out=None, lse=None, resume=False):
     """``(out, lse)``; into the given ``out``/``lse`` (views allowed), and with ``resume`` continuing
     the softmax they hold over earlier keys (rows with lse -inf hold none yet)."""
     batch, _, heads, dim = q.shape
-    kl = prob.layout
+    layout, varlen = problem.layout, problem.varlen
     if out is None:
         out = new_output(q.shape, q.dtype, q.device)
         lse = new_output((batch, heads, q.shape[1]), torch.float32, q.device)
-    tiles = kl.q_tiles
-    cu_q = prob.cu_q if prob.varlen else lse  # unused pointer when not packed
-    cu_k = prob.cu_k if prob.varlen else lse
-    grid, num_programs, shape = _query_programs(kl, prob, heads)
-    _fwd.launch(grid, dim,
-        q, k, v, out, lse, tiles.ptr, tiles.nfull, tiles.entries, cu_q, cu_k, prob.sm_scale * _LOG2E,
-        *_bsh(q, prob.varlen), *_bsh(k, prob.varlen), *_bsh(v, prob.varlen), *_bsh(out, prob.varlen),
-        *_lse_strides(lse, prob.varlen),
-        heads, heads // k.shape[2], prob.len_q, prob.len_k, num_programs, tiles.num_tiles, prob.q_pos0,
-        prob.k_pos0, _tune_bucket(prob.len_q),
-        HEAD_DIM=dim, VARLEN=prob.varlen, DOT_PREC=_dot_precision(q.dtype), RESUME=resume,
+    tiles = layout.q_tiles
+    grid, num_programs, shape = _query_programs(layout, problem, heads)
+    _fwd.launch(
+        grid, dim, Q=q, K=k, V=v, O=out, LSE=lse, T_PTR=tiles.ptr, T_NFULL=tiles.nfull, ENTRIES=tiles.entries,
+        **_seq_bounds_args(problem, lse), qk_scale=problem.sm_scale * _LOG2E,
+        **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
+        **_strides("o", out, varlen), **_lse_strides(lse, varlen),
+        num_heads=heads, group=heads // k.shape[2], num_programs=num_programs, num_list_tiles=tiles.num_tiles,
+        **_positions(problem), HEAD_DIM=dim, VARLEN=varlen, DOT_PREC=_dot_precision(q.dtype), RESUME=resume,
         TMA=_use_tma(q, k, v), **shape,
     )
     return out, lse
@@ -936,64 +950,68 @@ def _set_descriptor_allocator():
 _allocator_set = False
 
 
-def _query_programs(kl: KernelLayout, prob: Problem, heads: int):
+def _query_programs(layout: KernelLayout, problem: Problem, heads: int):
     """Grid, programs per (pack of) head(s) and tile constants of the forward and dQ kernels."""
-    num_programs = kl.q_tiles.num_tiles * (kl.unit * kl.q_merge // kl.q_positions)
-    grid = (num_programs, prob.num_seqs * heads // kl.q_pack)
-    return grid, num_programs, dict(UNIT=kl.unit, MERGE=kl.q_merge, PACK=kl.q_pack, POS=kl.q_positions)
+    num_programs = layout.q_tiles.num_tiles * (layout.unit * layout.q_merge // layout.q_positions)
+    grid = (num_programs, problem.num_seqs * heads // layout.q_pack)
+    return grid, num_programs, dict(UNIT=layout.unit, MERGE=layout.q_merge, PACK=layout.q_pack,
+                                    POS=layout.q_positions)
 
 
-def backward(do, q, k, v, out, lse, dlse, prob: Problem, deterministic: bool):
+def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool):
     """``(dq, dk, dv)``; ``deterministic`` chooses the backward mode (module docstring)."""
     batch, _, heads, dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
-    kl = prob.layout
-    varlen = prob.varlen
+    layout, varlen = problem.layout, problem.varlen
     # The kernels address lse, dlse and their delta buffer with one set of strides: make them alike
     # (autograd may hand in a strided or broadcast dlse, and callers pass views of a larger lse).
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
-    cu_q = prob.cu_q if varlen else lse
-    cu_k = prob.cu_k if varlen else lse
+    seq_bounds = _seq_bounds_args(problem, lse)
     delta = new_output(lse.shape, lse.dtype, lse.device)
     # Fast mode: dQ accumulates in float32 (zeroed by the delta kernel, which visits every row).
     dq_acc = new_output(q.shape, torch.float32, q.device) if not deterministic else delta
-    acc_strides = _bsh(dq_acc, varlen) if not deterministic else (0, 0, 0)
+    acc_strides = _strides("a", dq_acc, varlen) if not deterministic else dict.fromkeys(
+        ("stride_ab", "stride_as", "stride_ah"), 0)
     rows = 64
-    _bwd_delta_kernel[(prob.num_seqs * heads, triton.cdiv(prob.len_q, rows))](
-        out, do, dlse if dlse is not None else lse, delta, dq_acc, cu_q, *_bsh(out, varlen), *_bsh(do, varlen),
-        *_lse_strides(lse, varlen), *acc_strides, heads, prob.len_q,
+    _bwd_delta_kernel[(problem.num_seqs * heads, triton.cdiv(problem.len_q, rows))](
+        O=out, DO=do, DLSE=dlse if dlse is not None else lse, DELTA=delta, DQ_ACC=dq_acc, CU_Q=seq_bounds["CU_Q"],
+        **_strides("o", out, varlen), **_strides("d", do, varlen), **_lse_strides(lse, varlen), **acc_strides,
+        num_heads=heads, len_q_all=problem.len_q,
         HEAD_DIM=dim, ROWS=rows, HAS_DLSE=dlse is not None, VARLEN=varlen, ZERO_DQ=not deterministic,
     )
     # Per-head programs of a GQA group write float32 partials, summed below in a fixed order.
-    partial = kl.split_heads
+    partial = layout.split_heads
     grad_shape, grad_dtype = ((*k.shape[:2], heads, dim), torch.float32) if partial else (k.shape, k.dtype)
     dk = new_output(grad_shape, grad_dtype, k.device)
     dv = new_output(grad_shape, grad_dtype, v.device)
-    qk_scale = prob.sm_scale * _LOG2E
+    scales = dict(qk_scale=problem.sm_scale * _LOG2E, sm_scale=problem.sm_scale)
     prec = _dot_precision(q.dtype)
-    kt = kl.k_tiles
-    (_dkdv if deterministic else _fused).launch((kl.k_order.numel() * prob.num_seqs,), dim,
-        q, k, v, do, dk, dv, dq_acc, lse, delta, kt.ptr, kt.nfull, kt.entries, kt.units, kl.k_order, cu_q, cu_k,
-        qk_scale, prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
-        *_bsh(dk, varlen), *_bsh(dv, varlen), *acc_strides, *_lse_strides(lse, varlen),
-        1 if partial else group, group, prob.num_seqs, prob.len_q, prob.len_k, kt.num_tiles, prob.q_pos0,
-        prob.k_pos0, _tune_bucket(prob.len_q), HEAD_DIM=dim, UNIT=kl.unit, MERGE=kl.k_merge, VARLEN=varlen,
-        DOT_PREC=prec, FUSED_DQ=not deterministic,
+    k_tiles = layout.k_tiles
+    (_dkdv if deterministic else _fused).launch(
+        (layout.k_order.numel() * problem.num_seqs,), dim,
+        Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, DQ_ACC=dq_acc, LSE=lse, DELTA=delta, T_PTR=k_tiles.ptr,
+        T_NFULL=k_tiles.nfull, ENTRIES=k_tiles.entries, T_UNITS=k_tiles.units, ORDER=layout.k_order, **seq_bounds,
+        **scales, **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
+        **_strides("d", do, varlen), **_strides("dk", dk, varlen), **_strides("dv", dv, varlen), **acc_strides,
+        **_lse_strides(lse, varlen),
+        heads_per_program=1 if partial else group, group=group, num_seqs=problem.num_seqs,
+        num_tiles=k_tiles.num_tiles, **_positions(problem), HEAD_DIM=dim, UNIT=layout.unit, MERGE=layout.k_merge,
+        VARLEN=varlen, DOT_PREC=prec, FUSED_DQ=not deterministic,
     )
     if partial:
         dk, dv = (t.unflatten(2, (kv_heads, group)).sum(3).to(k.dtype) for t in (dk, dv))
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv
     dq = new_output(q.shape, q.dtype, q.device)
-    qt = kl.q_tiles
-    grid, num_programs, shape = _query_programs(kl, prob, heads)
-    _dq.launch(grid, dim,
-        q, k, v, do, dq, lse, delta, qt.ptr, qt.nfull, qt.entries, cu_q, cu_k, qk_scale,
-        prob.sm_scale, *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(do, varlen),
-        *_bsh(dq, varlen), *_lse_strides(lse, varlen),
-        heads, group, prob.len_q, prob.len_k, num_programs, qt.num_tiles, prob.q_pos0, prob.k_pos0,
-        _tune_bucket(prob.len_q), HEAD_DIM=dim, VARLEN=varlen, DOT_PREC=prec, **shape,
+    q_tiles = layout.q_tiles
+    grid, num_programs, shape = _query_programs(layout, problem, heads)
+    _dq.launch(
+        grid, dim, Q=q, K=k, V=v, DO=do, DQ=dq, LSE=lse, DELTA=delta, T_PTR=q_tiles.ptr, T_NFULL=q_tiles.nfull,
+        ENTRIES=q_tiles.entries, **seq_bounds, **scales, **_strides("q", q, varlen), **_strides("k", k, varlen),
+        **_strides("v", v, varlen), **_strides("d", do, varlen), **_strides("dq", dq, varlen),
+        **_lse_strides(lse, varlen), num_heads=heads, group=group, num_programs=num_programs,
+        num_list_tiles=q_tiles.num_tiles, **_positions(problem), HEAD_DIM=dim, VARLEN=varlen, DOT_PREC=prec, **shape,
     )
     return dq, dk, dv

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .layout import Pattern, get_layout
+from .layout import Pattern, Shard, get_layout, validate_layout_args
 from .pattern import BlockMaskPattern, S2Pattern
 from .reference import (
     merge_by_lse,
@@ -32,9 +32,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check_inputs(q, k, v, pattern, packed, num_q_heads, num_kv_heads, q_start, k_start):
-    if not isinstance(pattern, (S2Pattern, BlockMaskPattern)):
-        raise TypeError(f"pattern must be an S2Pattern or BlockMaskPattern, got {type(pattern).__name__}")
+def _check_inputs(q, k, v, pattern, packed, head_start, num_q_heads, num_kv_heads, q_start, k_start) -> Shard:
+    """Check one call's inputs; returns its ``Shard`` (head counts None: the local ones)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -75,14 +74,9 @@ def _check_inputs(q, k, v, pattern, packed, num_q_heads, num_kv_heads, q_start, 
             f"GQA ratios, and the local heads are not a slice of one KV group: pass the whole model's "
             f"num_q_heads and num_kv_heads"
         )
-    block = pattern.block_size
-    for name, start in (("q_start", q_start), ("k_start", k_start)):
-        if not isinstance(start, int) or start < 0 or start % block:
-            raise ValueError(
-                f"{name}={start!r} must be a non-negative multiple of block_size={block} "
-                f"(context-parallel chunks start on block boundaries)"
-            )
-    return num_q_heads, num_kv_heads
+    validate_layout_args(pattern, num_q_heads, num_kv_heads, q.shape[-3], k.shape[-3], head_start, heads, q_start,
+                         k_start)
+    return Shard(num_q_heads, num_kv_heads, head_start, q_start, k_start)
 
 
 def _check_key_range(q_len, kv_len, q_start, k_start):
@@ -138,8 +132,7 @@ def _uses_reference(q) -> bool:
     return q.device.type == "cpu" and not _interpreting()
 
 
-def _kernel_problem(q, k, pattern, *, softmax_scale, head_start, num_q_heads, num_kv_heads, q_start, k_start,
-                    packed=None):
+def _kernel_problem(q, k, pattern, shard: Shard, *, softmax_scale, packed=None):
     """The kernel's Problem for ``q [b, s, h, d]``, ``k [b, s_k, h_kv, d]``; packed input passes
     ``(num_seqs, longest, layout length, cu_seqlens)`` for its ``[1, tokens, h, d]`` views."""
     from . import kernel
@@ -151,12 +144,13 @@ def _kernel_problem(q, k, pattern, *, softmax_scale, head_start, num_q_heads, nu
     else:
         num_seqs, q_len, layout_q_len, cu_seqlens = packed
         kv_len, layout_k_len = q_len, layout_q_len
-    layout = get_layout(pattern, num_q_heads, num_kv_heads, layout_q_len, layout_k_len, head_start=head_start,
-                        num_local_heads=q.shape[-2], q_start=q_start, k_start=k_start, device=q.device)
+    layout = get_layout(pattern, shard.num_q_heads, shard.num_kv_heads, layout_q_len, layout_k_len,
+                        head_start=shard.head_start, num_local_heads=q.shape[-2], q_start=shard.q_start,
+                        k_start=shard.k_start, device=q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return kernel.Problem(
         layout=kernel.kernel_layout(layout, q.shape[-1], q.shape[-2] // k.shape[-2]), num_seqs=num_seqs,
-        len_q=q_len, len_k=kv_len, q_pos0=q_start, k_pos0=k_start, sm_scale=scale, cu_q=cu_seqlens,
+        len_q=q_len, len_k=kv_len, q_pos0=shard.q_start, k_pos0=shard.k_start, sm_scale=scale, cu_q=cu_seqlens,
         cu_k=cu_seqlens,
     )
 
@@ -221,7 +215,8 @@ def _reference_4d(reference, tensors, pattern, *, cu_seqlens, max_seqlen, **opti
     return tuple(r[None] for r in results)
 
 
-def _problem(q, k, pattern, *, cu_seqlens, max_seqlen, **options):
+def _problem(q, k, pattern, *, cu_seqlens, max_seqlen, softmax_scale, head_start, num_q_heads, num_kv_heads,
+             q_start, k_start):
     packed = None
     if cu_seqlens is not None:
         # The layout of a longer length serves every shorter sequence: round up so that batches
@@ -229,7 +224,8 @@ def _problem(q, k, pattern, *, cu_seqlens, max_seqlen, **options):
         layout_len = max_seqlen if isinstance(pattern, BlockMaskPattern) else max(
             16 * pattern.block_size, 1 << (max_seqlen - 1).bit_length())
         packed = (cu_seqlens.numel() - 1, max_seqlen, layout_len, cu_seqlens)
-    return _kernel_problem(q, k, pattern, packed=packed, **options)
+    shard = Shard(num_q_heads, num_kv_heads, head_start, q_start, k_start)
+    return _kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale, packed=packed)
 
 
 @torch.library.custom_op("megatron_s2::s2_attention_forward", mutates_args=())
@@ -338,7 +334,7 @@ def s2_attention(
     by float32 atomics (last bits vary); None takes ``kernel.DETERMINISTIC_BY_DEFAULT``.
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
-    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, packed, num_q_heads, num_kv_heads, q_start, k_start)
+    shard = _check_inputs(q, k, v, pattern, packed, head_start, num_q_heads, num_kv_heads, q_start, k_start)
     if packed:  # checked before the CPU fallback too, so that CPU runs refuse what the GPU would
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q = _check_packed(
             q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start)
@@ -346,9 +342,9 @@ def s2_attention(
         _check_key_range(q.shape[1], k.shape[1], q_start, k_start)
     q4, k4, v4 = _last_dim_contiguous(*((t[None] for t in (q, k, v)) if packed else (q, k, v)))
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse = _forward_op(q4, k4, v4, cu_seqlens_q, *_pattern_fields(pattern), scale, head_start, num_q_heads,
-                           num_kv_heads, q_start, k_start, max_seqlen_q or 0, return_lse,
-                           _deterministic(deterministic))
+    out, lse = _forward_op(q4, k4, v4, cu_seqlens_q, *_pattern_fields(pattern), scale, shard.head_start,
+                           shard.num_q_heads, shard.num_kv_heads, shard.q_start, shard.k_start, max_seqlen_q or 0,
+                           return_lse, _deterministic(deterministic))
     if packed:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
@@ -362,24 +358,21 @@ def s2_attention_into(
     out: torch.Tensor,
     lse: torch.Tensor,
     *,
+    shard: Shard,
     resume: bool,
     softmax_scale: Optional[float] = None,
-    head_start: int = 0,
-    num_q_heads: Optional[int] = None,
-    num_kv_heads: Optional[int] = None,
-    q_start: int = 0,
-    k_start: int = 0,
 ) -> None:
-    """``s2_attention(..., return_lse=True)`` written into ``out [b, s, h, d]`` and ``lse [b, h, s]``
-    (float32; views allowed), without autograd. With ``resume`` the keys join the softmax that
-    ``out``/``lse`` already hold over other keys (rows with lse -inf hold none), as if one call had
-    read both key ranges: context parallelism builds a chunk's softmax from key ranges that become
-    available at different times, and its backward uses ``s2_attention_backward``. Unpacked input only.
+    """``s2_attention(..., return_lse=True)`` of the heads and positions of ``shard``, written into
+    ``out [b, s, h, d]`` and ``lse [b, h, s]`` (float32; views allowed), without autograd. With
+    ``resume`` the keys join the softmax that ``out``/``lse`` already hold over other keys (rows
+    with lse -inf hold none), as if one call had read both key ranges: context parallelism builds a
+    chunk's softmax from key ranges that become available at different times, and its backward uses
+    ``s2_attention_backward``. Unpacked input only.
     """
-    options = _key_range_options(q, k, v, pattern, out, lse, softmax_scale, head_start, num_q_heads,
-                                 num_kv_heads, q_start, k_start)
+    _check_key_range_inputs(q, k, v, pattern, out, lse, shard)
     if _uses_reference(q):
-        part = s2_attention_reference(q, k, v, pattern, return_lse=True, **options)
+        part = s2_attention_reference(q, k, v, pattern, softmax_scale=softmax_scale, return_lse=True,
+                                      **dataclasses.asdict(shard))
         merged = merge_by_lse((out, lse), part) if resume else part
         out.copy_(merged[0])
         lse.copy_(merged[1])
@@ -389,22 +382,19 @@ def s2_attention_into(
     if out.stride(-1) != 1 or lse.stride(-1) != 1:
         raise ValueError("out and lse must be contiguous in their last dimension")
     q, k, v = _last_dim_contiguous(q, k, v)
-    kernel.forward(q, k, v, _kernel_problem(q, k, pattern, **options), out=out, lse=lse, resume=resume)
+    problem = _kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale)
+    kernel.forward(q, k, v, problem, out=out, lse=lse, resume=resume)
 
 
-def _key_range_options(q, k, v, pattern, out, lse, softmax_scale, head_start, num_q_heads, num_kv_heads,
-                       q_start, k_start) -> dict:
-    """Checks shared by the split-softmax entry points; their keyword options, head counts resolved."""
-    num_q_heads, num_kv_heads = _check_inputs(q, k, v, pattern, False, num_q_heads, num_kv_heads,
-                                              q_start, k_start)
+def _check_key_range_inputs(q, k, v, pattern, out, lse, shard: Shard) -> None:
+    """Checks shared by the split-softmax entry points."""
+    _check_inputs(q, k, v, pattern, False, **dataclasses.asdict(shard))
     if out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} like q, got {out.dtype} {tuple(out.shape)}")
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
     if lse.shape != lse_shape or lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32 {lse_shape} ([batch, heads, seq]), "
                          f"got {lse.dtype} {tuple(lse.shape)}")
-    return dict(softmax_scale=softmax_scale, head_start=head_start, num_q_heads=num_q_heads,
-                num_kv_heads=num_kv_heads, q_start=q_start, k_start=k_start)
 
 
 def s2_attention_backward(
@@ -416,32 +406,28 @@ def s2_attention_backward(
     lse: torch.Tensor,
     pattern: Pattern,
     *,
+    shard: Shard,
     softmax_scale: Optional[float] = None,
-    head_start: int = 0,
-    num_q_heads: Optional[int] = None,
-    num_kv_heads: Optional[int] = None,
-    q_start: int = 0,
-    k_start: int = 0,
     deterministic: Optional[bool] = None,
 ):
     """``(dq, dk, dv)`` of one key range of a softmax that was split by key ranges.
 
-    ``q, k, v`` and the position/head arguments are those of one ``s2_attention(...,
-    return_lse=True)`` call; ``out`` and ``lse`` are the merged results over *all* key ranges and
-    ``grad_out`` the gradient of the merged output. Summing ``dq`` over the ranges (and taking
-    ``dk, dv`` of each) gives the gradient of the whole softmax, as in FlashAttention's backward,
-    which needs only the final output and lse. For one range alone, pass its own ``out`` and
-    ``lse``. Unpacked input only (``[batch, seq, heads, dim]``). ``deterministic`` as in
+    ``q, k, v``, ``shard`` and ``softmax_scale`` are those of one ``s2_attention_into`` call (or
+    ``s2_attention(..., return_lse=True)``); ``out`` and ``lse`` are the merged results over *all*
+    key ranges and ``grad_out`` the gradient of the merged output. Summing ``dq`` over the ranges (and
+    taking ``dk, dv`` of each) gives the gradient of the whole softmax, as in FlashAttention's
+    backward, which needs only the final output and lse. For one range alone, pass its own ``out``
+    and ``lse``. Unpacked input only (``[batch, seq, heads, dim]``). ``deterministic`` as in
     ``s2_attention``.
     """
     if grad_out.shape != q.shape:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} must have q's shape {tuple(q.shape)}")
-    options = _key_range_options(q, k, v, pattern, out, lse, softmax_scale, head_start, num_q_heads,
-                                 num_kv_heads, q_start, k_start)
+    _check_key_range_inputs(q, k, v, pattern, out, lse, shard)
     if _uses_reference(q):
-        return s2_attention_reference_backward(grad_out, q, k, v, out, lse, pattern, **options)
+        return s2_attention_reference_backward(grad_out, q, k, v, out, lse, pattern, softmax_scale=softmax_scale,
+                                               **dataclasses.asdict(shard))
     from . import kernel
 
     grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
-    return kernel.backward(grad_out, q, k, v, out, lse, None, _kernel_problem(q, k, pattern, **options),
-                           _deterministic(deterministic))
+    problem = _kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale)
+    return kernel.backward(grad_out, q, k, v, out, lse, None, problem, _deterministic(deterministic))

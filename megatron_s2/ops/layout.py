@@ -26,6 +26,28 @@ _LAYOUT_CACHE_SIZE = 128
 
 
 @dataclasses.dataclass(frozen=True)
+class Shard:
+    """The part of a model's attention that one call computes.
+
+    Heads (tensor parallelism): the model has ``num_q_heads`` query and ``num_kv_heads`` KV heads;
+    the call's local heads are the global ones from ``head_start`` on. Positions (context
+    parallelism): its first query and first key sit at absolute positions ``q_start`` and
+    ``k_start``. Layouts are built from these global indices, so a sharded model computes the same
+    function as an unsharded one.
+    """
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_start: int = 0
+    q_start: int = 0
+    k_start: int = 0
+
+    def at(self, q_start: int, k_start: int) -> "Shard":
+        """The same heads at other positions (one key range of a context-parallel chunk)."""
+        return dataclasses.replace(self, q_start=q_start, k_start=k_start)
+
+
+@dataclasses.dataclass(frozen=True)
 class LayoutKey:
     """Everything a layout depends on: lengths only through their block counts."""
 
@@ -73,7 +95,9 @@ class S2Layout:
         return mask.view(self.num_heads, self.num_q_blocks, self.num_k_blocks)
 
 
-def _validate(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, num_local_heads, q_start, k_start):
+def validate_layout_args(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, num_local_heads, q_start,
+                         k_start) -> None:
+    """The one check of a layout's arguments (also run by ``s2_attention`` before any work)."""
     if not isinstance(pattern, (S2Pattern, BlockMaskPattern)):
         raise TypeError(f"pattern must be an S2Pattern or BlockMaskPattern, got {type(pattern).__name__}")
     check_head_counts(num_q_heads, num_kv_heads)
@@ -86,9 +110,9 @@ def _validate(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, num
         raise S2ConfigError(f"sequence lengths must be positive, got q_len={q_len}, kv_len={kv_len}")
     block = pattern.block_size
     for name, start in (("q_start", q_start), ("k_start", k_start)):
-        if start < 0 or start % block:
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start % block:
             raise S2ConfigError(
-                f"{name}={start} must be a non-negative multiple of block_size={block}: "
+                f"{name}={start!r} must be a non-negative multiple of block_size={block}: "
                 f"context-parallel chunks must start on block boundaries"
             )
 
@@ -97,7 +121,8 @@ def _layout_key(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, n
                 device):
     kv_len = q_len if kv_len is None else kv_len
     num_local_heads = num_q_heads - head_start if num_local_heads is None else num_local_heads
-    _validate(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, num_local_heads, q_start, k_start)
+    validate_layout_args(pattern, num_q_heads, num_kv_heads, q_len, kv_len, head_start, num_local_heads, q_start,
+                         k_start)
     block = pattern.block_size
     return LayoutKey(
         pattern=pattern,

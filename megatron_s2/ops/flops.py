@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_s2.layout import s2_block_mask
+from .layout import s2_block_mask
 
 FORWARD_AND_BACKWARD_FACTOR = 3.5  # backward = 2.5 x forward (docs/semantics.md)
 

@@ -141,7 +141,7 @@ def _by_sequence(compute, qkv, grads, token_dims, pattern, *, softmax_scale=None
 
 
 def s2_attention_reference_backward(grad_out, q, k, v, out, lse, pattern, **kwargs):
-    """Same signature and result as ``megatron_s2.attention.s2_attention_backward``: the gradients
+    """Same signature and result as ``megatron_s2.ops.attention.s2_attention_backward``: the gradients
     of one key range of a split softmax, given the merged ``out`` and ``lse``. By autograd through
     the reference: the range's share of the merged output is ``exp(lse_range - lse) * out_range``,
     and the merged lse's dependence on this range's scores adds ``-delta * exp(lse_range - lse)``

@@ -42,13 +42,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend
 
-from .attention import s2_attention, s2_attention_backward, s2_attention_into
-from .config import CP_EXCHANGES
-from .layout import Pattern, s2_block_mask
-from .pattern import S2ConfigError, S2Pattern, check_head_counts
-from .reference import merge_by_lse
+from ..ops.attention import s2_attention, s2_attention_backward, s2_attention_into
+from ..ops.layout import Pattern, Shard, s2_block_mask
+from ..ops.pattern import S2ConfigError, S2Pattern, check_head_counts
+from ..ops.reference import merge_by_lse
 
-EXCHANGES = CP_EXCHANGES
+# The key exchanges between CP ranks (docs/context_parallel.md); config.py validates against these.
+CP_EXCHANGES = ("allgather", "s2")
 # Whether each exchange hides its communication behind the chunks' attention to their own keys by
 # default: that splits each chunk's attention into two kernel calls, which pays where the exchange
 # moves a lot (all-gather) and costs more than it hides where it moves little (S2). BENCHMARKS.md.
@@ -81,8 +81,8 @@ def validate_context_parallel(seq_len: int, cp_size: int, block_size: int) -> No
 
 
 def _check_exchange(exchange: str) -> None:
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if exchange not in CP_EXCHANGES:
+        raise S2ConfigError(f"cp_exchange must be one of {CP_EXCHANGES}, got {exchange!r}")
 
 
 def chunks_of_rank(cp_rank: int, cp_size: int) -> tuple:
@@ -426,22 +426,16 @@ class _Attention:
 
     pattern: Pattern
     softmax_scale: Optional[float]
-    head_start: int
-    num_q_heads: int
-    num_kv_heads: int
+    shard: Shard  # its heads; each call places it at the positions of its key range
     deterministic: Optional[bool] = None  # backward mode (s2_attention's argument)
 
-    def _args(self):
-        return dict(softmax_scale=self.softmax_scale, head_start=self.head_start,
-                    num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads)
-
     def forward(self, q, k, v, out, lse, q_start, k_start, resume):
-        s2_attention_into(q, k, v, self.pattern, out, lse, resume=resume, q_start=q_start,
-                          k_start=k_start, **self._args())
+        s2_attention_into(q, k, v, self.pattern, out, lse, shard=self.shard.at(q_start, k_start), resume=resume,
+                          softmax_scale=self.softmax_scale)
 
     def backward(self, grad_out, q, k, v, out, lse, q_start, k_start):
-        return s2_attention_backward(grad_out, q, k, v, out, lse, self.pattern, q_start=q_start,
-                                     k_start=k_start, deterministic=self.deterministic, **self._args())
+        return s2_attention_backward(grad_out, q, k, v, out, lse, self.pattern, shard=self.shard.at(q_start, k_start),
+                                     softmax_scale=self.softmax_scale, deterministic=self.deterministic)
 
 
 def _heads_first(t: torch.Tensor) -> torch.Tensor:
@@ -636,34 +630,32 @@ def context_parallel_attention(
     exchange: str = "s2",
     overlap: Optional[bool] = None,
     softmax_scale: Optional[float] = None,
-    head_start: int = 0,
-    num_q_heads: Optional[int] = None,
-    num_kv_heads: Optional[int] = None,
+    shard: Optional[Shard] = None,
     deterministic: Optional[bool] = None,
 ) -> torch.Tensor:
     """S2 attention over a sequence split across the CP group, equal to the CP=1 result.
 
     ``q [b, s_local, h_local, d]``, ``k, v [b, s_local, h_kv_local, d]`` hold this rank's two
-    load-balanced chunks (``r`` and ``2*cp-1-r``) concatenated; ``num_q_heads``/``num_kv_heads``
-    are global head counts and ``head_start`` the global index of the first local query head (all
-    ranks of a CP group hold the same heads). ``overlap`` hides the exchange behind each chunk's
+    load-balanced chunks (``r`` and ``2*cp-1-r``) concatenated; ``shard`` gives the model's head
+    counts and the global index of the first local query head (all ranks of a CP group hold the same
+    heads; None: the local heads are all of them); its positions are ignored (the chunks place
+    them). ``overlap`` hides the exchange behind each chunk's
     attention to its own keys (None: ``OVERLAP_DEFAULTS[exchange]``); ``deterministic`` is the
     kernel's backward mode (``s2_attention``). Returns ``out [b, s_local, h_local, d]``.
     """
     _check_exchange(exchange)
     _check_local_inputs(q, k, v)
     s_local, local_heads = q.shape[1], q.shape[2]
-    num_q_heads = local_heads if num_q_heads is None else num_q_heads
-    num_kv_heads = k.shape[2] if num_kv_heads is None else num_kv_heads
+    shard = Shard(local_heads, k.shape[2]) if shard is None else shard.at(0, 0)
     cp_size = dist.get_world_size(cp_group)
     if cp_size == 1:
-        return s2_attention(q, k, v, pattern, softmax_scale=softmax_scale, head_start=head_start,
-                            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, deterministic=deterministic)
+        return s2_attention(q, k, v, pattern, softmax_scale=softmax_scale, head_start=shard.head_start,
+                            num_q_heads=shard.num_q_heads, num_kv_heads=shard.num_kv_heads,
+                            deterministic=deterministic)
     validate_context_parallel(s_local * cp_size, cp_size, pattern.block_size)
-    check_head_counts(num_q_heads, num_kv_heads)
-    attention = _Attention(pattern, softmax_scale, head_start, num_q_heads, num_kv_heads, deterministic)
-    mover = make_exchange(exchange, pattern, cp_group=cp_group, seq_len=s_local * cp_size, overlap=overlap,
-                          num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
+    check_head_counts(shard.num_q_heads, shard.num_kv_heads)
+    attention = _Attention(pattern, softmax_scale, shard, deterministic)
+    mover = make_exchange(exchange, pattern, shard, cp_group=cp_group, seq_len=s_local * cp_size, overlap=overlap,
                           num_local_heads=local_heads, num_local_kv_heads=k.shape[2], device=k.device)
     return _ContextParallelAttention.apply(q, k, v, mover, attention)
 
@@ -714,10 +706,10 @@ def dense_pattern(local_len: int) -> S2Pattern:
     )
 
 
-def make_exchange(exchange: str, pattern: Pattern, *, cp_group, seq_len: int, num_q_heads: int,
-                  num_kv_heads: int, head_start: int, num_local_heads: int, num_local_kv_heads: int,
-                  device, overlap: Optional[bool] = None) -> _Exchange:
-    """The K/V exchange of one layer call (``seq_len`` is the whole sequence): ``start(k, v)`` then
+def make_exchange(exchange: str, pattern: Pattern, shard: Shard, *, cp_group, seq_len: int,
+                  num_local_heads: int, num_local_kv_heads: int, device, overlap: Optional[bool] = None) -> _Exchange:
+    """The K/V exchange of one layer call (``seq_len`` is the whole sequence; ``shard``: the heads, as
+    in ``context_parallel_attention``): ``start(k, v)`` then
     ``finish(pending, k, v)`` give the key buffer ``(k_buf, v_buf)``; ``start_grads(dk_buf, dv_buf, dk,
     dv)`` then ``finish_grads(pending, dk, dv)`` add the buffer's gradients into the local ``dk, dv``."""
     _check_exchange(exchange)
@@ -727,7 +719,7 @@ def make_exchange(exchange: str, pattern: Pattern, *, cp_group, seq_len: int, nu
         return AllGatherExchange(cp_group, chunk_len, overlap)
     plan = exchange_plan(
         pattern, seq_len=seq_len, cp_size=dist.get_world_size(cp_group), cp_rank=dist.get_rank(cp_group),
-        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_start=head_start,
+        num_q_heads=shard.num_q_heads, num_kv_heads=shard.num_kv_heads, head_start=shard.head_start,
         num_local_heads=num_local_heads, num_local_kv_heads=num_local_kv_heads, device=device,
     )
     return S2Exchange(cp_group, chunk_len, overlap, plan, pattern.block_size)

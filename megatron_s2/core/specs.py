@@ -4,8 +4,8 @@ Built on Megatron's own layer specs (the Transformer Engine spec when TE is impo
 spec otherwise); only ``self_attention.submodules.core_attention`` changes, so every other Megatron
 feature (fused norms, MoE layers, recomputation, pipeline layouts, checkpoint keys) is untouched:
 
-    from megatron_s2.config import S2AttentionConfig
-    from megatron_s2.specs import get_s2_gpt_block_spec
+    from megatron_s2.core.config import S2AttentionConfig
+    from megatron_s2.core.specs import get_s2_gpt_block_spec
 
     s2 = S2AttentionConfig.from_yaml("s2.yaml", num_layers=config.num_layers,
                                      num_attention_heads=config.num_attention_heads)
@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from .config import S2AttentionConfig
 from .core_attention import S2CoreAttention, SDPACoreAttention
-from .pattern import S2ConfigError
+from ..ops.pattern import S2ConfigError
 
 
 def get_s2_gpt_block_spec(
@@ -58,7 +58,7 @@ def get_s2_gpt_block_spec(
                             "install it, or pass use_transformer_engine=False for the local spec")
     if normalization is None:
         normalization = config.normalization  # what Megatron's scripts pass (--normalization)
-    _check_model(config, s2_config)
+    _check_model(config, s2_config, use_transformer_engine)
     s2_config.validate_for_megatron(config, seq_length)
 
     layer_specs = get_gpt_decoder_layer_specs(
@@ -88,7 +88,9 @@ def stage_layer_indices(config, *, vp_stage: Optional[int] = None, pp_rank: Opti
     return list(range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)))
 
 
-def _check_model(config, s2_config: S2AttentionConfig) -> None:
+def _check_model(config, s2_config: S2AttentionConfig, use_transformer_engine: bool) -> None:
+    """The model settings our core attentions cannot honour, checked once for every layer they serve
+    (S2 layers always; dense layers too without Transformer Engine)."""
     if getattr(config, "multi_latent_attention", False) and s2_config.sparse_layers:
         raise S2ConfigError("S2 layers need standard (GQA/MHA) attention; --multi-latent-attention is set")
     if s2_config.sparse_layers and config.attention_dropout:
@@ -96,6 +98,18 @@ def _check_model(config, s2_config: S2AttentionConfig) -> None:
             f"S2 attention has no attention dropout, but --attention-dropout is {config.attention_dropout} "
             f"(S2 layers {s2_config.sparse_layers}). Fix: set --attention-dropout 0"
         )
+    ours = "S2 and dense layers" if not use_transformer_engine else "S2 layers"
+    if not s2_config.sparse_layers and use_transformer_engine:
+        return
+    if config.softmax_type != "vanilla":
+        raise S2ConfigError(f"{ours} support only the standard softmax. Fix: set --softmax-type vanilla "
+                            f"(got {config.softmax_type!r})")
+    if getattr(config, "window_size", None) is not None:
+        raise S2ConfigError(f"{ours} have no sliding-window option. Fix: remove --window-size (an S2 "
+                            "layer's local window is its local_blocks setting)")
+    if not use_transformer_engine and config.context_parallel_size > 1 and config.attention_dropout:
+        raise S2ConfigError(f"dense layers on PyTorch's SDPA under context parallelism have no attention "
+                            f"dropout, got {config.attention_dropout}. Fix: set --attention-dropout 0")
 
 
 def _core_attention_builder(config, layer, s2_config: S2AttentionConfig, use_transformer_engine: bool):

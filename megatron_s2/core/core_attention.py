@@ -25,17 +25,22 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from .attention import s2_attention
-from .config import CP_EXCHANGES
+from ..ops.attention import s2_attention
+from ..ops.layout import Shard
+from ..ops.pattern import S2ConfigError
 from .context_parallel import context_parallel_attention, dense_context_parallel_attention
-from .pattern import S2ConfigError, S2Pattern
 
 # With THD input Megatron (and TE) describe causal attention as ``padding_causal``.
 _CAUSAL_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
 
 class _CoreAttentionBase(MegatronModule):
-    """Head split, softmax scale and the checks shared by the S2 and SDPA core attentions."""
+    """Head split, softmax scale and the checks shared by the S2 and SDPA core attentions.
+
+    The model-level settings (head counts against TP, the S2 config, dropout, softmax type, window)
+    are validated once, where the block spec is built (``specs.get_s2_gpt_block_spec``); these modules
+    check only what reaches them alone: the layer they were built as, and each call's inputs.
+    """
 
     name = "core attention"
 
@@ -57,12 +62,6 @@ class _CoreAttentionBase(MegatronModule):
         if attention_type != "self":
             raise S2ConfigError(f"{self.name} supports self-attention only, got attention_type={attention_type!r}")
         self._check_mask_type(attn_mask_type)
-        if config.softmax_type != "vanilla":
-            raise S2ConfigError(f"{self.name} supports only the standard softmax; set --softmax-type vanilla "
-                                f"(got {config.softmax_type!r})")
-        if getattr(config, "window_size", None) is not None:
-            raise S2ConfigError(f"{self.name} has no sliding-window option; remove --window-size (an S2 "
-                                "layer's local window is its local_blocks setting)")
 
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
@@ -75,15 +74,10 @@ class _CoreAttentionBase(MegatronModule):
         # spec passes the model's real count so KV-group patterns see the true GQA grouping.
         self.num_q_heads = config.num_attention_heads
         self.num_kv_heads = config.num_query_groups if num_query_groups is None else num_query_groups
-        if self.num_q_heads % self.tp_size:
-            raise S2ConfigError(f"--tensor-model-parallel-size {self.tp_size} must divide "
-                                f"--num-attention-heads {self.num_q_heads}")
-        if self.num_kv_heads % self.tp_size and self.tp_size % self.num_kv_heads:
-            raise S2ConfigError(f"--num-query-groups {self.num_kv_heads} and --tensor-model-parallel-size "
-                                f"{self.tp_size}: one must divide the other")
         self.num_local_heads = self.num_q_heads // self.tp_size
         self.num_local_kv_heads = max(1, self.num_kv_heads // self.tp_size)
-        self.head_start = tp_rank * self.num_local_heads  # global index of the first local head
+        # The global heads of this TP rank; context parallelism places the positions per call.
+        self.shard = Shard(self.num_q_heads, self.num_kv_heads, head_start=tp_rank * self.num_local_heads)
         self.head_dim = config.kv_channels
 
         # apply_query_key_layer_scaling divides the scale by layer_number and multiplies the scores
@@ -153,20 +147,12 @@ class S2CoreAttention(_CoreAttentionBase):
                  layer_index: Optional[int] = None, num_query_groups: Optional[int] = None):
         super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout,
                          softmax_scale, cp_comm_type, pg_collection, num_query_groups)
-        if self.dropout_p:
-            raise S2ConfigError(f"S2 attention has no attention dropout, got {self.dropout_p}. Fix: set "
-                                "--attention-dropout 0 (TransformerConfig.attention_dropout=0.0)")
         if layer_index is not None and layer_number != layer_index + 1:
             raise S2ConfigError(
                 f"S2 layer spec for layer {layer_index} (from 0) was built as Megatron layer_number "
                 f"{layer_number} (from 1): the block spec does not match this pipeline stage. Build it "
                 "with the same vp_stage/pp_rank as the model"
             )
-        if cp_exchange not in CP_EXCHANGES:
-            raise S2ConfigError(f"cp_exchange must be one of {CP_EXCHANGES}, got {cp_exchange!r}")
-        # Fail at construction, not at the first step: heads, dense-head count and pattern agree.
-        if isinstance(pattern, S2Pattern):
-            pattern.head_offsets(self.num_q_heads, self.num_kv_heads)
         self.pattern = pattern
         self.cp_exchange, self.cp_overlap = cp_exchange, cp_overlap
         self.layer_index = layer_number - 1
@@ -176,7 +162,7 @@ class S2CoreAttention(_CoreAttentionBase):
         # attention_mask is ignored as in TE's causal attention: S2 is causal by construction.
         packed = self._check_call(attn_mask_type, attention_bias, packed_seq_params)
         self._check_local_shapes(query, key)
-        heads = dict(head_start=self.head_start, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads)
+        heads = dict(head_start=self.shard.head_start, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads)
         if packed:
             cu_q, cu_k = self._sequence_bounds(packed_seq_params)
             out = s2_attention(
@@ -194,7 +180,7 @@ class S2CoreAttention(_CoreAttentionBase):
             out = context_parallel_attention(
                 q, k, v, self.pattern, cp_group=self.cp_group, exchange=self.cp_exchange,
                 overlap=self.cp_overlap, deterministic=self.deterministic,
-                softmax_scale=self.softmax_scale, **heads,
+                softmax_scale=self.softmax_scale, shard=self.shard,
             )
         else:
             out = self._attend_right_aligned(q, k, v, heads)
@@ -230,9 +216,6 @@ class SDPACoreAttention(_CoreAttentionBase):
         super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout,
                          softmax_scale, cp_comm_type, pg_collection, num_query_groups)
         self.cp_overlap = cp_overlap
-        if self.cp_size > 1 and self.dropout_p:
-            raise S2ConfigError(f"SDPA attention under context parallelism has no attention dropout, got "
-                                f"{self.dropout_p}. Fix: set --attention-dropout 0")
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):

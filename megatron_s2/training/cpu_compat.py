@@ -39,7 +39,7 @@ __all__ = ["cpu_mode_requested", "activate", "apply_cpu_arguments"]
 _ACTIVE_MODE: "_CpuDeviceMode | None" = None
 
 BANNER = (
-    "megatron_s2: running on CPU through megatron_s2.cpu_compat (no CUDA device, or "
+    "megatron_s2: running on CPU through megatron_s2.training.cpu_compat (no CUDA device, or "
     "MEGATRON_S2_CPU=1). This is SLOW and meant for tests and demos only."
 )
 

@@ -23,15 +23,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import os
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .pattern import BlockMaskPattern, S2ConfigError, S2CoverageError, S2Pattern
+from ..ops.pattern import BlockMaskPattern, S2ConfigError, S2CoverageError, S2Pattern
+from .context_parallel import CP_EXCHANGES, validate_context_parallel
 
 FORMAT_VERSION = 1
 PATTERN_KEYS = tuple(f.name for f in dataclasses.fields(S2Pattern))
 PRESETS = ("dkernel", "phi3_small")
-CP_EXCHANGES = ("allgather", "s2")
 # A window layer is an S2 layer without stripes (vert_stride 0): the sliding-window control.
 LAYER_TYPES = {"dense": "dense", "d": "dense", "s2": "s2", "s": "s2", "sparse": "s2", "window": "window",
                "w": "window"}
@@ -137,16 +138,9 @@ class S2AttentionConfig:
     @classmethod
     def from_yaml(cls, path, **kwargs) -> "S2AttentionConfig":
         """Read a YAML file (an S2 config, or a training config, whose ``s2:`` section is read as by
-        ``from_section``, see ``split_config_file``); keyword arguments as in ``from_dict``."""
-        import yaml
-
-        with open(path) as f:
-            data = yaml.safe_load(f)
-        if data is None:
-            data = {}
+        ``from_section``, see ``read_config_file``); keyword arguments as in ``from_dict``."""
+        flags, section, training_file = _read_config_file(path)
         try:
-            section = split_config_file(data)[1]
-            training_file = isinstance(data, Mapping) and ("megatron" in data or "s2" in data)
             return cls.from_section(section, **kwargs) if training_file else cls.from_dict(section, **kwargs)
         except S2ConfigError as err:
             raise S2ConfigError(f"{path}: {err}") from None
@@ -300,8 +294,6 @@ class S2AttentionConfig:
                 raise _fail(f"{key}.num_dense_heads", pattern.num_dense_heads, str(err),
                             f"use at most {num_attention_heads} dense heads") from None
             if cp > 1 and seq_length is not None:
-                from .context_parallel import validate_context_parallel
-
                 try:
                     validate_context_parallel(seq_length, cp, pattern.block_size)
                 except S2ConfigError as err:  # its message already says how to fix it
@@ -385,24 +377,43 @@ def _span(run: Sequence[LayerAttention]) -> str:
     return f"{first}" if first == last else f"{first}-{last}"
 
 
-def split_config_file(data: Mapping) -> tuple:
-    """``(megatron flag defaults, S2 section)`` of a config file's contents.
+def read_config_file(path) -> tuple:
+    """``(megatron flag defaults, S2 section)`` of a config file: the project's one YAML reader.
 
     A mapping with top-level ``megatron:`` and/or ``s2:`` keys is a training config (the form of
     ``configs/*.yaml``: ``pretrain_gpt_s2.py`` flags plus the S2 settings); any other is an S2 config
     alone.
     """
-    data = _check_mapping(data, "<top level>")
-    if "megatron" not in data and "s2" not in data:
-        return {}, data
-    unknown = sorted(set(data) - {"megatron", "s2"})
-    if unknown:
-        raise S2ConfigError(f"unknown top-level key(s) {unknown}. Fix: a file with a 'megatron:' section "
-                            "holds only 'megatron:' and 's2:'")
-    flags = data.get("megatron") or {}
-    if not isinstance(flags, Mapping):
-        raise S2ConfigError("'megatron:' must map flag names to values")
-    return dict(flags), data.get("s2") or {}
+    flags, section, _ = _read_config_file(path)
+    return flags, section
+
+
+def _read_config_file(path) -> tuple:
+    """``read_config_file`` plus whether the file is a training config."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise S2ConfigError(f"{path}: no such file. Fix: give the path of a YAML file, e.g. "
+                            "configs/quickstart.yaml")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise S2ConfigError(f"{path} is not valid YAML: {err}") from None
+    try:
+        data = _check_mapping(data, "<top level>")
+        if "megatron" not in data and "s2" not in data:
+            return {}, data, False
+        unknown = sorted(set(data) - {"megatron", "s2"})
+        if unknown:
+            raise S2ConfigError(f"unknown top-level key(s) {unknown}. Fix: a file with a 'megatron:' section "
+                                "holds only 'megatron:' and 's2:'")
+        flags = data.get("megatron") or {}
+        if not isinstance(flags, Mapping):
+            raise S2ConfigError("'megatron:' must map flag names to values")
+    except S2ConfigError as err:
+        raise S2ConfigError(f"{path}: {err}") from None
+    return dict(flags), data.get("s2") or {}, True
 
 
 def load_s2_config(path, **kwargs) -> S2AttentionConfig:
