@@ -30,11 +30,17 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import yaml
 
+# Importing Megatron warns about Transformer Engine and Apex on every machine without them: true,
+# and irrelevant to reading logs and writing datasets.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (is|are) not installed")
+
 from megatron_s2.eval.corpus import plain_documents, token_streams, training_documents
 from megatron_s2.training.data import BYTE_VOCAB_SIZE, write_indexed_dataset
+from megatron_s2.training.progress import read_progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,8 +48,6 @@ VARIANTS = ("dense", "s2_hybrid", "s2", "window")
 # Megatron's periodic evaluations and its final one ("... on validation set"), which reads the next
 # validation batches: the last value printed for an iteration is kept.
 VALIDATION_LINE = re.compile(r"validation loss at iteration (\d+)(?: on validation set)? \| lm loss value: (\S+)")
-# pretrain_gpt_s2.py's progress line; the rate's unit label differs on CPU and GPU.
-PROGRESS_LINE = re.compile(r"^\[s2\] iteration (\d+)/\d+ .*?\| tokens/s\S* ([\d,]+)", re.M)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +217,8 @@ def summarize(setup: Setup, variant: str, log: str, evaluation: dict, train_seco
     curve = sorted({int(i): float(v) for i, v in VALIDATION_LINE.findall(log)}.items())
     if not curve:
         raise RuntimeError(f"{variant}: no validation loss in its training log")
-    rates = [float(r.replace(",", "")) for i, r in PROGRESS_LINE.findall(log) if int(i) > setup.eval_interval // 5]
+    rates = [float(fields["tokens_per_s"].replace(",", "")) for i, fields in read_progress(log).items()
+             if i > setup.eval_interval // 5]  # the first interval includes compilation
     cells = evaluation["needle"]
     beyond = [c for c in cells if c["mean_distance"] > setup.reach]
     within = [c for c in cells if c["mean_distance"] <= setup.reach]
