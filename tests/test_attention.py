@@ -9,7 +9,7 @@ run a backward take the ``backward_mode`` fixture: they run in the fast and the 
 import pytest
 import torch
 from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention, s2_block_mask
-from megatron_s2.ops import kernel
+from megatron_s2.ops import attention, kernel
 from megatron_s2.ops.attention import s2_attention_backward, s2_attention_into
 from megatron_s2.ops.layout import Shard
 from megatron_s2.ops.reference import s2_attention_reference
@@ -31,7 +31,7 @@ def poisoned_buffers(monkeypatch):
 @pytest.fixture(params=["fast", "deterministic"])
 def backward_mode(request, monkeypatch):
     """Runs the test with either backward mode as the default of every entry point."""
-    monkeypatch.setattr(kernel, "DETERMINISTIC_BY_DEFAULT", request.param == "deterministic")
+    monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", request.param == "deterministic")
     return request.param
 
 
@@ -283,7 +283,7 @@ def test_strided_and_broadcast_output_gradients(backward_mode):
 def test_deterministic_backward_is_bit_identical(monkeypatch, split_ratio):
     """deterministic=True overrides a fast default; dK/dV programs per query head (float32 partials
     summed per group) and per GQA group."""
-    monkeypatch.setattr(kernel, "DETERMINISTIC_BY_DEFAULT", False)
+    monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", False)
     monkeypatch.setattr(kernel, "SPLIT_HEADS_RATIO", split_ratio)
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
     q, k, v = draw((1, 64, 4, 32), (1, 64, 1, 32), (1, 64, 1, 32), seed=19)

@@ -9,6 +9,7 @@ argument checks and never waits for the GPU (with packed input, pass ``max_seqle
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -160,10 +161,14 @@ def _last_dim_contiguous(*tensors):
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
-def _deterministic(deterministic: Optional[bool]) -> bool:
-    from . import kernel
+# The backward mode when the caller does not choose (deterministic=None): True runs the deterministic
+# backward (separate dQ pass), False the fast one (dQ by atomics in the dK/dV pass; measured slower on
+# H200, BENCHMARKS.md). Here, not in kernel.py, so that CPU calls never import Triton.
+DETERMINISTIC_BY_DEFAULT = True
 
-    return kernel.DETERMINISTIC_BY_DEFAULT if deterministic is None else bool(deterministic)
+
+def _deterministic(deterministic: Optional[bool]) -> bool:
+    return DETERMINISTIC_BY_DEFAULT if deterministic is None else bool(deterministic)
 
 
 # torch.compile: the forward and backward are registered custom ops with fake implementations, so
@@ -182,19 +187,26 @@ def _pattern_fields(pattern: Pattern):
     return [-1 if value is None else value for value in values], pattern.head_pattern, None
 
 
-# (id(mask), block_size) -> the BlockMaskPattern rebuilt for that mask, so that its cached layout is
-# found again; held for the process (models have a few masks), which also keeps the ids unique.
-_block_mask_patterns: dict = {}
+# Patterns rebuilt from op arguments, most recent last, so that every call of a layer gets the same
+# object back (no re-validation; a BlockMaskPattern's cached layout is found by identity). Bounded
+# like the layout cache: a caller with a new mask per batch must not hold every mask forever.
+_rebuilt_patterns: "collections.OrderedDict[tuple, Pattern]" = collections.OrderedDict()
+_REBUILT_PATTERNS = 128
 
 
 def _pattern_from_fields(ints, head_pattern, mask) -> Pattern:
-    if mask is None:
-        values = (None if value == -1 else value for value in ints)
-        return S2Pattern(head_pattern=head_pattern, **dict(zip(_INT_FIELDS, values)))
-    key = (id(mask), ints[0])
-    pattern = _block_mask_patterns.get(key)
-    if pattern is None or pattern.mask is not mask:
-        pattern = _block_mask_patterns[key] = BlockMaskPattern(mask, block_size=ints[0])
+    key = (tuple(ints), head_pattern, None if mask is None else id(mask))
+    pattern = _rebuilt_patterns.get(key)
+    if pattern is None or (mask is not None and pattern.mask is not mask):
+        if mask is None:
+            values = (None if value == -1 else value for value in ints)
+            pattern = S2Pattern(head_pattern=head_pattern, **dict(zip(_INT_FIELDS, values)))
+        else:
+            pattern = BlockMaskPattern(mask, block_size=ints[0])
+        _rebuilt_patterns[key] = pattern
+        if len(_rebuilt_patterns) > _REBUILT_PATTERNS:
+            _rebuilt_patterns.popitem(last=False)
+    _rebuilt_patterns.move_to_end(key)
     return pattern
 
 
@@ -210,8 +222,7 @@ def _reference_4d(reference, tensors, pattern, *, cu_seqlens, max_seqlen, **opti
     """A reference function on the op's 4-D views (packed input is ``[1, tokens, heads, dim]``)."""
     if cu_seqlens is None:
         return reference(*tensors, pattern, **options)
-    results = reference(*(t[0] for t in tensors), pattern, cu_seqlens_q=cu_seqlens, max_seqlen_q=max_seqlen,
-                        **options)
+    results = reference(*(t[0] for t in tensors), pattern, cu_seqlens_q=cu_seqlens, **options)
     return tuple(r[None] for r in results)
 
 
@@ -331,7 +342,7 @@ def s2_attention(
     ``max_seqlen_q`` must be at least the longest sequence (it is not checked, to avoid a device
     sync; omitted, it is computed). ``deterministic`` chooses the backward: True gives gradients
     bit-identical from run to run (dQ in its own pass), False the faster backward whose dQ is summed
-    by float32 atomics (last bits vary); None takes ``kernel.DETERMINISTIC_BY_DEFAULT``.
+    by float32 atomics (last bits vary); None takes ``DETERMINISTIC_BY_DEFAULT`` of this module.
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     shard = _check_inputs(q, k, v, pattern, packed, head_start, num_q_heads, num_kv_heads, q_start, k_start)
@@ -372,7 +383,7 @@ def s2_attention_into(
     _check_key_range_inputs(q, k, v, pattern, out, lse, shard)
     if _uses_reference(q):
         part = s2_attention_reference(q, k, v, pattern, softmax_scale=softmax_scale, return_lse=True,
-                                      **dataclasses.asdict(shard))
+                                      **vars(shard))
         merged = merge_by_lse((out, lse), part) if resume else part
         out.copy_(merged[0])
         lse.copy_(merged[1])
@@ -388,7 +399,7 @@ def s2_attention_into(
 
 def _check_key_range_inputs(q, k, v, pattern, out, lse, shard: Shard) -> None:
     """Checks shared by the split-softmax entry points."""
-    _check_inputs(q, k, v, pattern, False, **dataclasses.asdict(shard))
+    _check_inputs(q, k, v, pattern, False, **vars(shard))
     if out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} like q, got {out.dtype} {tuple(out.shape)}")
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
@@ -425,7 +436,7 @@ def s2_attention_backward(
     _check_key_range_inputs(q, k, v, pattern, out, lse, shard)
     if _uses_reference(q):
         return s2_attention_reference_backward(grad_out, q, k, v, out, lse, pattern, softmax_scale=softmax_scale,
-                                               **dataclasses.asdict(shard))
+                                               **vars(shard))
     from . import kernel
 
     grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)

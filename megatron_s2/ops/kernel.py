@@ -49,9 +49,6 @@ import triton.language as tl
 from .layout import S2Layout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The backward mode when the caller does not choose (s2_attention(deterministic=None)): True runs
-# the deterministic backward (separate dQ pass), False the fast one (dQ by atomics in the dK/dV pass).
-DETERMINISTIC_BY_DEFAULT = True
 # Fixed launch configs by default (the first of each list, measured best on H100), so that every
 # process runs the same code and gradients are bit-identical from run to run. S2_AUTOTUNE=1 lets
 # Triton's autotuner choose per shape class (other cards); its choice may differ between processes.

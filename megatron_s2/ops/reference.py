@@ -112,8 +112,7 @@ def s2_attention_reference_grads(grad_out, grad_lse, q, k, v, pattern, **options
 
 
 def _by_sequence(compute, qkv, grads, token_dims, pattern, *, softmax_scale=None, head_start=0, num_q_heads=None,
-                 num_kv_heads=None, q_start=0, k_start=0, cu_seqlens_q=None, cu_seqlens_k=None,
-                 max_seqlen_q=None, max_seqlen_k=None):
+                 num_kv_heads=None, q_start=0, k_start=0, cu_seqlens_q=None, cu_seqlens_k=None):
     """``compute(q, k, v, token mask, scale, *grads)`` over the batch, or over each packed sequence
     (``[1, len, ...]`` slices; ``grads`` are out-shaped and lse-shaped) with its results, whose token
     dimensions are ``token_dims``, concatenated."""

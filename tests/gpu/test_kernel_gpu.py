@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
-from megatron_s2.ops import kernel  # noqa: E402
+from megatron_s2.ops import attention, kernel  # noqa: E402
 from megatron_s2.ops.attention import s2_attention_backward, s2_attention_into  # noqa: E402
 from megatron_s2.ops.layout import Shard  # noqa: E402
 from megatron_s2.ops.reference import s2_attention_reference  # noqa: E402
@@ -22,7 +22,7 @@ TOL = {torch.bfloat16: (1.2e-2, 2.5e-2), torch.float16: (2e-3, 5e-3)}
 
 @pytest.fixture(params=["fast", "deterministic"])
 def backward_mode(request, monkeypatch):
-    monkeypatch.setattr(kernel, "DETERMINISTIC_BY_DEFAULT", request.param == "deterministic")
+    monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", request.param == "deterministic")
     return request.param
 
 
