@@ -48,6 +48,7 @@ class S2LayerGeometry:
         self.counts = member.sum(dim=1).tolist()  # stripe residues per KV head (G)
         width = max(1, max(self.counts))
         residues = [torch.nonzero(row).flatten().tolist() for row in member]
+        self.residue_lists = residues  # on the host: sizes are worked out without a device sync
         self.head_reads = reads.to(device=device, dtype=torch.int8)  # [H, V]: head reads residue r
         self.residues = torch.tensor([r + [0] * (width - len(r)) for r in residues], dtype=torch.int32,
                                      device=device)  # [h_kv, max G]: sorted residues, padded
@@ -63,7 +64,7 @@ class S2LayerGeometry:
         blocks = (length - 1 - self.ring) // self.block + 1  # blocks with a token out of the ring
         whole, rest = divmod(blocks, self.stride)
         return max(whole * g + sum(1 for r in res if r < rest)
-                   for g, res in zip(self.counts, self.residues.tolist()))
+                   for g, res in zip(self.counts, self.residue_lists))
 
     def slots(self, stripe_blocks: int) -> int:
         return self.ring + stripe_blocks * self.block + 1
