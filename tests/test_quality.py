@@ -174,5 +174,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
     table = (out / "quality.md").read_text()
     assert all(f"| {name} |" in table for name in quality_run.VARIANTS)
     # A second call reuses the finished variants instead of training again.
+    trained = (out / "s2" / "train.log").stat().st_mtime_ns
     again = quality_run.main(["--out", str(out), "--tiny", "--variants", "s2"])
     assert again["s2"] == report["variants"]["s2"]
+    assert (out / "s2" / "train.log").stat().st_mtime_ns == trained

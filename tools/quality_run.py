@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import queue
 import re
@@ -39,6 +40,7 @@ import yaml
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (is|are) not installed")
 
 from megatron_s2.eval.corpus import plain_documents, token_streams, training_documents
+from megatron_s2.eval.hf_eval import save_heldout_streams
 from megatron_s2.training.data import BYTE_VOCAB_SIZE, write_indexed_dataset
 from megatron_s2.training.progress import read_progress
 
@@ -139,13 +141,18 @@ def variant_config(setup: Setup, variant: str, gpu: bool) -> dict:
     return {"megatron": megatron, "s2": s2}
 
 
+def setup_record(setup: Setup) -> dict:
+    """``setup`` as it reads back from JSON (tuples become lists), to compare with what a run stored."""
+    return json.loads(json.dumps(dataclasses.asdict(setup)))
+
+
 def prepare_data(setup: Setup, data_dir: str) -> dict:
     """Training documents (text with passkeys mixed in) and held-out validation text, once per --out."""
     marker = os.path.join(data_dir, "data.json")
     if os.path.isfile(marker):
         with open(marker) as f:
             counts = json.load(f)
-        if counts.get("setup") == dataclasses.asdict(setup):
+        if counts.get("setup") == setup_record(setup):
             return counts
     streams = token_streams(setup.max_corpus_bytes)
     # One document per training sequence: a needle is always in the same sample as its question.
@@ -155,8 +162,9 @@ def prepare_data(setup: Setup, data_dir: str) -> dict:
                            setup.max_needles, setup.seed), BYTE_VOCAB_SIZE, os.path.join(data_dir, "train"))
     valid = write_indexed_dataset(plain_documents(streams["valid"], setup.seq_length), BYTE_VOCAB_SIZE,
                                   os.path.join(data_dir, "valid"))
+    save_heldout_streams(streams, data_dir)  # every variant's evaluation reads these, not the corpus
     counts = {"train": train, "valid": valid, "corpus_bytes": {k: int(v.size) for k, v in streams.items()},
-              "setup": dataclasses.asdict(setup)}
+              "setup": setup_record(setup)}
     with open(marker, "w") as f:
         json.dump(counts, f, indent=1)
     return counts
@@ -178,7 +186,9 @@ def run_variant(setup: Setup, variant: str, out: str, data_dir: str, gpu_index, 
     summary_path = os.path.join(vdir, "summary.json")
     if os.path.isfile(summary_path) and not force:
         with open(summary_path) as f:
-            return json.load(f)
+            summary = json.load(f)
+        if summary.get("setup") == setup_record(setup):
+            return summary
     os.makedirs(vdir, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     if gpu_index is not None:
@@ -200,8 +210,8 @@ def run_variant(setup: Setup, variant: str, out: str, data_dir: str, gpu_index, 
     run_logged([sys.executable, "-m", "megatron_s2.eval.hf_eval", "--model", hf_dir, "--out", eval_path,
                 "--lengths", *map(str, setup.lengths), "--depths", *map(str, setup.depths),
                 "--samples", str(setup.samples_per_cell), "--seq-length", str(setup.seq_length),
-                "--loss-sequences", str(setup.loss_sequences), "--batch-size", str(setup.samples_per_cell)]
-               + (["--max-corpus-bytes", str(setup.max_corpus_bytes)] if setup.max_corpus_bytes else []),
+                "--loss-sequences", str(setup.loss_sequences), "--batch-size", str(setup.samples_per_cell),
+                "--heldout-dir", data_dir],
                os.path.join(vdir, "eval.log"), env)
     with open(os.path.join(vdir, "train.log")) as f:
         log = f.read()
@@ -234,6 +244,7 @@ def summarize(setup: Setup, variant: str, log: str, evaluation: dict, train_seco
         "heldout_loss": evaluation["heldout_loss"], "needle": cells,
         "needle_exact": mean_exact(cells), "needle_exact_beyond_reach": mean_exact(beyond),
         "needle_exact_within_reach": mean_exact(within), "window_reach_tokens": setup.reach,
+        "setup": setup_record(setup),
     }
 
 
@@ -272,7 +283,7 @@ def run_all(setup: Setup, variants: list, out: str, data_dir: str, gpus: int, fo
 
 
 def bits_per_byte(nats: float) -> float:
-    return nats / 0.6931471805599453
+    return nats / math.log(2)
 
 
 def markdown_table(setup: Setup, results: dict) -> str:
