@@ -25,6 +25,7 @@ from megatron.training.initialize import initialize_megatron
 
 from megatron_s2.training import checkpoint_layout, cpu_compat
 from megatron_s2.training.arguments import add_s2_arguments
+from megatron_s2.training.data import ByteTokenizer
 from megatron_s2.training.launch import cli
 from megatron_s2.training.model import build_model_config
 from megatron_s2.training.seams import use_shipped_dataset_helpers
@@ -43,14 +44,14 @@ def add_sample_arguments(parser):
 def encode(text: str) -> list:
     args = get_args()
     if args.tokenizer_type == "NullTokenizer":  # the byte-level data of tools/preprocess_data.py
-        return list(text.encode("utf-8"))
+        return ByteTokenizer().encode(text)
     return get_tokenizer().tokenize(text)
 
 
 def decode(ids: list) -> str:
     args = get_args()
     if args.tokenizer_type == "NullTokenizer":
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return ByteTokenizer().decode(ids)
     return get_tokenizer().detokenize(ids)
 
 

@@ -29,7 +29,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import yaml
 from matplotlib.colors import Normalize
 from matplotlib.ticker import MaxNLocator
 from megatron_s2 import S2Pattern, s2_block_mask
@@ -167,7 +166,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         draw_from_args(args)
-    except (S2ConfigError, OSError, yaml.YAMLError) as err:
+    except (S2ConfigError, OSError) as err:  # read_config_file reports bad YAML as S2ConfigError
         sys.exit(f"plot_layout.py: error: {err}")
 
 
