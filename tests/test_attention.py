@@ -294,6 +294,20 @@ def test_deterministic_backward_is_bit_identical(monkeypatch, split_ratio):
         assert torch.equal(a, b)
 
 
+def test_fast_mode_at_head_dim_256_runs_the_deterministic_backward(monkeypatch):
+    """The fused (atomic dQ) kernel is off at head dim 256 (kernel.FUSED_HEAD_DIM_CLASSES): the fast
+    mode there must run the dK/dV and dQ passes, and still be exact."""
+    monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", False)
+    launched = []
+    for name in ("_fused", "_dkdv", "_dq"):
+        launcher = getattr(kernel, name)
+        monkeypatch.setattr(launcher, "launch",
+                            lambda *a, _name=name, _launch=launcher.launch, **kw: (launched.append(_name), _launch(*a, **kw)))
+    q, k, v = draw((1, 40, 2, 256), (1, 40, 1, 256), (1, 40, 1, 256), seed=23)
+    compare(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), q, k, v, seed=24)
+    assert launched == ["_dkdv", "_dq"]
+
+
 @pytest.mark.parametrize("split_ratio", [0.0, float("inf")], ids=["per_head", "per_group"])
 def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, split_ratio):
     """Both ways of serving a GQA group in the dK/dV pass compute the same gradients."""
