@@ -446,7 +446,7 @@ def test_tensor_descriptor_loads(monkeypatch, name, step):
     monkeypatch.setattr(kernel._fwd, "config_lists", lists)
     params, batch, seq, heads, kv_heads, dim = CASES[name]
     q, k, v = draw((batch, seq, heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim), seed=38)
-    assert kernel._use_tma(q, k, v)
+    assert kernel.use_tma(q, k, v)
     layout = kernel.kernel_layout(get_layout(S2Pattern(**params), heads, kv_heads, seq), dim, heads // kv_heads)
     assert layout.q_tiles.nfull.sum() > 0  # the unmasked loop has work
     compare(S2Pattern(**params), q, k, v, seed=39)

@@ -32,7 +32,7 @@ os.environ["S2_AUTOTUNE"] = "0"  # the launcher's first config, so each variant 
 import torch
 from megatron_s2 import S2Pattern
 from megatron_s2.ops import kernel
-from megatron_s2.ops.attention import _kernel_problem
+from megatron_s2.ops.attention import kernel_problem
 from megatron_s2.ops.layout import Shard
 from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs
 
@@ -71,7 +71,7 @@ class Bench:
 
     def problem(self):
         c = self.case
-        return _kernel_problem(self.q, self.k, c.pattern, Shard(c.heads, c.kv_heads), softmax_scale=None)
+        return kernel_problem(self.q, self.k, c.pattern, Shard(c.heads, c.kv_heads), softmax_scale=None)
 
     def time_forward(self):
         problem = self.problem()
@@ -161,7 +161,7 @@ def forward_timer(bench):
 
 def tma_timer(bench):
     """The forward, refusing to time pointer loads as descriptor loads (no Hopper, older Triton)."""
-    if kernel.TMA_LOADS and not kernel._use_tma(bench.q, bench.k, bench.v):
+    if kernel.TMA_LOADS and not kernel.use_tma(bench.q, bench.k, bench.v):
         raise RuntimeError("tensor descriptors unavailable on this GPU / Triton")
     return bench.time_forward()
 

@@ -133,7 +133,7 @@ def _uses_reference(q) -> bool:
     return q.device.type == "cpu" and not _interpreting()
 
 
-def _kernel_problem(q, k, pattern, shard: Shard, *, softmax_scale, packed=None):
+def kernel_problem(q, k, pattern, shard: Shard, *, softmax_scale, packed=None):
     """The kernel's Problem for ``q [b, s, h, d]``, ``k [b, s_k, h_kv, d]``; packed input passes
     ``(num_seqs, longest, layout length, cu_seqlens)`` for its ``[1, tokens, h, d]`` views."""
     from . import kernel
@@ -236,7 +236,7 @@ def _problem(q, k, pattern, *, cu_seqlens, max_seqlen, softmax_scale, head_start
             16 * pattern.block_size, 1 << (max_seqlen - 1).bit_length())
         packed = (cu_seqlens.numel() - 1, max_seqlen, layout_len, cu_seqlens)
     shard = Shard(num_q_heads, num_kv_heads, head_start, q_start, k_start)
-    return _kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale, packed=packed)
+    return kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale, packed=packed)
 
 
 @torch.library.custom_op("megatron_s2::s2_attention_forward", mutates_args=())
@@ -393,7 +393,7 @@ def s2_attention_into(
     if out.stride(-1) != 1 or lse.stride(-1) != 1:
         raise ValueError("out and lse must be contiguous in their last dimension")
     q, k, v = _last_dim_contiguous(q, k, v)
-    problem = _kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale)
+    problem = kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale)
     kernel.forward(q, k, v, problem, out=out, lse=lse, resume=resume)
 
 
@@ -440,5 +440,5 @@ def s2_attention_backward(
     from . import kernel
 
     grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
-    problem = _kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale)
+    problem = kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale)
     return kernel.backward(grad_out, q, k, v, out, lse, None, problem, _deterministic(deterministic))

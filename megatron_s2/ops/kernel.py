@@ -924,12 +924,12 @@ def forward(q, k, v, problem: Problem, out=None, lse=None, resume=False):
         **_strides("o", out, varlen), **_lse_strides(lse, varlen),
         num_heads=heads, group=heads // k.shape[2], num_programs=num_programs, num_list_tiles=tiles.num_tiles,
         **_positions(problem), HEAD_DIM=dim, VARLEN=varlen, DOT_PREC=_dot_precision(q.dtype), RESUME=resume,
-        TMA=_use_tma(q, k, v), **shape,
+        TMA=use_tma(q, k, v), **shape,
     )
     return out, lse
 
 
-def _use_tma(q, k, v) -> bool:
+def use_tma(q, k, v) -> bool:
     """Tensor-descriptor loads in the forward: when ``TMA_LOADS`` asks for them, the GPU is a Hopper
     or newer (the interpreter emulates them) and the rows meet TMA's 16-byte alignment."""
     if not TMA_LOADS or not hasattr(tl, "make_tensor_descriptor"):

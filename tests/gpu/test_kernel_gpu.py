@@ -128,7 +128,7 @@ def test_tensor_descriptor_loads(monkeypatch, dim, kv_heads, head_pattern, packe
     monkeypatch.setattr(kernel, "TMA_LOADS", True)
     pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
     q, k, v = inputs((1, 2100, 8, dim), (1, 2100, kv_heads, dim), torch.bfloat16, seed=19)
-    if not kernel._use_tma(q, k, v):
+    if not kernel.use_tma(q, k, v):
         pytest.skip("tensor descriptors need a Hopper GPU and a Triton with tl.make_tensor_descriptor")
     grad_out = torch.randn_like(q)
     grad_lse = torch.randn((1, 8, 2100), device=DEVICE)
