@@ -105,7 +105,7 @@ def settings(launcher=None, index=0, dim=128, **module_values):
     saved_values = {name: getattr(kernel, name) for name in module_values}
     try:
         if launcher is not None:
-            which = kernel.HEAD_DIM_CLASSES.index(kernel.head_dim_class(dim))
+            which = kernel.head_dim_index(dim)
             lists = list(saved_lists)
             configs = lists[which]
             lists[which] = [configs[index]] + configs[:index] + configs[index + 1:]
@@ -221,7 +221,7 @@ def main(argv=None):
 
 def run_config_list(sweep, case, stage, launcher, timer, factor, **module_values):
     """Every config of ``launcher``'s list for the case's head dim, each moved to the front in turn."""
-    which = kernel.HEAD_DIM_CLASSES.index(kernel.head_dim_class(case.dim))
+    which = kernel.head_dim_index(case.dim)
     for index, config in enumerate(launcher.config_lists[which]):
         sweep.run(stage, case, _label(config), timer, factor, launcher=launcher, index=index, dim=case.dim,
                   **module_values)
@@ -261,7 +261,7 @@ def print_spills():
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     print("\nptxas registers and spills of the default configs (sm_%d%d):" % (major, minor))
     for dim in (64, 128):
-        which = kernel.HEAD_DIM_CLASSES.index(kernel.head_dim_class(dim))
+        which = kernel.head_dim_index(dim)
         shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32")
         query = dict(shape, PACK=1, POS=128)
         for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False, TMA=kernel.TMA_LOADS)),

@@ -223,6 +223,11 @@ def head_dim_class(head_dim: int) -> int:
     return next(c for c in HEAD_DIM_CLASSES if head_dim <= c)
 
 
+def head_dim_index(head_dim: int) -> int:
+    """Which of a launcher's config lists serves ``head_dim``."""
+    return HEAD_DIM_CLASSES.index(head_dim_class(head_dim))
+
+
 def tile_sizes(block_size: int, head_dim: int):
     """(unit, units per query tile, units per key tile) for this block size and head dim."""
     unit = min(block_size, _MAX_UNIT)
@@ -833,7 +838,7 @@ class _Launcher:
         ]
 
     def launch(self, grid, head_dim, *args, **kwargs):
-        which = HEAD_DIM_CLASSES.index(head_dim_class(head_dim))
+        which = head_dim_index(head_dim)
         if self.tuned[which] is not None:
             self.tuned[which][grid](*args, **kwargs)
             return
