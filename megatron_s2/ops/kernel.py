@@ -92,7 +92,6 @@ class KernelLayout:
     q_pack: int  # query heads stacked in one forward/dQ program (GQA packing; 1: none)
     q_positions: int  # positions per forward/dQ program (its rows: q_pack * q_positions)
     k_tiles: TileLists  # for dK/dV: query units per key tile (units paired per KV head)
-    group: int  # query heads per KV head
     split_heads: bool  # dK/dV programs serve one query head each (else a whole GQA group)
     k_order: torch.Tensor  # dK/dV work items (program head * tiles + tile), most list entries first
 
@@ -303,7 +302,7 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
                            rows_are_queries=False)
     split_heads, k_order = _key_work_order(k_tiles, heads, group)
     derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles,
-                           q_pack=q_pack, q_positions=q_positions, group=group, split_heads=split_heads,
+                           q_pack=q_pack, q_positions=q_positions, split_heads=split_heads,
                            k_order=k_order)
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
