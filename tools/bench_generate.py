@@ -27,7 +27,6 @@ Writes ``bench_generate.json`` under --out and prints a table last.
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -38,7 +37,7 @@ import torch
 
 
 from megatron_s2 import S2Pattern
-from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig, s2_layer_entry
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
 from megatron_s2.hf.token_masks import dense_attention
 
@@ -76,8 +75,7 @@ def parse_args(argv=None):
 def s2_layers(variant, num_layers, heads, kv_heads):
     if variant == "dense":
         return [None] * num_layers
-    pattern = S2Pattern(**PATTERN, head_pattern=variant.removesuffix("_hybrid"))
-    entry = {**dataclasses.asdict(pattern), "head_offsets": pattern.head_offsets(heads, kv_heads)}
+    entry = s2_layer_entry(S2Pattern(**PATTERN, head_pattern=variant.removesuffix("_hybrid")), heads, kv_heads)
     return [None if variant.endswith("_hybrid") and i % 4 == 0 else entry for i in range(num_layers)]
 
 

@@ -9,8 +9,6 @@
 - a decode step captured as a CUDA graph gives the eager step's logits (what bench_generate.py times).
 """
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from megatron_s2 import S2Pattern
-from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig, s2_layer_entry
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
 from megatron_s2.hf.s2_decode_kernel import s2_decode_attention
 from megatron_s2.hf.s2_kv_cache import S2KVCache
@@ -31,10 +29,6 @@ PATTERNS = {
     "dense_heads": S2Pattern(block_size=64, local_blocks=8, vert_stride=8, num_dense_heads=4),
 }
 RESULTS = []
-
-
-def s2_layer(pattern, heads=HEADS, kv_heads=KV_HEADS):
-    return {**dataclasses.asdict(pattern), "head_offsets": pattern.head_offsets(heads, kv_heads)}
 
 
 def config(s2_layers, heads=HEADS, kv_heads=KV_HEADS, dim=64, **overrides):
@@ -51,7 +45,7 @@ def config(s2_layers, heads=HEADS, kv_heads=KV_HEADS, dim=64, **overrides):
     ("heterogeneous", 64, torch.bfloat16), ("dense_heads", 128, torch.float16),
 ])
 def test_decode_kernel_against_float64_full_attention(name, dim, dtype):
-    layer = s2_layer(PATTERNS[name])
+    layer = s2_layer_entry(PATTERNS[name], HEADS, KV_HEADS)
     cache = S2KVCache(config([layer], dim=dim))
     lengths, steps = (12000, 7000), 3
     width = max(lengths)
@@ -86,7 +80,7 @@ def _model(s2_layers, dtype, **kw):
 
 
 def test_greedy_generation_through_the_kernel_equals_no_cache():
-    layers = [s2_layer(PATTERNS["kv_group"], 16, 4), None, s2_layer(PATTERNS["heterogeneous"], 16, 4)]
+    layers = [s2_layer_entry(PATTERNS[name], 16, 4) if name else None for name in ("kv_group", None, "heterogeneous")]
     model = _model(layers, torch.float32, heads=16, kv_heads=4)
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).cuda() for n in (2500, 1700)]
     steps = 24
@@ -113,7 +107,7 @@ def test_greedy_generation_through_the_kernel_equals_no_cache():
 
 
 def test_cuda_graph_decode_step_equals_eager():
-    layers = [s2_layer(PATTERNS["kv_group"]), None]
+    layers = [s2_layer_entry(PATTERNS["kv_group"], HEADS, KV_HEADS), None]
     model = _model(layers, torch.bfloat16)
     context = 5000
     prompt = torch.randint(0, 1000, (2, context), generator=torch.Generator().manual_seed(1)).cuda()
