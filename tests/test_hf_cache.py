@@ -198,13 +198,15 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_greedy_generation_with_the_compacted_cache_equals_no_cache(name):
+# Left-padded batches, and one without padding (SDPA's unmasked path in the dense layer).
+@pytest.mark.parametrize("name, lengths", [(name, (70, 41)) for name in sorted(MODELS)]
+                         + [("hybrid_heterogeneous_kv_group", (57, 57))])
+def test_greedy_generation_with_the_compacted_cache_equals_no_cache(name, lengths):
     layers, overrides = MODELS[name]
     heads = overrides.get("num_attention_heads", HEADS)
     model = _model(layers, heads=heads, kv_heads=overrides.get("num_key_value_heads", KV_HEADS))
     steps = 30
-    prompts = _prompts([70, 41])
+    prompts = _prompts(list(lengths))
     expected = [_greedy_without_cache(model, p, steps) for p in prompts]
     ids, mask = _batch(prompts)
     cache = model.make_s2_kv_cache()

@@ -6,8 +6,13 @@
   (GQA 32/8, block 64, window 16 blocks, stride 16, left-padded batch, ~12k tokens): its error must be
   of the size of dense masked SDPA's own error in the same dtype;
 - greedy generation of a model decoding through the kernel equals decoding without a cache (fp32);
-- a decode step captured as a CUDA graph gives the eager step's logits (what bench_generate.py times).
+- a decode step captured as a CUDA graph gives the eager step's logits (what bench_generate.py times);
+- host syncs (torch.cuda.set_sync_debug_mode): a warm prefill of a left-padded batch makes as many
+  with 1 as with 4 S2 layers (the padding is read once per forward, not per layer), a decoding step
+  with its attention_mask none.
 """
+
+import warnings
 
 import pytest
 import torch
@@ -130,6 +135,40 @@ def test_cuda_graph_decode_step_equals_eager():
     diff = (eager - captured).abs().max().item()
     RESULTS.append(f"CUDA-graph decode step vs eager: max logit diff {diff:.2e}")
     assert diff <= 1e-2 * eager.abs().max().item()
+
+
+def _host_syncs(call):
+    """How many synchronizing CUDA operations (device-to-host reads, blocking copies) ``call`` makes."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_prefill_reads_the_padding_once_and_a_decoding_step_not_at_all():
+    lengths = (3000, 2000)
+    width = max(lengths)
+    ids = torch.randint(0, 1000, (2, width), generator=torch.Generator().manual_seed(2)).cuda()
+    prompt_mask = torch.stack([torch.arange(width, device="cuda") >= width - n for n in lengths]).long()
+    step_mask = torch.cat([prompt_mask, torch.ones(2, 1, dtype=torch.long, device="cuda")], dim=1)
+    token = torch.full((2, 1), 7, device="cuda")
+    syncs = {}
+    for s2_layers in (1, 4):
+        model = _model([s2_layer_entry(PATTERNS["kv_group"], 16, 4)] * s2_layers + [None], torch.bfloat16,
+                       heads=16, kv_heads=4)
+        with torch.no_grad():
+            for _ in range(2):  # the second time warm: kernels compiled, layouts and cache geometry built
+                cache = model.make_s2_kv_cache()
+                prefill = _host_syncs(lambda: model(ids, attention_mask=prompt_mask, past_key_values=cache))
+                step = _host_syncs(lambda: model(token, attention_mask=step_mask, past_key_values=cache))
+        syncs[s2_layers] = (prefill, step)
+    RESULTS.append(f"host syncs (prefill, decoding step) with 1 / 4 S2 layers: {syncs[1]} / {syncs[4]}")
+    assert syncs[1][0] == syncs[4][0] and syncs[1][1] == syncs[4][1] == 0, syncs
 
 
 def test_zz_print_table():
