@@ -94,7 +94,7 @@ def test_kernel_path_packing_equals_pure_path():
     mask[1, :21] = 0  # left padding
     positions = torch.where(mask.bool(), mask.cumsum(1) - 1, -1)
     pure = masked_attention(q, k, v, s2_token_mask(attention.s2_layer, positions, positions), attention.scaling)
-    packed = attention._kernel_attention(q, k, v, positions)
+    packed = attention._kernel_attention(q, k, v, left_padding=[0, 21])
     assert (packed[0] - pure[0]).abs().max() < 1e-5
     assert (packed[1, :, 21:] - pure[1, :, 21:]).abs().max() < 1e-5
 

@@ -5,14 +5,13 @@ sequence recomputed each step), attention over the full uncompacted keys under `
 float64, the kept set written out as loops over positions, and S = N / (L + G (N - L) / V).
 """
 
-import dataclasses
 import sys
 
 import pytest
 import torch
 
 from megatron_s2 import S2Pattern
-from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig, s2_layer_entry
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
 from megatron_s2.hf.s2_decode_kernel import s2_decode_attention
 from megatron_s2.hf.s2_kv_cache import S2KVCache
@@ -23,8 +22,8 @@ HEADS, KV_HEADS, DIM = 8, 2, 16
 
 
 def s2_layer(heads=HEADS, kv_heads=KV_HEADS, **fields):
-    pattern = S2Pattern(**{"block_size": 16, "local_blocks": 2, "vert_stride": 4, **fields})
-    return {**dataclasses.asdict(pattern), "head_offsets": pattern.head_offsets(heads, kv_heads)}
+    return s2_layer_entry(S2Pattern(**{"block_size": 16, "local_blocks": 2, "vert_stride": 4, **fields}),
+                          heads, kv_heads)
 
 
 WINDOW_ONLY = {"block_size": 16, "local_blocks": 2, "vert_stride": 0, "head_offsets": [0] * HEADS}
@@ -199,13 +198,15 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_greedy_generation_with_the_compacted_cache_equals_no_cache(name):
+# Left-padded batches, and one without padding (SDPA's unmasked path in the dense layer).
+@pytest.mark.parametrize("name, lengths", [(name, (70, 41)) for name in sorted(MODELS)]
+                         + [("hybrid_heterogeneous_kv_group", (57, 57))])
+def test_greedy_generation_with_the_compacted_cache_equals_no_cache(name, lengths):
     layers, overrides = MODELS[name]
     heads = overrides.get("num_attention_heads", HEADS)
     model = _model(layers, heads=heads, kv_heads=overrides.get("num_key_value_heads", KV_HEADS))
     steps = 30
-    prompts = _prompts([70, 41])
+    prompts = _prompts(list(lengths))
     expected = [_greedy_without_cache(model, p, steps) for p in prompts]
     ids, mask = _batch(prompts)
     cache = model.make_s2_kv_cache()

@@ -14,12 +14,17 @@ Neither the weights nor the cached values change the speed, so the cache is fill
 keys and values instead of a long prefill.
 
 For each variant, context N and batch b:
-- ``ttft``: one prefill of N tokens, the cache's placement included (S2 Triton kernel, or SDPA causal
-  for dense layers); measured once after a warm-up at 4096 tokens, only where b * N <= --ttft-max-tokens;
+- ``ttft``: a prefill of N tokens into an empty cache, the cache's placement included (S2 Triton
+  kernel, or SDPA causal for dense layers), only where b * N <= --ttft-max-tokens. Reported warm: the
+  second prefill of that shape, what a server sees; the first (``ttft_cold_ms`` in the JSON, in
+  brackets in the table) also pays one-time costs of a new length: the S2 layout and tile lists,
+  Triton compilation of new specializations (a warm-up at 4096 tokens compiles the kernels first);
 - ``decode``: one whole-model decode step at position N (static shapes, replayed as a CUDA graph, so
   Python overhead is out of both sides): ms per token;
 - ``attn``: the decode attention of one layer alone (graph replay): the compacted-cache kernel, or
-  SDPA over the full cache;
+  SDPA over the full cache. SDPA does not split one query over the context, so at batch 1 it is far
+  from memory-bound (H200: 1101 us at 128k for batch 1, 1106 us for batch 8): batch 8 is the fair
+  comparison, batch 1 overstates the saving (docs/inference.md, "How to read the numbers");
 - ``ideal``: N / (L + G (N - L) / V) in blocks, the K/V read saving of the attention step;
 - ``kv GB``: cache buffers allocated; ``peak GB``: peak allocated while decoding (weights included;
   the JSON also has the prefill's peak).
@@ -27,7 +32,6 @@ Writes ``bench_generate.json`` under --out and prints a table last.
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -38,7 +42,7 @@ import torch
 
 
 from megatron_s2 import S2Pattern
-from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig, s2_layer_entry
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
 from megatron_s2.hf.token_masks import dense_attention
 
@@ -76,8 +80,7 @@ def parse_args(argv=None):
 def s2_layers(variant, num_layers, heads, kv_heads):
     if variant == "dense":
         return [None] * num_layers
-    pattern = S2Pattern(**PATTERN, head_pattern=variant.removesuffix("_hybrid"))
-    entry = {**dataclasses.asdict(pattern), "head_offsets": pattern.head_offsets(heads, kv_heads)}
+    entry = s2_layer_entry(S2Pattern(**PATTERN, head_pattern=variant.removesuffix("_hybrid")), heads, kv_heads)
     return [None if variant.endswith("_hybrid") and i % 4 == 0 else entry for i in range(num_layers)]
 
 
@@ -186,18 +189,25 @@ def ideal_ratio(entry, context, kv_heads):
 
 
 def prefill_ms(model, batch, context):
-    """Time to the first token: one prefill into an empty cache (after a warm-up at 4096 tokens that
-    compiles the kernels; the S2 layout of this length is built inside, once, as in serving)."""
+    """Time to the first token, ``(warm, cold)`` in ms: two prefills of the same shape, each into an
+    empty cache, after a warm-up at 4096 tokens that compiles the kernels. The first (cold) also builds
+    what a new length needs once (S2 layout and tile lists, kernel specializations); the second is
+    what a server sees for a length it has served before."""
     vocab = model.config.vocab_size
     model(torch.randint(0, vocab, (batch, 4096), device=DEVICE), past_key_values=model.make_s2_kv_cache(),
           logits_to_keep=1)
     prompt = torch.randint(0, vocab, (batch, context), device=DEVICE)
-    cache = model.make_s2_kv_cache(capacity=context + 1)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    model(prompt, past_key_values=cache, logits_to_keep=1)
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - start)
+    times = []
+    for _ in range(2):
+        cache = model.make_s2_kv_cache(capacity=context + 1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(prompt, past_key_values=cache, logits_to_keep=1)
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+        del cache
+    cold, warm = times
+    return warm, cold
 
 
 def measure(model, variant, context, batch, args):
@@ -208,7 +218,7 @@ def measure(model, variant, context, batch, args):
     with torch.no_grad():
         if batch * context <= args.ttft_max_tokens:
             try:
-                row["ttft_ms"] = prefill_ms(model, batch, context)
+                row["ttft_ms"], row["ttft_cold_ms"] = prefill_ms(model, batch, context)
             except torch.cuda.OutOfMemoryError:
                 row["ttft_error"] = "out of memory"
             row["prefill_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -276,8 +286,9 @@ def main(argv=None):
     with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"\n{record['device']}, torch {torch.__version__}, {record['date']}; speed-ups are over 'dense' "
-          f"(same weights, SDPA), decode = one CUDA-graph step at position N")
-    print("| variant | N | b | TTFT ms | decode ms/tok | x dense | attn us | x dense | ideal | KV GB | x dense "
+          f"(same weights, SDPA), TTFT warm (cold: first prefill of that length), decode = one CUDA-graph step "
+          f"at position N")
+    print("| variant | N | b | TTFT ms (cold) | decode ms/tok | x dense | attn us | x dense | ideal | KV GB | x dense "
           "| peak GB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -286,7 +297,7 @@ def main(argv=None):
             continue
         d = dense.get((r["context"], r["batch"]), {})
         ratio = lambda key: f"{d[key] / r[key]:.2f}" if key in d and key in r else "-"  # noqa: E731
-        ttft = f"{r['ttft_ms']:.0f}" if "ttft_ms" in r else r.get("ttft_error", "-")
+        ttft = f"{r['ttft_ms']:.0f} ({r['ttft_cold_ms']:.0f})" if "ttft_ms" in r else r.get("ttft_error", "-")
         eager = " (eager)" if r["decode_mode"] == "eager" else ""
         print(f"| {r['variant']}{eager} | {r['context'] // 1024}k | {r['batch']} | {ttft} | {r['decode_ms']:.2f} | "
               f"{ratio('decode_ms')} | {r['attn_us']:.1f} | {ratio('attn_us')} | {r['ideal']:.1f} | "

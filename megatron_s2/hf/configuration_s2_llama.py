@@ -19,6 +19,8 @@ Models trained with MuP (``--use-mup``) compute another function than plain Llam
 and ``logits_multiplier`` (output logits) carry Megatron's values.
 """
 
+import dataclasses
+
 from transformers import LlamaConfig
 
 S2_LAYER_KEYS = ("block_size", "local_blocks", "vert_stride", "head_offsets")
@@ -54,4 +56,11 @@ class S2LlamaConfig(LlamaConfig):
                 )
 
 
-__all__ = ["S2LlamaConfig"]
+def s2_layer_entry(pattern, num_heads: int, num_kv_heads: int) -> dict:
+    """The ``s2_layers`` entry of a layer trained with ``pattern`` (a ``megatron_s2.S2Pattern``, not
+    imported here so that this file stays self-contained): its fields plus each query head's resolved
+    stripe offset."""
+    return {**dataclasses.asdict(pattern), "head_offsets": pattern.head_offsets(num_heads, num_kv_heads)}
+
+
+__all__ = ["S2LlamaConfig", "s2_layer_entry"]

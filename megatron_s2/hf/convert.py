@@ -8,7 +8,6 @@ state-dict mapping), ``megatron_model.py`` (building the Megatron model) and ``c
 
 from __future__ import annotations
 
-import dataclasses
 from argparse import Namespace
 from typing import Optional, Sequence
 
@@ -16,6 +15,7 @@ import torch
 
 from ..core.config import S2AttentionConfig
 from ..training import checkpoint_layout
+from .configuration_s2_llama import s2_layer_entry
 from .megatron_model import shape_from_args, transformer_config
 
 
@@ -67,15 +67,8 @@ def check_megatron_llama_args(args: Namespace) -> None:
 
 def s2_layers_for_hf(s2_config: S2AttentionConfig, num_heads: int, num_kv_heads: int) -> list:
     """``S2LlamaConfig.s2_layers``: each S2 layer's pattern fields plus resolved per-head offsets."""
-    layers = []
-    for layer in s2_config.layers:
-        if layer.is_dense:
-            layers.append(None)
-        else:
-            entry = dataclasses.asdict(layer.pattern)
-            entry["head_offsets"] = layer.pattern.head_offsets(num_heads, num_kv_heads)
-            layers.append(entry)
-    return layers
+    return [None if layer.is_dense else s2_layer_entry(layer.pattern, num_heads, num_kv_heads)
+            for layer in s2_config.layers]
 
 
 def s2_config_from_hf_layers(s2_layers: list, allow_partial_coverage: bool = False,

@@ -58,8 +58,11 @@ class S2LlamaAttention(nn.Module):
             fields = S2Pattern.__dataclass_fields__
             self.kernel_pattern = S2Pattern(**{k: v for k, v in self.s2_layer.items() if k in fields})
 
-    def forward(self, hidden_states, position_embeddings, q_pos, k_pos, cache=None, unpadded=False):
-        """``unpadded``: no sequence of the batch has padding (the masks reduce to plain causality)."""
+    def forward(self, hidden_states, position_embeddings, q_pos, k_pos, cache=None, unpadded=False,
+                left_padding=None):
+        """``unpadded``: no sequence of the batch has padding (the masks reduce to plain causality);
+        ``left_padding``: each sequence's padding columns, on the host, when some sequence has padding and
+        no key is cached yet (see ``padding_on_host``)."""
         batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
@@ -68,27 +71,27 @@ class S2LlamaAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
 
         if isinstance(cache, S2KVCache):
-            out = self._attend_with_s2_cache(q, k, v, q_pos, k_pos, cache, unpadded)
+            out = self._attend_with_s2_cache(q, k, v, q_pos, k_pos, cache, unpadded, left_padding)
         else:
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
-            out = self._attend(q, k, v, q_pos, k_pos, unpadded)
+            out = self._attend(q, k, v, q_pos, k_pos, unpadded, left_padding)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
-    def _attend(self, q, k, v, q_pos, k_pos, unpadded):
+    def _attend(self, q, k, v, q_pos, k_pos, unpadded, left_padding):
         if self.s2_layer is None:
             return dense_attention(q, k, v, q_pos, k_pos, self.scaling, unpadded)
         if self._use_kernel(q, k):
-            return self._kernel_attention(q, k, v, q_pos)
+            return self._kernel_attention(q, k, v, left_padding)
         return self._masked_s2_attention(q, k, v, q_pos, k_pos)
 
-    def _attend_with_s2_cache(self, q, k, v, q_pos, k_pos, cache, unpadded):
+    def _attend_with_s2_cache(self, q, k, v, q_pos, k_pos, cache, unpadded, left_padding):
         layer = self.layer_idx
         if self.s2_layer is None:
             k, v = cache.dense_update(layer, k, v)
             return dense_attention(q, k, v, q_pos, k_pos, self.scaling, unpadded)
         if cache.get_seq_length(layer) == 0:  # the prompt, or its first chunk: S2 over its own keys
-            out = self._attend(q, k, v, q_pos, q_pos, unpadded)
+            out = self._attend(q, k, v, q_pos, q_pos, unpadded, left_padding)
             cache.s2_store(layer, k, v, q_pos)
             return out
         if q.shape[2] == 1:  # decoding step
@@ -119,11 +122,12 @@ class S2LlamaAttention(nn.Module):
         return (self.kernel_pattern is not None and q.is_cuda and q.shape[2] == k.shape[2] > 1
                 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
-    def _kernel_attention(self, q, k, v, q_pos):
-        """Prefill through the Triton kernel, one sequence at a time when the batch is left-padded."""
+    def _kernel_attention(self, q, k, v, left_padding):
+        """Prefill through the Triton kernel, one sequence at a time when the batch is left-padded
+        (``left_padding``: each sequence's padding columns, or None)."""
         out = torch.zeros_like(q)
-        starts = (q_pos < 0).sum(dim=1).tolist()  # left padding of each sequence
-        batches = [(slice(None), 0)] if not any(starts) else [(slice(b, b + 1), s) for b, s in enumerate(starts)]
+        batches = ([(slice(None), 0)] if left_padding is None
+                   else [(slice(b, b + 1), start) for b, start in enumerate(left_padding)])
         for rows, start in batches:
             q_, k_, v_ = (t[rows, :, start:].transpose(1, 2).contiguous() for t in (q, k, v))
             out[rows, :, start:] = _s2_kernel(
@@ -141,9 +145,10 @@ class S2LlamaDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, q_pos, k_pos, cache=None, unpadded=False):
+    def forward(self, hidden_states, position_embeddings, q_pos, k_pos, cache=None, unpadded=False,
+                left_padding=None):
         hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, q_pos, k_pos, cache, unpadded
+            self.input_layernorm(hidden_states), position_embeddings, q_pos, k_pos, cache, unpadded, left_padding
         )
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -167,6 +172,25 @@ def token_positions(attention_mask, batch, length, past, device):
         )
     mask = attention_mask.to(device=device, dtype=torch.bool)
     return torch.where(mask, mask.long().cumsum(dim=1) - 1, -1)
+
+
+def padding_on_host(attention_mask, cache, past):
+    """``(unpadded, left_padding)``: whether no key column is padding (SDPA's unmasked kernels then
+    serve dense layers), and, when some is and no key is cached yet, each sequence's padding columns
+    (the S2 prefill kernel's per-sequence starts). Padding is on the left, as ``generate`` requires.
+
+    Read from the device once per forward, never per layer; not at all once an ``S2KVCache`` holds
+    the start of the sequences: left padding lies in the columns it has seen, so later chunks and
+    decoding steps (CUDA-graph capturable) take its record. Other caches cost one sync per step."""
+    if attention_mask is None:
+        return True, None
+    if past > 0 and isinstance(cache, S2KVCache) and cache.padded is not None:
+        return not cache.padded, None
+    padding = (attention_mask == 0).sum(dim=1).tolist()  # the one host sync
+    unpadded = not any(padding)
+    if isinstance(cache, S2KVCache):
+        cache.padded = not unpadded
+    return unpadded, None if unpadded or past > 0 else padding
 
 
 class S2LlamaModel(S2LlamaPreTrainedModel):
@@ -198,11 +222,10 @@ class S2LlamaModel(S2LlamaPreTrainedModel):
             position_ids = q_pos.clamp(min=0)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
-        # One host sync per step buys SDPA's fast causal kernels for unpadded batches.
-        unpadded = attention_mask is None or bool(attention_mask.all())
+        unpadded, left_padding = padding_on_host(attention_mask, cache, past)
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, q_pos, k_pos, cache, unpadded)
+            hidden_states = layer(hidden_states, position_embeddings, q_pos, k_pos, cache, unpadded, left_padding)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{_CACHE_FIELD: cache})
 
 

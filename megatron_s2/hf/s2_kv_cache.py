@@ -22,6 +22,8 @@ block, and so then does the rectangle. Dense layers keep every token in a buffer
 attention mask's columns.
 """
 
+import functools
+
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -32,17 +34,17 @@ from .token_masks import masked_attention, s2_token_mask
 class S2LayerGeometry:
     """Where the KV heads of one S2 layer keep each token (see the module docstring)."""
 
-    def __init__(self, layer: dict, num_kv_heads: int, device):
-        self.block = layer["block_size"]
-        self.ring = layer["local_blocks"] * self.block
+    def __init__(self, block_size: int, local_blocks: int, vert_stride: int, head_offsets: tuple,
+                 num_kv_heads: int, device):
+        self.block = block_size
+        self.ring = local_blocks * self.block
         # vert_stride 0 (window only): no stripe blocks, except for the KV groups of dense heads.
-        self.stride = max(layer["vert_stride"], 1)
-        offsets = layer["head_offsets"]
-        reads = torch.zeros(len(offsets), self.stride, dtype=torch.bool)
-        for head, offset in enumerate(offsets):
+        self.stride = max(vert_stride, 1)
+        reads = torch.zeros(len(head_offsets), self.stride, dtype=torch.bool)
+        for head, offset in enumerate(head_offsets):
             if offset is None:
                 reads[head] = True
-            elif layer["vert_stride"] > 0:
+            elif vert_stride > 0:
                 reads[head, (-offset) % self.stride] = True
         member = reads.view(num_kv_heads, -1, self.stride).any(dim=1)
         self.counts = member.sum(dim=1).tolist()  # stripe residues per KV head (G)
@@ -97,6 +99,14 @@ class S2LayerGeometry:
         return torch.where(pos >= 0, pos, -1)
 
 
+@functools.lru_cache(maxsize=64)
+def shared_geometry(block_size, local_blocks, vert_stride, head_offsets: tuple, num_kv_heads, device):
+    """One ``S2LayerGeometry`` per pattern and device, shared by every layer and cache using it
+    (read-only): building one copies its tables to the device, each copy a host sync, which a prefill
+    must not pay per layer and per request."""
+    return S2LayerGeometry(block_size, local_blocks, vert_stride, head_offsets, num_kv_heads, device)
+
+
 class S2KVCache(DynamicCache):
     """KV cache for ``generate(past_key_values=...)``: S2 layers keep only the blocks later queries read
     (compacted per KV head, see the module docstring); dense layers keep everything.
@@ -113,6 +123,9 @@ class S2KVCache(DynamicCache):
         self.buffers = {}  # layer -> (keys, values)
         self.last_position = {}  # S2 layer -> last stored position of each sequence [b] (-1: none)
         self.geometry = {}  # S2 layer -> S2LayerGeometry
+        # Whether some stored column is padding (None: not known), on the host: the model records it
+        # from the attention mask at the prompt so that decoding steps read no mask on the host.
+        self.padded = None
 
     @property
     def is_croppable(self) -> bool:
@@ -139,8 +152,10 @@ class S2KVCache(DynamicCache):
         """Add ``keys/values [b, h_kv, n, d]`` at ``positions [b, n]`` (-1: padding) and move or drop
         what leaves the window."""
         if layer_idx not in self.geometry:
-            self.geometry[layer_idx] = S2LayerGeometry(self.s2_config.s2_layers[layer_idx], keys.shape[1],
-                                                       keys.device)
+            layer = self.s2_config.s2_layers[layer_idx]
+            self.geometry[layer_idx] = shared_geometry(layer["block_size"], layer["local_blocks"],
+                                                       layer["vert_stride"], tuple(layer["head_offsets"]),
+                                                       keys.shape[1], keys.device)
             self.last_position[layer_idx] = torch.full((keys.shape[0],), -1, device=keys.device)
         geometry = self.geometry[layer_idx]
         seen = self.seen_tokens.get(layer_idx, 0) + keys.shape[2]

@@ -6,10 +6,13 @@
   (GQA 32/8, block 64, window 16 blocks, stride 16, left-padded batch, ~12k tokens): its error must be
   of the size of dense masked SDPA's own error in the same dtype;
 - greedy generation of a model decoding through the kernel equals decoding without a cache (fp32);
-- a decode step captured as a CUDA graph gives the eager step's logits (what bench_generate.py times).
+- a decode step captured as a CUDA graph gives the eager step's logits (what bench_generate.py times);
+- host syncs (torch.cuda.set_sync_debug_mode): a warm prefill of a left-padded batch makes as many
+  with 1 as with 4 S2 layers (the padding is read once per forward, not per layer), a decoding step
+  with its attention_mask none.
 """
 
-import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from megatron_s2 import S2Pattern
-from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
+from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig, s2_layer_entry
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
 from megatron_s2.hf.s2_decode_kernel import s2_decode_attention
 from megatron_s2.hf.s2_kv_cache import S2KVCache
@@ -31,10 +34,6 @@ PATTERNS = {
     "dense_heads": S2Pattern(block_size=64, local_blocks=8, vert_stride=8, num_dense_heads=4),
 }
 RESULTS = []
-
-
-def s2_layer(pattern, heads=HEADS, kv_heads=KV_HEADS):
-    return {**dataclasses.asdict(pattern), "head_offsets": pattern.head_offsets(heads, kv_heads)}
 
 
 def config(s2_layers, heads=HEADS, kv_heads=KV_HEADS, dim=64, **overrides):
@@ -51,7 +50,7 @@ def config(s2_layers, heads=HEADS, kv_heads=KV_HEADS, dim=64, **overrides):
     ("heterogeneous", 64, torch.bfloat16), ("dense_heads", 128, torch.float16),
 ])
 def test_decode_kernel_against_float64_full_attention(name, dim, dtype):
-    layer = s2_layer(PATTERNS[name])
+    layer = s2_layer_entry(PATTERNS[name], HEADS, KV_HEADS)
     cache = S2KVCache(config([layer], dim=dim))
     lengths, steps = (12000, 7000), 3
     width = max(lengths)
@@ -86,7 +85,7 @@ def _model(s2_layers, dtype, **kw):
 
 
 def test_greedy_generation_through_the_kernel_equals_no_cache():
-    layers = [s2_layer(PATTERNS["kv_group"], 16, 4), None, s2_layer(PATTERNS["heterogeneous"], 16, 4)]
+    layers = [s2_layer_entry(PATTERNS[name], 16, 4) if name else None for name in ("kv_group", None, "heterogeneous")]
     model = _model(layers, torch.float32, heads=16, kv_heads=4)
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).cuda() for n in (2500, 1700)]
     steps = 24
@@ -113,7 +112,7 @@ def test_greedy_generation_through_the_kernel_equals_no_cache():
 
 
 def test_cuda_graph_decode_step_equals_eager():
-    layers = [s2_layer(PATTERNS["kv_group"]), None]
+    layers = [s2_layer_entry(PATTERNS["kv_group"], HEADS, KV_HEADS), None]
     model = _model(layers, torch.bfloat16)
     context = 5000
     prompt = torch.randint(0, 1000, (2, context), generator=torch.Generator().manual_seed(1)).cuda()
@@ -136,6 +135,40 @@ def test_cuda_graph_decode_step_equals_eager():
     diff = (eager - captured).abs().max().item()
     RESULTS.append(f"CUDA-graph decode step vs eager: max logit diff {diff:.2e}")
     assert diff <= 1e-2 * eager.abs().max().item()
+
+
+def _host_syncs(call):
+    """How many synchronizing CUDA operations (device-to-host reads, blocking copies) ``call`` makes."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_prefill_reads_the_padding_once_and_a_decoding_step_not_at_all():
+    lengths = (3000, 2000)
+    width = max(lengths)
+    ids = torch.randint(0, 1000, (2, width), generator=torch.Generator().manual_seed(2)).cuda()
+    prompt_mask = torch.stack([torch.arange(width, device="cuda") >= width - n for n in lengths]).long()
+    step_mask = torch.cat([prompt_mask, torch.ones(2, 1, dtype=torch.long, device="cuda")], dim=1)
+    token = torch.full((2, 1), 7, device="cuda")
+    syncs = {}
+    for s2_layers in (1, 4):
+        model = _model([s2_layer_entry(PATTERNS["kv_group"], 16, 4)] * s2_layers + [None], torch.bfloat16,
+                       heads=16, kv_heads=4)
+        with torch.no_grad():
+            for _ in range(2):  # the second time warm: kernels compiled, layouts and cache geometry built
+                cache = model.make_s2_kv_cache()
+                prefill = _host_syncs(lambda: model(ids, attention_mask=prompt_mask, past_key_values=cache))
+                step = _host_syncs(lambda: model(token, attention_mask=step_mask, past_key_values=cache))
+        syncs[s2_layers] = (prefill, step)
+    RESULTS.append(f"host syncs (prefill, decoding step) with 1 / 4 S2 layers: {syncs[1]} / {syncs[4]}")
+    assert syncs[1][0] == syncs[4][0] and syncs[1][1] == syncs[4][1] == 0, syncs
 
 
 def test_zz_print_table():
