@@ -117,6 +117,7 @@ def test_cache_memory_matches_the_formula(pattern, distinct):
 KERNEL_CASES = {  # name: (layer, query heads, splits of the context)
     **{name: (layer, HEADS, splits) for (name, layer), splits in zip(sorted(LAYERS.items()), (5, 3, 1, 2))},
     "mha_kv_group": (s2_layer(2, KV_HEADS, head_pattern="kv_group", vert_stride=2), 2, 4),
+    "all_dense_heads": (s2_layer(num_dense_heads=HEADS), HEADS, 3),  # bench_generate's dense_splitkv
 }
 
 

@@ -9,7 +9,9 @@ same weights decoding densely (SDPA), on one GPU.
 Without ``--hf`` the models are built from a config with random weights (no Megatron, no training
 run): 16 layers, hidden 2048, 32 query / 8 KV heads of dim 64, MLP 8192, vocabulary 32000, bf16; S2
 block 64, window 16 blocks, stride 16. Variants share the weights: ``kv_group`` and
-``heterogeneous`` (all layers S2), ``*_hybrid`` (every 4th layer dense, from layer 0) and ``dense``.
+``heterogeneous`` (all layers S2), ``*_hybrid`` (every 4th layer dense, from layer 0), ``dense``, and
+``dense_splitkv``: every head dense, but cached and decoded like S2 layers (whole cache, the Triton
+split-KV decode kernel), a memory-bound dense baseline for the attention step.
 Neither the weights nor the cached values change the speed, so the cache is filled with random
 keys and values instead of a long prefill.
 
@@ -47,7 +49,7 @@ from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM
 from megatron_s2.hf.token_masks import dense_attention
 
 DEVICE = "cuda"
-VARIANTS = ("kv_group", "dense", "heterogeneous", "kv_group_hybrid", "heterogeneous_hybrid")
+VARIANTS = ("kv_group", "dense", "heterogeneous", "kv_group_hybrid", "heterogeneous_hybrid", "dense_splitkv")
 MODEL_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072 + 4096,
                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
@@ -80,6 +82,8 @@ def parse_args(argv=None):
 def s2_layers(variant, num_layers, heads, kv_heads):
     if variant == "dense":
         return [None] * num_layers
+    if variant == "dense_splitkv":
+        return [s2_layer_entry(S2Pattern(**PATTERN, num_dense_heads=heads), heads, kv_heads)] * num_layers
     entry = s2_layer_entry(S2Pattern(**PATTERN, head_pattern=variant.removesuffix("_hybrid")), heads, kv_heads)
     return [None if variant.endswith("_hybrid") and i % 4 == 0 else entry for i in range(num_layers)]
 
