@@ -18,6 +18,7 @@ from megatron_s2.core.config import S2AttentionConfig
 from megatron_s2.hf import checkpoints, convert, megatron_model, weight_mapping
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM, masked_attention, s2_token_mask
+from megatron_s2.training.arguments import megatron_parser
 from tests.helpers import RankError, launch, run_distributed, training_workdir
 
 import tools.convert_from_hf as convert_from_hf
@@ -325,15 +326,6 @@ def test_hf_to_megatron_to_hf_round_trip(tmp_path, tied):
         assert (model(input_ids).logits - megatron_logits[..., :100]).abs().max() < 1e-4
 
 
-def _megatron_logits_own_config(load_dir, input_ids):
-    """Logits of a checkpoint built from Megatron's own arguments-to-TransformerConfig translation
-    (as pretrain_gpt_s2.py builds it), not the converter's."""
-    from megatron.training.arguments import core_transformer_config_from_args
-
-    megatron_model.transformer_config = lambda args, tensor_parallel=1: core_transformer_config_from_args(args)
-    return _megatron_logits_tp1(load_dir, input_ids)[1]
-
-
 @pytest.mark.slow  # trains with pretrain_gpt_s2.py
 def test_mup_model_exports_with_equal_logits(pretrain_dir, tmp_path):
     """A run with --use-mup (softmax scale 1/kv_channels, embedding and logit multipliers) exports to the
@@ -345,7 +337,7 @@ def test_mup_model_exports_with_equal_logits(pretrain_dir, tmp_path):
     model = load_exported(tmp_path / "hf")
     assert model.config.softmax_scale == 1 / 16 and model.config.logits_multiplier == 0.5
     input_ids = tokens(length=128, vocab=257)
-    megatron_logits = in_child(_megatron_logits_own_config, save, input_ids)
+    megatron_logits = in_child(_megatron_logits_tp1, save, input_ids)[1]
     with torch.no_grad():
         assert (model(input_ids).logits - megatron_logits[..., :257]).abs().max() < 1e-4
     with pytest.raises(RankError, match="UnsupportedArchitectureError: .*--use-mup.*export without --dense"):
@@ -362,6 +354,58 @@ def _megatron_logits_tp1(load_dir, input_ids):
         with torch.no_grad(), megatron_model.cpu_without_cuda():
             logits = megatron(input_ids, torch.arange(input_ids.shape[1])[None].expand_as(input_ids), None)
     return state["embedding.word_embeddings.weight"].shape[0], logits
+
+
+# A tiny Llama as pretrain_gpt_s2.py's flags give it, with flags that change the function and that the
+# converter has no code for (--glu-linear-offset), that it handled itself before (--norm-epsilon,
+# the rope scaling factor), and options a training run sets (initialization, fp32 residuals).
+FUNCTION_FLAGS = [
+    "--num-layers", "3", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
+    "--group-query-attention", "--num-query-groups", "2", "--max-position-embeddings", "256", "--seq-length", "96",
+    "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
+    "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0",
+    "--norm-epsilon", "1e-3", "--use-rope-scaling", "--rope-scaling-factor", "32", "--rotary-base", "50000",
+    "--glu-linear-offset", "0.5", "--no-bias-swiglu-fusion", "--no-rope-fusion",
+    "--fp32-residual-connection", "--init-method-std", "0.01",
+]
+
+# What the converter changes on purpose: CPU placement, no initialization, no fused kernels (TE or CUDA).
+CONVERSION_FIELDS = {"use_cpu_initialization", "perform_initialization", "transformer_impl", "bias_activation_fusion",
+                     "bias_dropout_fusion", "masked_softmax_fusion", "gradient_accumulation_fusion",
+                     "apply_rope_fusion", "persist_layer_norm"}
+
+
+def _converter_config_against_megatrons(rank, world_size, args):
+    import dataclasses
+    import functools
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    model = megatron_model.build_gpt_model(args, s2_config())
+    megatron = gpt_config_from_args(args).transformer
+    differences = {}
+    for field in dataclasses.fields(megatron):
+        ours, theirs = getattr(model.config, field.name), getattr(megatron, field.name)
+        if isinstance(theirs, functools.partial):  # initialization functions, rebuilt per config
+            continue
+        if field.name not in CONVERSION_FIELDS and ours != theirs:
+            differences[field.name] = (ours, theirs)
+    rope = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, rotary_base=50000, rope_scaling=True,
+                           rope_scaling_factor=32.0, use_cpu_initialization=True)
+    return differences, torch.equal(model.rotary_pos_emb.inv_freq, rope.inv_freq)
+
+
+def test_converter_builds_megatrons_model_of_the_run_arguments():
+    """The converter's Megatron model is the one Megatron's own gpt_config_from_args describes for a run's
+    arguments (training's path): every TransformerConfig field equal but the conversion settings, so
+    a flag that changes the function reaches it without converter code; RoPE gets the run's scaling
+    factor, which megatron-core 0.19.2 does not copy."""
+    args = megatron_parser().parse_args(FUNCTION_FLAGS)
+    args.params_dtype, args.padded_vocab_size = torch.float32, 128  # set by validation, tokenizer set-up
+    differences, rope_scaled = run_distributed(1, _converter_config_against_megatrons, args)[0]
+    assert differences == {}
+    assert rope_scaled
 
 
 def test_dense_export_is_stock_llama(exported, tmp_path):

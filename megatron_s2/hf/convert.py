@@ -16,7 +16,7 @@ import torch
 
 from ..core.config import S2AttentionConfig
 from ..training import checkpoint_layout
-from .megatron_model import shape_from_args, transformer_config
+from .megatron_model import model_config, shape_from_args
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -133,7 +133,7 @@ def hf_config_kwargs(args: Namespace, s2_config: Optional[S2AttentionConfig], vo
                 "this checkpoint was trained with --use-mup (softmax scale, embedding and logit multipliers "
                 "that a stock Llama config cannot express). Fix: export without --dense; the S2 Llama "
                 "config carries them")
-        mup = transformer_config(args)  # Megatron's own derivation of the MuP factors
+        mup = model_config(args, s2_config)  # Megatron's own derivation of the MuP factors
         kwargs.update(softmax_scale=mup.softmax_scale, embedding_multiplier=mup.mup_embedding_mult,
                       logits_multiplier=mup.mup_output_mult)
     return kwargs
