@@ -451,6 +451,20 @@ def test_unsupported_hf_architectures_are_named(change, named):
         convert.megatron_args_from_hf(LlamaConfig(**{**llama_kwargs(), **change}))
 
 
+def test_imported_model_arguments_are_the_training_parsers():
+    """HF -> Megatron: the checkpoint's arguments are what pretrain_gpt_s2.py's parser makes of the
+    model's flags (every Megatron argument there, as in a checkpoint a training run saves)."""
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = S2LlamaConfig(**llama_kwargs(rms_norm_eps=1e-6, rope_parameters=rope))
+    args = convert.megatron_args_from_hf(config, tensor_parallel=2)
+    assert set(vars(megatron_parser().parse_args([]))) <= set(vars(args))
+    assert (args.layernorm_epsilon, args.use_rope_scaling, args.rope_scaling_factor, args.rotary_base) == (
+        1e-6, True, 32.0, 500000)
+    assert (args.num_query_groups, args.kv_channels, args.vocab_size, args.padded_vocab_size) == (2, 16, 100, 256)
+    convert.check_megatron_llama_args(args)
+
+
 def test_unsupported_model_types_and_megatron_args_are_named():
     from argparse import Namespace
 
