@@ -477,8 +477,9 @@ def test_unsupported_model_types_and_megatron_args_are_named():
     args = convert.megatron_args_from_hf(S2LlamaConfig(**llama_kwargs()))
     convert.check_megatron_llama_args(args)
     bad = Namespace(**{**vars(args), "normalization": "LayerNorm", "add_bias_linear": True, "num_experts": 8,
-                       "apply_residual_connection_post_layernorm": True, "no_rope_freq": 4})
+                       "apply_residual_connection_post_layernorm": True, "no_rope_freq": 4,
+                       "glu_linear_offset": 0.5})
     with pytest.raises(convert.UnsupportedArchitectureError,
                        match="normalization.*add-bias-linear.*num-experts.*apply-residual-connection-post-layernorm"
-                             ".*no-rope-freq"):
+                             ".*glu-linear-offset.*no-rope-freq"):
         convert.check_megatron_llama_args(bad)

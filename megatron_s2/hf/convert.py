@@ -47,6 +47,7 @@ _LLAMA_ARGS = {
     "apply_residual_connection_post_layernorm": False,
     "activation_func_clamp_value": None,
     "squared_relu": False,
+    "glu_linear_offset": 0.0,
     "no_rope_freq": None,
 }
 
