@@ -408,6 +408,16 @@ def test_converter_builds_megatrons_model_of_the_run_arguments():
     assert rope_scaled
 
 
+def test_converter_fills_arguments_an_older_checkpoint_lacks():
+    """A checkpoint saved by an older Megatron-Core (or an earlier convert_from_hf.py) lacks the flags
+    added since: the converter's model gets Megatron's defaults for them, the stored values for the rest."""
+    args = megatron_parser().parse_args(FUNCTION_FLAGS)
+    args.params_dtype, args.padded_vocab_size = torch.float32, 128
+    del args.glu_linear_offset, args.use_mup, args.qk_clip
+    config = megatron_model.model_config(args, s2_config())
+    assert (config.glu_linear_offset, config.use_mup, config.layernorm_epsilon) == (0.0, False, 1e-3)
+
+
 def test_dense_export_is_stock_llama(exported, tmp_path):
     root, input_ids, _ = exported
     in_child(convert_to_hf.main, ["--load", str(root / "mg"), "--out", str(tmp_path), "--dense"])

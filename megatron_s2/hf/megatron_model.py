@@ -1,6 +1,8 @@
 """The Megatron ``GPTModel`` of a conversion: built from a checkpoint's (or an HF config's) arguments
-at TP=1 (or a given TP) with the project's per-layer spec, in this process, on the CPU when there is
-no GPU, with Megatron's parallel state set up and torn down around it."""
+by the training run's own path (Megatron's ``gpt_config_from_args`` in ``training.model``, then
+Megatron's ``GPTModelBuilder``), changed only where a conversion must be (``conversion_overrides``):
+at TP=1 (or a given TP), in this process, on the CPU when there is no GPU, with Megatron's parallel
+state set up and torn down around it."""
 
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def s2_config_from_args(args: Namespace) -> S2AttentionConfig:
 def conversion_overrides(tensor_parallel: int = 1) -> dict:
     """What a conversion changes in a run's arguments, and why: the model exists only to move weights
     through ``dist_checkpointing`` (and, in tests, to compute reference logits), whole, in one process
-    that may have no GPU. None of these changes the function the model computes."""
+    that may have no GPU. None of these changes what the trained model computes at inference; the
+    weights keep the run's dtype (``params_dtype``, ``--bf16``/``--fp16``)."""
     return dict(
         # The whole model at the requested TP: dist_checkpointing reshards from any saved layout.
         tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1,
