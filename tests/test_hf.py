@@ -418,6 +418,18 @@ def test_converter_fills_arguments_an_older_checkpoint_lacks():
     assert (config.glu_linear_offset, config.use_mup, config.layernorm_epsilon) == (0.0, False, 1e-3)
 
 
+def test_converter_model_of_a_tp1_run_at_tp2():
+    """Sizes Megatron's validation derives from the run's TP (weight shards, expert TP) follow the TP the
+    converter builds at."""
+    args = megatron_parser().parse_args(FUNCTION_FLAGS)
+    args.params_dtype, args.padded_vocab_size = torch.float32, 128
+    args.tensor_parallel_num_weight_shards, args.gtp_weight_remat_size = 1, 1  # as validate_args sets them at TP=1
+    args.expert_tensor_parallel_size = 1
+    config = megatron_model.model_config(args, s2_config(), tensor_parallel=2)
+    assert (config.tensor_model_parallel_size, config.gtp_weight_remat_size, config.expert_tensor_parallel_size) == (
+        2, 1, 2)
+
+
 def test_dense_export_is_stock_llama(exported, tmp_path):
     root, input_ids, _ = exported
     in_child(convert_to_hf.main, ["--load", str(root / "mg"), "--out", str(tmp_path), "--dense"])

@@ -54,6 +54,10 @@ def conversion_overrides(tensor_parallel: int = 1) -> dict:
         decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
         account_for_embedding_in_pipeline_split=False, account_for_loss_in_pipeline_split=False,
         context_parallel_size=1, sequence_parallel=False, tp_comm_overlap=False,
+        # Sizes Megatron's validation derived from the run's TP size: derived again from the requested one.
+        tensor_parallel_num_weight_shards=None, gtp_weight_remat_size=1, expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None, expert_tensor_parallel_num_weight_shards=None,
+        expert_gtp_weight_remat_size=1,
         # On the CPU, without initializing weights that are overwritten anyway.
         use_cpu_initialization=True, perform_initialization=False, init_model_with_meta_device=False,
         # Megatron's local layers (same checkpoint names as TE's) without fused or low-precision
