@@ -430,6 +430,23 @@ def test_converter_model_of_a_tp1_run_at_tp2():
         2, 1, 2)
 
 
+def _converter_logits(rank, world_size, args, input_ids):
+    model = megatron_model.build_gpt_model(args, s2_config())
+    _fill(model, rank)
+    with torch.no_grad(), megatron_model.cpu_without_cuda():
+        return model(input_ids, torch.arange(input_ids.shape[1])[None], None)
+
+
+def test_run_with_cuda_graphs_converts_without_a_gpu():
+    """A run's CUDA-graph setting is a GPU execution detail: the converter builds the same model without it."""
+    logits = []
+    for extra in ([], ["--cuda-graph-impl", "local"]):
+        args = megatron_parser().parse_args(FUNCTION_FLAGS + extra)
+        args.params_dtype, args.padded_vocab_size = torch.float32, 128
+        logits.append(run_distributed(1, _converter_logits, args, tokens(1, 32))[0])
+    assert torch.isfinite(logits[0]).all() and torch.equal(logits[0], logits[1])
+
+
 def test_dense_export_is_stock_llama(exported, tmp_path):
     root, input_ids, _ = exported
     in_child(convert_to_hf.main, ["--load", str(root / "mg"), "--out", str(tmp_path), "--dense"])

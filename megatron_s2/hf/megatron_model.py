@@ -61,10 +61,11 @@ def conversion_overrides(tensor_parallel: int = 1) -> dict:
         # On the CPU, without initializing weights that are overwritten anyway.
         use_cpu_initialization=True, perform_initialization=False, init_model_with_meta_device=False,
         # Megatron's local layers (same checkpoint names as TE's) without fused or low-precision
-        # kernels, which need CUDA or Transformer Engine; no dropout (inference only).
+        # kernels or CUDA graphs, which need CUDA or Transformer Engine; no dropout (inference only).
         transformer_impl="local", fp8=None, fp4=None, bias_swiglu_fusion=False, bias_gelu_fusion=False,
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, no_persist_layer_norm=True,
+        cuda_graph_impl="none", enable_cuda_graph=False, external_cuda_graph=False,
         hidden_dropout=0.0, attention_dropout=0.0,
     )
 
