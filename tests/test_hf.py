@@ -430,6 +430,15 @@ def test_converter_model_of_a_tp1_run_at_tp2():
         2, 1, 2)
 
 
+def test_converter_precision_follows_the_weights_dtype():
+    """Loading a run's weights in bfloat16 (as tests/gpu/test_hf_gpu.py does) gives a bf16 model, as
+    --bf16 would."""
+    args = megatron_parser().parse_args(FUNCTION_FLAGS)
+    args.params_dtype, args.padded_vocab_size = torch.bfloat16, 128
+    config = megatron_model.model_config(args, s2_config())
+    assert (config.params_dtype, config.bf16, config.fp16) == (torch.bfloat16, True, False)
+
+
 def _converter_logits(rank, world_size, args, input_ids):
     model = megatron_model.build_gpt_model(args, s2_config())
     _fill(model, rank)

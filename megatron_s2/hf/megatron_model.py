@@ -42,12 +42,14 @@ def s2_config_from_args(args: Namespace) -> S2AttentionConfig:
     return S2AttentionConfig.from_dict(settings)
 
 
-def conversion_overrides(tensor_parallel: int = 1) -> dict:
+def conversion_overrides(tensor_parallel: int = 1, params_dtype: torch.dtype = torch.float32) -> dict:
     """What a conversion changes in a run's arguments, and why: the model exists only to move weights
     through ``dist_checkpointing`` (and, in tests, to compute reference logits), whole, in one process
-    that may have no GPU. None of these changes what the trained model computes at inference; the
-    weights keep the run's dtype (``params_dtype``, ``--bf16``/``--fp16``)."""
+    that may have no GPU. None of these changes what the trained model computes at inference."""
     return dict(
+        # The weights' dtype sets the precision flags, as --bf16/--fp16 set params_dtype in a run (a
+        # caller may load the run's weights in another dtype).
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         # The whole model at the requested TP: dist_checkpointing reshards from any saved layout.
         tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1,
         virtual_pipeline_model_parallel_size=None, pipeline_model_parallel_layout=None,
@@ -79,8 +81,8 @@ def model_config(args: Namespace, s2_config: S2AttentionConfig, tensor_parallel:
     from ..training.model import build_model_config
 
     defaults = vars(megatron_parser().parse_args([]))
-    return build_model_config(Namespace(**{**defaults, **vars(args), **conversion_overrides(tensor_parallel)}),
-                              s2_config)
+    overrides = conversion_overrides(tensor_parallel, getattr(args, "params_dtype", torch.float32))
+    return build_model_config(Namespace(**{**defaults, **vars(args), **overrides}), s2_config)
 
 
 def build_gpt_model(args: Namespace, s2_config: S2AttentionConfig, tensor_parallel: int = 1):
