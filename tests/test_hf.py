@@ -369,6 +369,15 @@ FUNCTION_FLAGS = [
     "--fp32-residual-connection", "--init-method-std", "0.01",
 ]
 
+
+
+def run_args(*extra, params_dtype=torch.float32):
+    """A run's arguments for FUNCTION_FLAGS (plus ``extra``), with what validation and the tokenizer set-up add."""
+    args = megatron_parser().parse_args(FUNCTION_FLAGS + list(extra))
+    args.params_dtype, args.padded_vocab_size = params_dtype, 128
+    return args
+
+
 # What the converter changes on purpose: CPU placement, no initialization, no fused kernels (TE or CUDA).
 CONVERSION_FIELDS = {"use_cpu_initialization", "perform_initialization", "transformer_impl", "bias_activation_fusion",
                      "bias_dropout_fusion", "masked_softmax_fusion", "gradient_accumulation_fusion",
@@ -401,9 +410,7 @@ def test_converter_builds_megatrons_model_of_the_run_arguments():
     arguments (training's path): every TransformerConfig field equal but the conversion settings, so
     a flag that changes the function reaches it without converter code; RoPE gets the run's scaling
     factor, which megatron-core 0.19.2 does not copy."""
-    args = megatron_parser().parse_args(FUNCTION_FLAGS)
-    args.params_dtype, args.padded_vocab_size = torch.float32, 128  # set by validation, tokenizer set-up
-    differences, rope_scaled = run_distributed(1, _converter_config_against_megatrons, args)[0]
+    differences, rope_scaled = run_distributed(1, _converter_config_against_megatrons, run_args())[0]
     assert differences == {}
     assert rope_scaled
 
@@ -411,8 +418,7 @@ def test_converter_builds_megatrons_model_of_the_run_arguments():
 def test_converter_fills_arguments_an_older_checkpoint_lacks():
     """A checkpoint saved by an older Megatron-Core (or an earlier convert_from_hf.py) lacks the flags
     added since: the converter's model gets Megatron's defaults for them, the stored values for the rest."""
-    args = megatron_parser().parse_args(FUNCTION_FLAGS)
-    args.params_dtype, args.padded_vocab_size = torch.float32, 128
+    args = run_args()
     del args.glu_linear_offset, args.use_mup, args.qk_clip
     config = megatron_model.model_config(args, s2_config())
     assert (config.glu_linear_offset, config.use_mup, config.layernorm_epsilon) == (0.0, False, 1e-3)
@@ -421,8 +427,7 @@ def test_converter_fills_arguments_an_older_checkpoint_lacks():
 def test_converter_model_of_a_tp1_run_at_tp2():
     """Sizes Megatron's validation derives from the run's TP (weight shards, expert TP) follow the TP the
     converter builds at."""
-    args = megatron_parser().parse_args(FUNCTION_FLAGS)
-    args.params_dtype, args.padded_vocab_size = torch.float32, 128
+    args = run_args()
     args.tensor_parallel_num_weight_shards, args.gtp_weight_remat_size = 1, 1  # as validate_args sets them at TP=1
     args.expert_tensor_parallel_size = 1
     config = megatron_model.model_config(args, s2_config(), tensor_parallel=2)
@@ -433,9 +438,7 @@ def test_converter_model_of_a_tp1_run_at_tp2():
 def test_converter_precision_follows_the_weights_dtype():
     """Loading a run's weights in bfloat16 (as tests/gpu/test_hf_gpu.py does) gives a bf16 model, as
     --bf16 would."""
-    args = megatron_parser().parse_args(FUNCTION_FLAGS)
-    args.params_dtype, args.padded_vocab_size = torch.bfloat16, 128
-    config = megatron_model.model_config(args, s2_config())
+    config = megatron_model.model_config(run_args(params_dtype=torch.bfloat16), s2_config())
     assert (config.params_dtype, config.bf16, config.fp16) == (torch.bfloat16, True, False)
 
 
@@ -450,9 +453,7 @@ def test_run_with_cuda_graphs_converts_without_a_gpu():
     """A run's CUDA-graph setting is a GPU execution detail: the converter builds the same model without it."""
     logits = []
     for extra in ([], ["--cuda-graph-impl", "local"]):
-        args = megatron_parser().parse_args(FUNCTION_FLAGS + extra)
-        args.params_dtype, args.padded_vocab_size = torch.float32, 128
-        logits.append(run_distributed(1, _converter_logits, args, tokens(1, 32))[0])
+        logits.append(run_distributed(1, _converter_logits, run_args(*extra), tokens(1, 32))[0])
     assert torch.isfinite(logits[0]).all() and torch.equal(logits[0], logits[1])
 
 
