@@ -370,7 +370,6 @@ FUNCTION_FLAGS = [
 ]
 
 
-
 def run_args(*extra, params_dtype=torch.float32):
     """A run's arguments for FUNCTION_FLAGS (plus ``extra``), with what validation and the tokenizer set-up add."""
     args = megatron_parser().parse_args(FUNCTION_FLAGS + list(extra))
