@@ -18,6 +18,7 @@ from megatron_s2.core.config import S2AttentionConfig
 from megatron_s2.hf import checkpoints, convert, megatron_model, weight_mapping
 from megatron_s2.hf.configuration_s2_llama import S2LlamaConfig
 from megatron_s2.hf.modeling_s2_llama import S2LlamaForCausalLM, masked_attention, s2_token_mask
+from megatron_s2.training.arguments import megatron_parser
 from tests.helpers import RankError, launch, run_distributed, training_workdir
 
 import tools.convert_from_hf as convert_from_hf
@@ -325,15 +326,6 @@ def test_hf_to_megatron_to_hf_round_trip(tmp_path, tied):
         assert (model(input_ids).logits - megatron_logits[..., :100]).abs().max() < 1e-4
 
 
-def _megatron_logits_own_config(load_dir, input_ids):
-    """Logits of a checkpoint built from Megatron's own arguments-to-TransformerConfig translation
-    (as pretrain_gpt_s2.py builds it), not the converter's."""
-    from megatron.training.arguments import core_transformer_config_from_args
-
-    megatron_model.transformer_config = lambda args, tensor_parallel=1: core_transformer_config_from_args(args)
-    return _megatron_logits_tp1(load_dir, input_ids)[1]
-
-
 @pytest.mark.slow  # trains with pretrain_gpt_s2.py
 def test_mup_model_exports_with_equal_logits(pretrain_dir, tmp_path):
     """A run with --use-mup (softmax scale 1/kv_channels, embedding and logit multipliers) exports to the
@@ -345,7 +337,7 @@ def test_mup_model_exports_with_equal_logits(pretrain_dir, tmp_path):
     model = load_exported(tmp_path / "hf")
     assert model.config.softmax_scale == 1 / 16 and model.config.logits_multiplier == 0.5
     input_ids = tokens(length=128, vocab=257)
-    megatron_logits = in_child(_megatron_logits_own_config, save, input_ids)
+    megatron_logits = in_child(_megatron_logits_tp1, save, input_ids)[1]
     with torch.no_grad():
         assert (model(input_ids).logits - megatron_logits[..., :257]).abs().max() < 1e-4
     with pytest.raises(RankError, match="UnsupportedArchitectureError: .*--use-mup.*export without --dense"):
@@ -362,6 +354,106 @@ def _megatron_logits_tp1(load_dir, input_ids):
         with torch.no_grad(), megatron_model.cpu_without_cuda():
             logits = megatron(input_ids, torch.arange(input_ids.shape[1])[None].expand_as(input_ids), None)
     return state["embedding.word_embeddings.weight"].shape[0], logits
+
+
+# A tiny Llama as pretrain_gpt_s2.py's flags give it, with flags that change the function and that the
+# converter has no code for (--glu-linear-offset), that it handled itself before (--norm-epsilon,
+# the rope scaling factor), and options a training run sets (initialization, fp32 residuals).
+FUNCTION_FLAGS = [
+    "--num-layers", "3", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
+    "--group-query-attention", "--num-query-groups", "2", "--max-position-embeddings", "256", "--seq-length", "96",
+    "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
+    "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0",
+    "--norm-epsilon", "1e-3", "--use-rope-scaling", "--rope-scaling-factor", "32", "--rotary-base", "50000",
+    "--glu-linear-offset", "0.5", "--no-bias-swiglu-fusion", "--no-rope-fusion",
+    "--fp32-residual-connection", "--init-method-std", "0.01",
+]
+
+
+def run_args(*extra, params_dtype=torch.float32):
+    """A run's arguments for FUNCTION_FLAGS (plus ``extra``), with what validation and the tokenizer set-up add."""
+    args = megatron_parser().parse_args(FUNCTION_FLAGS + list(extra))
+    args.params_dtype, args.padded_vocab_size = params_dtype, 128
+    return args
+
+
+# What the converter changes on purpose: CPU placement, no initialization, no fused kernels (TE or CUDA).
+CONVERSION_FIELDS = {"use_cpu_initialization", "perform_initialization", "transformer_impl", "bias_activation_fusion",
+                     "bias_dropout_fusion", "masked_softmax_fusion", "gradient_accumulation_fusion",
+                     "apply_rope_fusion", "persist_layer_norm"}
+
+
+def _converter_config_against_megatrons(rank, world_size, args):
+    import dataclasses
+    import functools
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    model = megatron_model.build_gpt_model(args, s2_config())
+    megatron = gpt_config_from_args(args).transformer
+    differences = {}
+    for field in dataclasses.fields(megatron):
+        ours, theirs = getattr(model.config, field.name), getattr(megatron, field.name)
+        if isinstance(theirs, functools.partial):  # initialization functions, rebuilt per config
+            continue
+        if field.name not in CONVERSION_FIELDS and ours != theirs:
+            differences[field.name] = (ours, theirs)
+    rope = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, rotary_base=50000, rope_scaling=True,
+                           rope_scaling_factor=32.0, use_cpu_initialization=True)
+    return differences, torch.equal(model.rotary_pos_emb.inv_freq, rope.inv_freq)
+
+
+def test_converter_builds_megatrons_model_of_the_run_arguments():
+    """The converter's Megatron model is the one Megatron's own gpt_config_from_args describes for a run's
+    arguments (training's path): every TransformerConfig field equal but the conversion settings, so
+    a flag that changes the function reaches it without converter code; RoPE gets the run's scaling
+    factor, which megatron-core 0.19.2 does not copy."""
+    differences, rope_scaled = run_distributed(1, _converter_config_against_megatrons, run_args())[0]
+    assert differences == {}
+    assert rope_scaled
+
+
+def test_converter_fills_arguments_an_older_checkpoint_lacks():
+    """A checkpoint saved by an older Megatron-Core (or an earlier convert_from_hf.py) lacks the flags
+    added since: the converter's model gets Megatron's defaults for them, the stored values for the rest."""
+    args = run_args()
+    del args.glu_linear_offset, args.use_mup, args.qk_clip
+    config = megatron_model.model_config(args, s2_config())
+    assert (config.glu_linear_offset, config.use_mup, config.layernorm_epsilon) == (0.0, False, 1e-3)
+
+
+def test_converter_model_of_a_tp1_run_at_tp2():
+    """Sizes Megatron's validation derives from the run's TP (weight shards, expert TP) follow the TP the
+    converter builds at."""
+    args = run_args()
+    args.tensor_parallel_num_weight_shards, args.gtp_weight_remat_size = 1, 1  # as validate_args sets them at TP=1
+    args.expert_tensor_parallel_size = 1
+    config = megatron_model.model_config(args, s2_config(), tensor_parallel=2)
+    assert (config.tensor_model_parallel_size, config.gtp_weight_remat_size, config.expert_tensor_parallel_size) == (
+        2, 1, 2)
+
+
+def test_converter_precision_follows_the_weights_dtype():
+    """Loading a run's weights in bfloat16 (as tests/gpu/test_hf_gpu.py does) gives a bf16 model, as
+    --bf16 would."""
+    config = megatron_model.model_config(run_args(params_dtype=torch.bfloat16), s2_config())
+    assert (config.params_dtype, config.bf16, config.fp16) == (torch.bfloat16, True, False)
+
+
+def _converter_logits(rank, world_size, args, input_ids):
+    model = megatron_model.build_gpt_model(args, s2_config())
+    _fill(model, rank)
+    with torch.no_grad(), megatron_model.cpu_without_cuda():
+        return model(input_ids, torch.arange(input_ids.shape[1])[None], None)
+
+
+def test_run_with_cuda_graphs_converts_without_a_gpu():
+    """A run's CUDA-graph setting is a GPU execution detail: the converter builds the same model without it."""
+    logits = []
+    for extra in ([], ["--cuda-graph-impl", "local"]):
+        logits.append(run_distributed(1, _converter_logits, run_args(*extra), tokens(1, 32))[0])
+    assert torch.isfinite(logits[0]).all() and torch.equal(logits[0], logits[1])
 
 
 def test_dense_export_is_stock_llama(exported, tmp_path):
@@ -407,6 +499,20 @@ def test_unsupported_hf_architectures_are_named(change, named):
         convert.megatron_args_from_hf(LlamaConfig(**{**llama_kwargs(), **change}))
 
 
+def test_imported_model_arguments_are_the_training_parsers():
+    """HF -> Megatron: the checkpoint's arguments are what pretrain_gpt_s2.py's parser makes of the
+    model's flags (every Megatron argument there, as in a checkpoint a training run saves)."""
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = S2LlamaConfig(**llama_kwargs(rms_norm_eps=1e-6, rope_parameters=rope))
+    args = convert.megatron_args_from_hf(config, tensor_parallel=2)
+    assert set(vars(megatron_parser().parse_args([]))) <= set(vars(args))
+    assert (args.layernorm_epsilon, args.use_rope_scaling, args.rope_scaling_factor, args.rotary_base) == (
+        1e-6, True, 32.0, 500000)
+    assert (args.num_query_groups, args.kv_channels, args.vocab_size, args.padded_vocab_size) == (2, 16, 100, 256)
+    convert.check_megatron_llama_args(args)
+
+
 def test_unsupported_model_types_and_megatron_args_are_named():
     from argparse import Namespace
 
@@ -419,8 +525,9 @@ def test_unsupported_model_types_and_megatron_args_are_named():
     args = convert.megatron_args_from_hf(S2LlamaConfig(**llama_kwargs()))
     convert.check_megatron_llama_args(args)
     bad = Namespace(**{**vars(args), "normalization": "LayerNorm", "add_bias_linear": True, "num_experts": 8,
-                       "apply_residual_connection_post_layernorm": True, "no_rope_freq": 4})
+                       "apply_residual_connection_post_layernorm": True, "no_rope_freq": 4,
+                       "glu_linear_offset": 0.5})
     with pytest.raises(convert.UnsupportedArchitectureError,
                        match="normalization.*add-bias-linear.*num-experts.*apply-residual-connection-post-layernorm"
-                             ".*no-rope-freq"):
+                             ".*glu-linear-offset.*no-rope-freq"):
         convert.check_megatron_llama_args(bad)

@@ -84,35 +84,14 @@ def choose_s2_config(args, config):
                                           overrides=args.s2_override)
 
 
-def training_flags(margs):
-    flags = [
-        f"--num-layers {margs.num_layers}", f"--hidden-size {margs.hidden_size}",
-        f"--ffn-hidden-size {margs.ffn_hidden_size}", f"--num-attention-heads {margs.num_attention_heads}",
-        f"--kv-channels {margs.kv_channels}", f"--max-position-embeddings {margs.max_position_embeddings}",
-        f"--norm-epsilon {margs.layernorm_epsilon}", f"--rotary-base {margs.rotary_base}",
-        "--normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope",
-        f"--tensor-model-parallel-size {margs.tensor_model_parallel_size}",
-        f"--pipeline-model-parallel-size {margs.pipeline_model_parallel_size}",
-        f"--make-vocab-size-divisible-by {margs.make_vocab_size_divisible_by}",
-        "--ckpt-format torch_dist --finetune",
-    ]
-    if margs.group_query_attention:
-        flags.append(f"--group-query-attention --num-query-groups {margs.num_query_groups}")
-    if margs.untie_embeddings_and_output_weights:
-        flags.append("--untie-embeddings-and-output-weights")
-    if margs.use_rope_scaling:
-        flags.append(f"--use-rope-scaling --rope-scaling-factor {margs.rope_scaling_factor}")
-    return " ".join(flags)
-
-
 def main(argv=None):
     args = parse_args(argv)
     checkpoints.check_output_folder(args.save, "--save", args.overwrite, inputs=[args.hf])
     config = read_hf_config(args.hf)
     s2_config = choose_s2_config(args, config)
-    margs = convert.megatron_args_from_hf(
-        config, tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
-        s2_config=s2_config, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    layout = dict(tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
+                  make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    margs = convert.megatron_args_from_hf(config, s2_config=s2_config, **layout)
     weights = read_hf_weights(args.hf)
     shape = megatron_model.shape_from_args(margs)
     if shape.tied_embeddings:
@@ -125,7 +104,8 @@ def main(argv=None):
         checkpoints.save_megatron_checkpoint(partial, state, margs, s2_config)
     directory = os.path.join(args.save, "release")
     print(f"wrote {directory} (model weights only, {len(s2_config.sparse_layers)} S2 layers of {margs.num_layers})")
-    print("pretrain_gpt_s2.py model flags: " + training_flags(margs) + f" --load {args.save}")
+    flags = convert.megatron_flags_from_hf(config, **layout)
+    print("pretrain_gpt_s2.py model flags: " + " ".join(flags) + f" --finetune --load {args.save}")
 
 
 if __name__ == "__main__":

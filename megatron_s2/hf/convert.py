@@ -16,7 +16,7 @@ import torch
 from ..core.config import S2AttentionConfig
 from ..training import checkpoint_layout
 from .configuration_s2_llama import s2_layer_entry
-from .megatron_model import shape_from_args, transformer_config
+from .megatron_model import model_config, shape_from_args
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -47,6 +47,7 @@ _LLAMA_ARGS = {
     "apply_residual_connection_post_layernorm": False,
     "activation_func_clamp_value": None,
     "squared_relu": False,
+    "glu_linear_offset": 0.0,
     "no_rope_freq": None,
 }
 
@@ -126,7 +127,7 @@ def hf_config_kwargs(args: Namespace, s2_config: Optional[S2AttentionConfig], vo
                 "this checkpoint was trained with --use-mup (softmax scale, embedding and logit multipliers "
                 "that a stock Llama config cannot express). Fix: export without --dense; the S2 Llama "
                 "config carries them")
-        mup = transformer_config(args)  # Megatron's own derivation of the MuP factors
+        mup = model_config(args, s2_config)  # Megatron's own derivation of the MuP factors
         kwargs.update(softmax_scale=mup.softmax_scale, embedding_multiplier=mup.mup_embedding_mult,
                       logits_multiplier=mup.mup_output_mult)
     return kwargs
@@ -142,58 +143,62 @@ def _llama3_megatron_factor(rope: dict) -> float:
     return float(rope["factor"])
 
 
-def megatron_args_from_hf(config, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                          s2_config: Optional[S2AttentionConfig] = None,
-                          make_vocab_size_divisible_by: int = 128) -> Namespace:
-    """Megatron arguments describing the Llama model of an HF config; raises
-    UnsupportedArchitectureError naming what does not fit."""
+def megatron_flags_from_hf(config, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                           make_vocab_size_divisible_by: int = 128) -> list:
+    """pretrain_gpt_s2.py's flags for the Llama model of an HF config, in a checkpoint of this TP/PP
+    layout and vocabulary padding; raises UnsupportedArchitectureError naming what does not fit."""
     check_hf_llama_config(config)
     heads = config.num_attention_heads
     kv_heads = config.num_key_value_heads or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     if heads % tensor_parallel or (kv_heads % tensor_parallel and tensor_parallel % kv_heads):
         raise ValueError(f"--tensor-parallel {tensor_parallel} must divide the {heads} heads and divide or be "
                          f"a multiple of the {kv_heads} KV heads")
     if config.num_hidden_layers % pipeline_parallel:
         raise ValueError(f"--pipeline-parallel {pipeline_parallel} must divide the {config.num_hidden_layers} layers")
-    # Megatron pads the vocabulary to this multiple when it builds the model for training.
-    multiple = make_vocab_size_divisible_by * tensor_parallel
-    padded = -(-config.vocab_size // multiple) * multiple
     rope = config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+    flags = [
+        "--num-layers", config.num_hidden_layers, "--hidden-size", config.hidden_size,
+        "--ffn-hidden-size", config.intermediate_size, "--num-attention-heads", heads,
+        "--kv-channels", getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "--max-position-embeddings", config.max_position_embeddings, "--norm-epsilon", config.rms_norm_eps,
+        "--rotary-base", int(rope["rope_theta"]),
+        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
+        "--tensor-model-parallel-size", tensor_parallel, "--pipeline-model-parallel-size", pipeline_parallel,
+        "--make-vocab-size-divisible-by", make_vocab_size_divisible_by, "--ckpt-format", "torch_dist",
+    ]
+    if kv_heads != heads:
+        flags += ["--group-query-attention", "--num-query-groups", kv_heads]
+    if not config.tie_word_embeddings:
+        flags.append("--untie-embeddings-and-output-weights")
+    if rope.get("rope_type") == "llama3":
+        flags += ["--use-rope-scaling", "--rope-scaling-factor", _llama3_megatron_factor(rope)]
+    return [str(flag) for flag in flags]
+
+
+def megatron_args_from_hf(config, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                          s2_config: Optional[S2AttentionConfig] = None,
+                          make_vocab_size_divisible_by: int = 128) -> Namespace:
+    """The Megatron arguments a pretrain_gpt_s2.py run of the Llama model of an HF config has: its
+    flags (``megatron_flags_from_hf``) parsed by the training script's parser, so every other
+    argument holds Megatron's default; raises UnsupportedArchitectureError naming what does not fit."""
+    from megatron.training.vocab_utils import calculate_padded_vocab_size
+
+    from ..training.arguments import megatron_parser
+
+    flags = megatron_flags_from_hf(config, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                                   make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     if s2_config is None:
         s2_config = S2AttentionConfig.dense(config.num_hidden_layers)
-    s2_config.validate(num_layers=config.num_hidden_layers, num_attention_heads=heads,
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    s2_config.validate(num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
                        num_query_groups=kv_heads, tensor_parallel_size=tensor_parallel)
-    args = Namespace(
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        ffn_hidden_size=config.intermediate_size,
-        num_attention_heads=heads,
-        group_query_attention=kv_heads != heads,
-        num_query_groups=kv_heads,
-        kv_channels=head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        seq_length=config.max_position_embeddings,
-        layernorm_epsilon=config.rms_norm_eps,
-        normalization="RMSNorm",
-        swiglu=True,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        position_embedding_type="rope",
-        rotary_percent=1.0,
-        rotary_interleaved=False,
-        rotary_base=int(rope["rope_theta"]),
-        use_rope_scaling=rope.get("rope_type", "default") == "llama3",
-        rope_scaling_factor=_llama3_megatron_factor(rope) if rope.get("rope_type") == "llama3" else 8.0,
-        untie_embeddings_and_output_weights=not config.tie_word_embeddings,
-        vocab_size=config.vocab_size,
-        padded_vocab_size=padded,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
-        params_dtype=torch.float32,
-        ckpt_format="torch_dist",
-    )
+    # The HF vocabulary, which the export back keeps (the training run gets it from its tokenizer).
+    args = megatron_parser().parse_args(flags + ["--vocab-size", str(config.vocab_size)])
+    # What a run's argument validation and tokenizer set-up derive from these flags (validate_args itself
+    # needs the launched processes and, at TP > 1, a GPU): float32 weights, the padded vocabulary.
+    args.params_dtype = torch.float32
+    args.padded_vocab_size = calculate_padded_vocab_size(
+        config.vocab_size, make_vocab_size_divisible_by, tensor_parallel, logging_enabled=False)
     checkpoint_layout.attach_to_args(args, s2_config)
     return args
 

@@ -1,6 +1,8 @@
 """The Megatron ``GPTModel`` of a conversion: built from a checkpoint's (or an HF config's) arguments
-at TP=1 (or a given TP) with the project's per-layer spec, in this process, on the CPU when there is
-no GPU, with Megatron's parallel state set up and torn down around it."""
+by the training run's own path (Megatron's ``gpt_config_from_args`` in ``training.model``, then
+Megatron's ``GPTModelBuilder``), changed only where a conversion must be (``conversion_overrides``):
+at TP=1 (or a given TP), in this process, on the CPU when there is no GPU, with Megatron's parallel
+state set up and torn down around it."""
 
 from __future__ import annotations
 
@@ -15,12 +17,6 @@ import torch
 from ..core.config import S2AttentionConfig
 from ..training import checkpoint_layout
 from .weight_mapping import LlamaShape
-
-
-# MuP (Megatron's TransformerConfig derives the softmax scale and the embedding and logit multipliers
-# from these): passed to the converter's TransformerConfig and carried into S2LlamaConfig.
-_MUP_ARGS = ("use_mup", "mup_base_hidden_size", "mup_embedding_mult", "mup_output_mult", "mup_base_head_dim",
-             "mup_attn_scale_power")
 
 
 def shape_from_args(args: Namespace) -> LlamaShape:
@@ -46,61 +42,57 @@ def s2_config_from_args(args: Namespace) -> S2AttentionConfig:
     return S2AttentionConfig.from_dict(settings)
 
 
-def transformer_config(args: Namespace, tensor_parallel: int = 1):
-    """TransformerConfig of the Llama model described by ``args``, on CPU, uninitialized."""
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
-
-    shape = shape_from_args(args)
-    dtype = getattr(args, "params_dtype", torch.float32)
-    return TransformerConfig(
-        num_layers=shape.num_layers,
-        hidden_size=shape.hidden_size,
-        ffn_hidden_size=shape.ffn_hidden_size,
-        num_attention_heads=shape.num_heads,
-        num_query_groups=shape.num_kv_heads,
-        kv_channels=shape.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=args.layernorm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu_initialization=True,
-        perform_initialization=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        tensor_model_parallel_size=tensor_parallel,
-        **{name: getattr(args, name) for name in _MUP_ARGS if hasattr(args, name)},
+def conversion_overrides(tensor_parallel: int = 1, params_dtype: torch.dtype = torch.float32) -> dict:
+    """What a conversion changes in a run's arguments, and why: the model exists only to move weights
+    through ``dist_checkpointing`` (and, in tests, to compute reference logits), whole, in one process
+    that may have no GPU. None of these changes what the trained model computes at inference."""
+    return dict(
+        # The weights' dtype sets the precision flags, as --bf16/--fp16 set params_dtype in a run (a
+        # caller may load the run's weights in another dtype).
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        # The whole model at the requested TP: dist_checkpointing reshards from any saved layout.
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, pipeline_model_parallel_layout=None,
+        decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+        account_for_embedding_in_pipeline_split=False, account_for_loss_in_pipeline_split=False,
+        context_parallel_size=1, sequence_parallel=False, tp_comm_overlap=False,
+        # Sizes Megatron's validation derived from the run's TP size: derived again from the requested one.
+        tensor_parallel_num_weight_shards=None, gtp_weight_remat_size=1, expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None, expert_tensor_parallel_num_weight_shards=None,
+        expert_gtp_weight_remat_size=1,
+        # On the CPU, without initializing weights that are overwritten anyway.
+        use_cpu_initialization=True, perform_initialization=False, init_model_with_meta_device=False,
+        # Megatron's local layers (same checkpoint names as TE's) without fused or low-precision
+        # kernels or CUDA graphs, which need CUDA or Transformer Engine; no dropout (inference only).
+        transformer_impl="local", fp8=None, fp4=None, bias_swiglu_fusion=False, bias_gelu_fusion=False,
+        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, no_persist_layer_norm=True,
+        cuda_graph_impl="none", enable_cuda_graph=False, external_cuda_graph=False,
+        hidden_dropout=0.0, attention_dropout=0.0,
     )
+
+
+def model_config(args: Namespace, s2_config: S2AttentionConfig, tensor_parallel: int = 1):
+    """Megatron's GPTModelConfig of the model ``args`` describe, by the training run's own path
+    (``training.model.build_model_config``), with only ``conversion_overrides`` changed. ``args`` is
+    completed with Megatron's defaults first: a checkpoint of an older Megatron-Core (or of an earlier
+    ``convert_from_hf.py``) lacks the flags added since, and those defaults are what it ran with."""
+    from ..training.arguments import megatron_parser
+    from ..training.model import build_model_config
+
+    defaults = vars(megatron_parser().parse_args([]))
+    overrides = conversion_overrides(tensor_parallel, getattr(args, "params_dtype", torch.float32))
+    return build_model_config(Namespace(**{**defaults, **vars(args), **overrides}), s2_config)
 
 
 def build_gpt_model(args: Namespace, s2_config: S2AttentionConfig, tensor_parallel: int = 1):
-    """A PP=1 GPTModel with the project's per-layer spec (needs Megatron's parallel state at that TP)."""
-    from megatron.core.models.gpt import GPTModel
+    """A PP=1 GPTModel with the project's per-layer spec, built by Megatron's GPTModelBuilder from
+    ``model_config`` (needs Megatron's parallel state at that TP)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.models.gpt import GPTModelBuilder
 
-    from ..core.specs import get_s2_gpt_block_spec
-
-    config = transformer_config(args, tensor_parallel)
-    return GPTModel(
-        config,
-        get_s2_gpt_block_spec(config, s2_config, use_transformer_engine=False),
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
-        rotary_base=args.rotary_base,
-        rope_scaling=getattr(args, "use_rope_scaling", False),
-        rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
-    )
+    builder = GPTModelBuilder(model_config(args, s2_config, tensor_parallel))
+    return builder.build_model(ProcessGroupCollection.use_mpu_process_groups())
 
 
 @contextlib.contextmanager

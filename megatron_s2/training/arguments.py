@@ -52,6 +52,11 @@ def add_s2_arguments(parser):
     return parser
 
 
+def megatron_parser(extra_args_provider=add_s2_arguments) -> argparse.ArgumentParser:
+    """pretrain_gpt_s2.py's argument parser: Megatron's flags and ``extra_args_provider``'s (the S2 ones)."""
+    return extra_args_provider(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+
+
 def megatron_flag(name, known_flags=()) -> str:
     """The flag a config key stands for: ``num-layers``, ``num_layers`` and ``--num-layers`` all mean
     --num-layers; the few Megatron flags spelt with underscores (--override-opt_param-scheduler)
@@ -129,7 +134,7 @@ def parse_arguments(argv: list, extra_args_provider=add_s2_arguments, early_chec
     """
     path = _config_path_from_argv(argv)
     flags, s2_section = read_config_file(path) if path else ({}, {})
-    parser = extra_args_provider(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    parser = megatron_parser(extra_args_provider)
     known_flags = [flag for action in parser._actions for flag in action.option_strings]
     check_config_flags(path, flags, known_flags)
     # Defaults from the file go first so that the same flag on the command line wins.

@@ -33,7 +33,8 @@ def move_cpu_initialized_model_to_gpu(model_chunks):
 
 
 def build_model_config(args, s2_config: S2AttentionConfig):
-    """Megatron's GPTModelConfig from the flags, with the S2 block spec as its layer spec."""
+    """Megatron's GPTModelConfig from the flags, with the S2 block spec as its layer spec: the one
+    arguments-to-model path, of pretrain_gpt_s2.py and of the HF converters (hf/megatron_model.py)."""
     model_config = gpt_config_from_args(args)
     # megatron-core 0.19.2's gpt_config_from_args copies --use-rope-scaling but not the factor
     # (the model would keep its default 8, e.g. for Llama 3.2's 32).
