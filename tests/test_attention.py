@@ -294,18 +294,19 @@ def test_deterministic_backward_is_bit_identical(monkeypatch, split_ratio):
         assert torch.equal(a, b)
 
 
-def test_fast_mode_at_head_dim_256_runs_the_deterministic_backward(monkeypatch):
-    """The fused (atomic dQ) kernel is off at head dim 256 (kernel.FUSED_HEAD_DIM_CLASSES): the fast
-    mode there must run the dK/dV and dQ passes, and still be exact."""
+def test_fast_mode_at_head_dim_256_is_exact(monkeypatch):
+    """Head dim 256 has its own fused (atomic dQ) config list, with dQ's product in the direct form:
+    the fast mode there must run the fused kernel, and be exact."""
     monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", False)
     launched = []
     for name in ("_fused", "_dkdv", "_dq"):
         launcher = getattr(kernel, name)
         monkeypatch.setattr(launcher, "launch",
                             lambda *a, _name=name, _launch=launcher.launch, **kw: (launched.append(_name), _launch(*a, **kw)))
-    q, k, v = draw((1, 40, 2, 256), (1, 40, 1, 256), (1, 40, 1, 256), seed=23)
-    compare(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), q, k, v, seed=24)
-    assert launched == ["_dkdv", "_dq"]
+    for block, seq in ((64, 200), (16, 40)):  # query steps 32 and 16
+        q, k, v = draw((1, seq, 2, 256), (1, seq, 1, 256), (1, seq, 1, 256), seed=23)
+        compare(S2Pattern(block_size=block, local_blocks=1, vert_stride=2), q, k, v, seed=24)
+    assert launched == ["_fused", "_fused"]
 
 
 @pytest.mark.parametrize("split_ratio", [0.0, float("inf")], ids=["per_head", "per_group"])

@@ -25,7 +25,6 @@ registers over the tile's transposed lists, heaviest programs first:
 - fast: the dK/dV pass also adds each block pair's dQ part into a float32 accumulator with atomics
   (5 products per pair, FlashAttention's scheme); the accumulator is cast to the input dtype at the
   end. The order of the float32 adds varies, so dQ may differ in the last bits from run to run.
-  Head dims above 128 run the deterministic backward in this mode (``FUSED_HEAD_DIM_CLASSES``).
 A program serves one query head, or all query heads of a GQA group (their K/V tile loaded once),
 whichever gives the shorter longest program (``KernelLayout.split_heads``): when the group's heads
 read the same blocks (``kv_group``/``homogeneous``), one program per group would run the group's
@@ -209,10 +208,6 @@ TMA_LOADS = False
 # GQA packing: when the query heads of a KV group read the same blocks (kv_group, homogeneous),
 # forward and dQ programs stack them in their rows and load each K/V unit once for the group.
 PACK_GQA = True
-# Head-dim classes whose fast backward runs the fused kernel. At head dim 256 its launch hits an
-# illegal memory access on an H200 (Triton 3.6, 2026-11-30; the interpreter runs the same launch
-# exactly, cause not found), so the fast mode runs the deterministic backward there.
-FUSED_HEAD_DIM_CLASSES = (64, 128)
 # dK/dV programs serve one query head each when one program per GQA group would make the longest
 # program at least this many times longer (its heads read the same long lists one after another).
 SPLIT_HEADS_RATIO = 1.5
@@ -801,15 +796,16 @@ _DQ_CONFIGS = (_configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 3), (2, 4, 3)])
 # The fast backward's dK/dV pass with the dQ product and its atomics (not yet measured on a GPU: the
 # defaults spill least among the warpgroup-MMA forms in sm_90 ptxas). DQ_T: dQ computed transposed
 # (Kᵀ·dSᵀ, the head dim as the product's rows: warpgroup MMA on Hopper) or directly (dSᵀ·K, the
-# query step's 16-64 rows: mma.sync, a little less spilling). The head-dim-256 list is not launched
-# while FUSED_HEAD_DIM_CLASSES leaves 256 out (its first config faults on an H200).
+# query step's 16-64 rows: mma.sync, a little less spilling). At head dim 256 only the direct form:
+# every transposed config tried faults there with an illegal memory access on an H200 (Triton 3.6,
+# 2026-11-30; the interpreter runs them exactly), while (32, False, 8, 1) matches float64 in bf16
+# (its query step 16 sibling, for 16-token units, has not run on a GPU).
 _FUSED_CONFIGS = (_configs(("QSTEP", "DQ_T"), [(32, True, 8, 2), (64, True, 8, 3), (32, False, 8, 2), (32, True, 4, 2),
                                                (16, True, 4, 2)]),
                   _configs(("QSTEP", "DQ_T"), [(32, True, 8, 3), (64, True, 8, 3), (32, True, 8, 2),
                                                (32, False, 8, 2), (64, False, 8, 3), (64, True, 8, 2),
                                                (16, True, 8, 2)]),
-                  _configs(("QSTEP", "DQ_T"), [(32, True, 8, 1), (32, False, 8, 1), (16, True, 8, 1),
-                                               (32, True, 4, 1)]))
+                  _configs(("QSTEP", "DQ_T"), [(32, False, 8, 1), (16, False, 8, 1)]))
 
 
 def _fits(config, unit):
@@ -968,7 +964,6 @@ def _query_programs(layout: KernelLayout, problem: Problem, heads: int):
 def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool):
     """``(dq, dk, dv)``; ``deterministic`` chooses the backward mode (module docstring)."""
     batch, _, heads, dim = q.shape
-    deterministic = deterministic or head_dim_class(dim) not in FUSED_HEAD_DIM_CLASSES
     kv_heads = k.shape[2]
     group = heads // kv_heads
     layout, varlen = problem.layout, problem.varlen
