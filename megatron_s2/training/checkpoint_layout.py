@@ -26,10 +26,12 @@ def attach_to_args(args, s2_config) -> None:
 
 
 def _default_megatron_args():
-    """pretrain_gpt_s2.py's argument defaults (what a run with no flags would use)."""
-    from .arguments import megatron_parser
+    """Megatron's argument defaults (what a run with no flags would use)."""
+    import argparse
 
-    return megatron_parser().parse_args([])
+    from megatron.training.arguments import add_megatron_arguments
+
+    return add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)).parse_args([])
 
 
 def read_checkpoint_s2_settings(load_dir: str, args=None) -> tuple:
