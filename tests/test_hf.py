@@ -98,6 +98,8 @@ def test_kernel_path_packing_equals_pure_path():
     packed = attention._kernel_attention(q, k, v, left_padding=[0, 21])
     assert (packed[0] - pure[0]).abs().max() < 1e-5
     assert (packed[1, :, 21:] - pure[1, :, 21:]).abs().max() < 1e-5
+    unpadded = attention._kernel_attention(q[:1], k[:1], v[:1], left_padding=None)  # one call, no copies
+    assert (unpadded[0] - pure[0]).abs().max() < 1e-5
 
 
 def _megatron_logits_tp2(rank, world_size, load_dir, input_ids):

@@ -124,16 +124,19 @@ class S2LlamaAttention(nn.Module):
 
     def _kernel_attention(self, q, k, v, left_padding):
         """Prefill through the Triton kernel, one sequence at a time when the batch is left-padded
-        (``left_padding``: each sequence's padding columns, or None)."""
-        out = torch.zeros_like(q)
-        batches = ([(slice(None), 0)] if left_padding is None
-                   else [(slice(b, b + 1), start) for b, start in enumerate(left_padding)])
-        for rows, start in batches:
-            q_, k_, v_ = (t[rows, :, start:].transpose(1, 2).contiguous() for t in (q, k, v))
-            out[rows, :, start:] = _s2_kernel(
-                q_, k_, v_, self.kernel_pattern, softmax_scale=self.scaling,
-                num_q_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-            ).transpose(1, 2)
+        (``left_padding``: each sequence's padding columns, or None). The kernel reads the
+        ``[b, n, h, d]`` views as they are (strided rows), so nothing is copied in."""
+
+        def attend(q_, k_, v_):
+            return _s2_kernel(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), self.kernel_pattern,
+                              softmax_scale=self.scaling, num_q_heads=self.num_heads,
+                              num_kv_heads=self.num_kv_heads).transpose(1, 2)
+
+        if left_padding is None:
+            return attend(q, k, v)
+        out = torch.zeros_like(q)  # padding rows stay zero
+        for b, start in enumerate(left_padding):
+            out[b : b + 1, :, start:] = attend(*(t[b : b + 1, :, start:] for t in (q, k, v)))
         return out
 
 
