@@ -279,12 +279,12 @@ def test_strided_and_broadcast_output_gradients(backward_mode):
         assert (got.double() - want).abs().max() < ATOL * max(1.0, want.abs().max().item())
 
 
-@pytest.mark.parametrize("split_ratio", [0.0, float("inf")], ids=["per_head", "per_group"])
-def test_deterministic_backward_is_bit_identical(monkeypatch, split_ratio):
+@pytest.mark.parametrize("split", [True, False], ids=["per_head", "per_group"])
+def test_deterministic_backward_is_bit_identical(monkeypatch, split):
     """deterministic=True overrides a fast default; dK/dV programs per query head (float32 partials
     summed per group) and per GQA group."""
     monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", False)
-    monkeypatch.setattr(kernel, "SPLIT_HEADS_RATIO", split_ratio)
+    monkeypatch.setattr(kernel, "SPLIT_HEADS", {"fast": split, "deterministic": split})
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
     q, k, v = draw((1, 64, 4, 32), (1, 64, 1, 32), (1, 64, 1, 32), seed=19)
     grad_out, grad_lse = draw((1, 64, 4, 32), (1, 4, 64), seed=20)
@@ -309,35 +309,34 @@ def test_fast_mode_at_head_dim_256_is_exact(monkeypatch):
     assert launched == ["_fused", "_fused"]
 
 
-@pytest.mark.parametrize("split_ratio", [0.0, float("inf")], ids=["per_head", "per_group"])
-def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, split_ratio):
+@pytest.mark.parametrize("split", [True, False], ids=["per_head", "per_group"])
+def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, split):
     """Both ways of serving a GQA group in the dK/dV pass compute the same gradients."""
-    monkeypatch.setattr(kernel, "SPLIT_HEADS_RATIO", split_ratio)
+    monkeypatch.setattr(kernel, "SPLIT_HEADS", {"fast": split, "deterministic": split})
+    orders = []
+    monkeypatch.setattr(kernel._fused, "launch", lambda *a, _launch=kernel._fused.launch, **kw: (
+        orders.append(kw["ORDER"]), _launch(*a, **kw)))
+    monkeypatch.setattr(kernel._dkdv, "launch", lambda *a, _launch=kernel._dkdv.launch, **kw: (
+        orders.append(kw["ORDER"]), _launch(*a, **kw)))
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
     q, k, v = draw((1, 50, 6, 32), (1, 50, 2, 32), (1, 50, 2, 32), seed=34)
-    layout = get_layout(pattern, 6, 2, 50)
-    assert kernel.kernel_layout(layout, 32, 3).split_heads == (split_ratio == 0.0)
     compare(pattern, q, k, v, seed=35)
+    layout = kernel.kernel_layout(get_layout(pattern, 6, 2, 50), 32, 3)
+    assert orders[0] is (layout.k_order_per_head if split else layout.k_order_per_group)
 
 
-def test_gqa_key_programs_split_when_heads_share_lists():
-    """One dK/dV program per query head when a group's heads read the same blocks (kv_group: one
-    program per group would run the group's long stripe lists one after another), one per group
-    when their stripes differ (heterogeneous)."""
-    def split(head_pattern):
-        pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=8, head_pattern=head_pattern)
-        return kernel.kernel_layout(get_layout(pattern, 8, 2, 64 * 64), 128, 4).split_heads
-
-    assert split("kv_group") and split("homogeneous") and not split("heterogeneous")
-
-
-def test_key_work_order_is_heaviest_first():
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_key_work_orders_are_heaviest_first(heads, kv_heads):
+    """Every dK/dV program once, heaviest first: per query head (cost: its list entries) and per GQA
+    group (cost: the entries of the group's heads)."""
     pattern = S2Pattern(block_size=64, local_blocks=2, vert_stride=4)
-    kl = kernel.kernel_layout(get_layout(pattern, 4, 4, 40 * 64), 128, 1)
-    entries = (kl.k_tiles.ptr[1:] - kl.k_tiles.ptr[:-1]).long()
-    cost = entries[kl.k_order.long()]
-    assert sorted(kl.k_order.tolist()) == list(range(entries.numel()))
-    assert (cost[:-1] >= cost[1:]).all() and cost[0] > cost[-1]
+    kl = kernel.kernel_layout(get_layout(pattern, heads, kv_heads, 40 * 64), 128, heads // kv_heads)
+    per_head = (kl.k_tiles.ptr[1:] - kl.k_tiles.ptr[:-1]).long().view(heads, -1)
+    per_group = per_head.view(kv_heads, heads // kv_heads, -1).sum(1)
+    for order, entries in ((kl.k_order_per_head, per_head), (kl.k_order_per_group, per_group)):
+        cost = entries.flatten()[order.long()]
+        assert sorted(order.tolist()) == list(range(entries.numel()))
+        assert (cost[:-1] >= cost[1:]).all() and cost[0] > cost[-1]
 
 
 def test_tile_lists_are_cached(monkeypatch):
@@ -438,16 +437,41 @@ def test_heads_share_lists_only_in_kv_groups_that_read_the_same_blocks():
 
 
 @pytest.mark.parametrize("step", [1, 2])
-@pytest.mark.parametrize("name", ["block64_two_unit_tiles", "gqa_kv_group_ragged"])
-def test_tensor_descriptor_loads(monkeypatch, name, step):
-    """The forward's unmasked loop with tensor-descriptor loads (kernel.TMA_LOADS, off by default),
-    one or two key units per step, computes the same function; the interpreter emulates them."""
-    monkeypatch.setattr(kernel, "TMA_LOADS", True)
-    lists = [sorted(configs, key=lambda c: c.kwargs["STEP"] != step) for configs in kernel._fwd.config_lists]
-    monkeypatch.setattr(kernel._fwd, "config_lists", lists)
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+@pytest.mark.parametrize("name", ["block64_two_unit_tiles", "gqa_kv_group_ragged", "block32_head_dim64"])
+def test_descriptor_and_pointer_loads(monkeypatch, backward_mode, name, tma, step):
+    """The inner loops load through tensor descriptors (kernel.TMA_LOADS; the interpreter emulates
+    them) or through per-element pointers (older GPUs, misaligned tensors): both compute the same
+    function, one or two key units per forward and dQ step, with ragged ends."""
+    monkeypatch.setattr(kernel, "TMA_LOADS", tma)
+    for launcher in (kernel._fwd, kernel._dq):
+        lists = [sorted(configs, key=lambda c: c.kwargs["STEP"] != step) for configs in launcher.config_lists]
+        monkeypatch.setattr(launcher, "config_lists", lists)
     params, batch, seq, heads, kv_heads, dim = CASES[name]
     q, k, v = draw((batch, seq, heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim), seed=38)
-    assert kernel.use_tma(q, k, v)
+    assert kernel.use_tma(k, v) == tma
     layout = kernel.kernel_layout(get_layout(S2Pattern(**params), heads, kv_heads, seq), dim, heads // kv_heads)
     assert layout.q_tiles.nfull.sum() > 0  # the unmasked loop has work
     compare(S2Pattern(**params), q, k, v, seed=39)
+
+
+def test_misaligned_heads_fall_back_to_pointer_loads():
+    """A head stride that breaks TMA's 16-byte alignment (heads of 6 float32 values) must not reach
+    the descriptors."""
+    assert not kernel.use_tma(*[torch.randn(1, 40, 2, 6)] * 2)
+    assert kernel.use_tma(*[torch.randn(1, 40, 2, 8)] * 2)
+
+
+@pytest.mark.parametrize("dim,mode", [(64, "_fused"), (128, "_dkdv")])
+def test_default_backward_mode_is_the_faster_one_for_the_head_dim(monkeypatch, dim, mode):
+    """deterministic=None runs the fast backward up to attention.FAST_BACKWARD_MAX_HEAD_DIM and the
+    deterministic one above it (measured on an H200); exact either way."""
+    monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", None)
+    launched = []
+    for name in ("_fused", "_dkdv"):
+        launcher = getattr(kernel, name)
+        monkeypatch.setattr(launcher, "launch",
+                            lambda *a, _name=name, _launch=launcher.launch, **kw: (launched.append(_name), _launch(*a, **kw)))
+    q, k, v = draw((1, 40, 2, dim), (1, 40, 2, dim), (1, 40, 2, dim), seed=41)
+    compare(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), q, k, v, seed=42)
+    assert launched == [mode]

@@ -2,16 +2,21 @@
 
     python tools/tune_kernel.py --out runs/tune_kernel              # about 5-7 minutes on an H200
 
-What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed configs, no autotuner):
-- the backward modes at the default configs: fast (dQ by atomics in the dK/dV pass) against
+What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed configs, no autotuner),
+most open questions first:
+- the backward modes at the default configs: fast (dQ added in the dK/dV pass) against
   deterministic (separate dQ pass), at 32k and 128k, MHA head dim 128 and 64 and GQA 32/8;
-- GQA dK/dV programs per query head against per KV group, for ``heterogeneous`` and ``kv_group``;
+- the fast mode's dQ adds: one tensor-descriptor reduction per step (``kernel.TMA_REDUCE``) against
+  per-element atomics;
+- tensor-descriptor (TMA) against pointer loads in the inner loops (``kernel.TMA_LOADS``);
+- the GPU time of each kernel of a forward and backward (torch.profiler): which pass limits;
 - every config of each launch list (forward, deterministic dK/dV, dQ, fast fused dK/dV+dQ) for head
   dims 128 and 64, one list at a time with the others at their defaults (the candidate is moved to
   the front of its list, where the launcher takes it from);
-- GQA packing of the forward and dQ programs on and off (``kv_group``);
-- tensor-descriptor (TMA) against pointer loads in the forward (``kernel.TMA_LOADS``);
-- 64-row against 128-row query and key tiles, and at head dim 64 every forward config at 64 rows.
+- 64-row against 128-row query and key tiles (head dim 128; at head dim 64, 64-row tiles measured
+  1.4-2.3x slower on an H200);
+- GQA dK/dV programs per query head against per KV group, for ``heterogeneous`` and ``kv_group``;
+- GQA packing of the forward programs on and off (``kv_group``);
 Each stage prints its variants with the winner marked; a summary of the winners comes last, with
 what to change in ``megatron_s2/ops/kernel.py``, then the registers and spills (ptxas) of each kernel's
 default config. Stops starting new variants after ``--max-minutes`` (6.5: the whole run stays
@@ -151,8 +156,49 @@ class Sweep:
         shown = f"{row['ms']:.3f} ms" if "ms" in row else row["error"]
         print(f"{stage:<22} {case.name:<26} {variant:<34} {shown}", flush=True)
 
+    def breakdown(self, case, deterministic):
+        """One row per kernel (and torch op) of a forward and backward at the defaults: its GPU time."""
+        mode = "det" if deterministic else "fast"
+        if time.monotonic() > self.deadline:
+            self.rows.append(dict(stage=BREAKDOWN, case=case.name, variant=mode, error="skipped: --max-minutes reached"))
+            return
+        try:
+            times = kernel_times(self.bench(case), deterministic)
+        except Exception as exc:  # diagnostics only: the sweep goes on
+            self.rows.append(dict(stage=BREAKDOWN, case=case.name, variant=mode, error=f"{type(exc).__name__}: {exc}"[:200]))
+            return
+        for name, ms in times.items():
+            self.rows.append(dict(stage=BREAKDOWN, case=case.name, variant=f"{mode}: {name}", ms=ms))
+            print(f"{BREAKDOWN:<22} {case.name:<26} {mode + ': ' + name:<34} {ms:.3f} ms", flush=True)
+
 
 BWD = FORWARD_AND_BACKWARD_FACTOR - 1.0  # useful backward work over the forward's
+BREAKDOWN = "kernel times"  # rows of one pass each, not variants of one choice
+
+
+def kernel_times(bench, deterministic, iters=5):
+    """GPU milliseconds per kernel name over one forward and backward (torch.profiler): which pass
+    limits the whole."""
+    from torch.profiler import ProfilerActivity, profile
+
+    problem = bench.problem()
+
+    def step():
+        out, lse = kernel.forward(bench.q, bench.k, bench.v, problem)
+        kernel.backward(bench.do, bench.q, bench.k, bench.v, out, lse, None, problem, deterministic)
+
+    step()  # compile outside the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if us > 0:
+            times[event.key[:34]] = us / iters / 1e3
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
 
 
 def forward_timer(bench):
@@ -161,7 +207,7 @@ def forward_timer(bench):
 
 def tma_timer(bench):
     """The forward, refusing to time pointer loads as descriptor loads (no Hopper, older Triton)."""
-    if kernel.TMA_LOADS and not kernel.use_tma(bench.q, bench.k, bench.v):
+    if kernel.TMA_LOADS and not kernel.use_tma(bench.k, bench.v):
         raise RuntimeError("tensor descriptors unavailable on this GPU / Triton")
     return bench.time_forward()
 
@@ -178,43 +224,58 @@ def main(argv=None):
     sweep = Sweep(args.max_minutes)
     mha128, mha64 = Case(32768), Case(32768, dim=64)
     gqa_cases = [Case(32768, kv_heads=8, head_pattern=p) for p in ("heterogeneous", "kv_group")]
+    kv_group_128k = Case(131072, kv_heads=8, head_pattern="kv_group")
 
+    # Most open questions first (--max-minutes cuts the tail).
     # 1. Backward modes at the defaults (the question of DETERMINISTIC_BY_DEFAULT).
     for case in (mha128, Case(131072), mha64, *gqa_cases):
         sweep.run("forward (default)", case, "default", forward_timer, 1.0)
         for deterministic in (True, False):
             name = "deterministic" if deterministic else "fast"
             sweep.run("backward mode", case, name, backward_timer(deterministic), BWD)
-    # 2. GQA: dK/dV programs per query head or per KV group (SPLIT_HEADS_RATIO).
-    for case in gqa_cases + [Case(131072, kv_heads=8, head_pattern="kv_group")]:
-        for deterministic in (True, False):
-            stage = "GQA dK/dV " + ("(det)" if deterministic else "(fast)")
-            for ratio, name in ((float("inf"), "per group"), (0.0, "per head")):
-                sweep.run(stage, case, name, backward_timer(deterministic), BWD, SPLIT_HEADS_RATIO=ratio)
-    # 3. GQA packing of the forward and dQ programs (kv_group heads share their lists).
-    for case in (gqa_cases[1], Case(131072, kv_heads=8, head_pattern="kv_group")):
-        for pack in (False, True):
-            name = "packed" if pack else "one head"
-            sweep.run("GQA packing (fwd)", case, name, forward_timer, 1.0, PACK_GQA=pack)
-            sweep.run("GQA packing (det bwd)", case, name, backward_timer(True), BWD, PACK_GQA=pack)
-    # 4. Tensor-descriptor (TMA) loads in the forward's unmasked loop (Hopper and newer).
+    # 2. The fast backward's dQ adds: one descriptor reduction per step against per-element atomics.
+    for case in (mha128, mha64, gqa_cases[1]):
+        for reduce in (True, False):
+            sweep.run("fast dQ adds", case, "TMA reduce" if reduce else "atomics", backward_timer(False), BWD,
+                      TMA_REDUCE=reduce)
+    # 3. Tensor-descriptor (TMA) against pointer loads in the inner loops (Hopper and newer).
     for case in (mha128, mha64, Case(131072)):
         for tma in (False, True):
-            sweep.run("TMA loads (fwd)", case, "descriptors" if tma else "pointers", tma_timer, 1.0, TMA_LOADS=tma)
-    # 5. Launch configs and tile rows, most open questions first: head dim 64 (no tuning so far),
-    # the new fused pass at head dim 128, then the head-dim-128 lists that were tuned on an H100.
+            name = "descriptors" if tma else "pointers"
+            sweep.run("TMA loads (fwd)", case, name, tma_timer, 1.0, TMA_LOADS=tma)
+            sweep.run("TMA loads (det bwd)", case, name, backward_timer(True), BWD, TMA_LOADS=tma)
+            sweep.run("TMA loads (fast bwd)", case, name, backward_timer(False), BWD, TMA_LOADS=tma)
+    # 4. Where the time goes: GPU time of each kernel of one forward and backward.
+    for case in (mha128, mha64, gqa_cases[1]):
+        for deterministic in (True, False):
+            sweep.breakdown(case, deterministic)
+    # 5. Launch configs and tile rows: the fused pass, then head dim 64 (issue: slower than DKernel),
+    # then the head-dim-128 lists that were tuned on an H100.
     fwd = ("config fwd", kernel._fwd, forward_timer, 1.0)
     fused = ("config fused (fast)", kernel._fused, backward_timer(False), BWD)
     dkdv = ("config dkdv (det)", kernel._dkdv, backward_timer(True), BWD)
     dq = ("config dq (det)", kernel._dq, backward_timer(True), BWD)
-    for stage in (fwd, fused, dkdv, dq):
-        run_config_list(sweep, mha64, *stage)
-    run_tile_rows(sweep, mha64)
-    run_config_list(sweep, mha64, "fwd config, 64 rows", *fwd[1:], QUERY_TILE_ROWS={**kernel.QUERY_TILE_ROWS, 64: 64})
     run_config_list(sweep, mha128, *fused)
+    run_config_list(sweep, mha64, *fused)
+    run_config_list(sweep, mha64, *fwd)
+    run_config_list(sweep, mha64, *dkdv)
+    # 6. GQA: dK/dV programs per query head or per KV group (SPLIT_HEADS, per mode).
+    for case in gqa_cases + [kv_group_128k]:
+        for deterministic in (False, True):
+            mode = "deterministic" if deterministic else "fast"
+            stage = "GQA dK/dV " + ("(det)" if deterministic else "(fast)")
+            for split, name in ((False, "per group"), (True, "per head")):
+                sweep.run(stage, case, name, backward_timer(deterministic), BWD,
+                          SPLIT_HEADS={**kernel.SPLIT_HEADS, mode: split})
+    # 7. GQA packing of the forward and dQ programs (kv_group heads share their lists).
+    for case in (gqa_cases[1], kv_group_128k):
+        for pack in (False, True):
+            name = "packed" if pack else "one head"
+            sweep.run("GQA packing (fwd)", case, name, forward_timer, 1.0, PACK_GQA=pack)
     run_tile_rows(sweep, mha128)
     for stage in (fwd, dkdv, dq):
         run_config_list(sweep, mha128, *stage)
+    run_config_list(sweep, mha64, *dq)
     print_spills()
     report(sweep.rows, args.out)
 
@@ -262,12 +323,12 @@ def print_spills():
     print("\nptxas registers and spills of the default configs (sm_%d%d):" % (major, minor))
     for dim in (64, 128):
         which = kernel.head_dim_index(dim)
-        shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32")
+        shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32", TMA=kernel.TMA_LOADS)
         query = dict(shape, PACK=1, POS=128)
-        for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False, TMA=kernel.TMA_LOADS)),
+        for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False)),
                                           ("dq", kernel._dq, query),
-                                          ("dkdv", kernel._dkdv, dict(shape, FUSED_DQ=False)),
-                                          ("fused", kernel._fused, dict(shape, FUSED_DQ=True))):
+                                          ("dkdv", kernel._dkdv, dict(shape, FUSED_DQ=False, DQ_REDUCE=False)),
+                                          ("fused", kernel._fused, dict(shape, FUSED_DQ=True, DQ_REDUCE=kernel.TMA_REDUCE))):
             config = launcher.config_lists[which][0]
             constants = dict(constants, **config.kwargs)
             fn = launcher.kernel
@@ -301,6 +362,11 @@ def report(rows, out):
         groups.setdefault((r["stage"], r["case"]), []).append(r)
     winners = []
     for (stage, case), group in groups.items():
+        if stage == BREAKDOWN:
+            for r in group:
+                shown = f"{r['ms']:8.3f}" if "ms" in r else r["error"][:40]
+                print(f"{stage:<22} {case:<26} {r['variant']:<34} {shown}")
+            continue
         timed = [r for r in group if "ms" in r]
         best = min(timed, key=lambda r: r["ms"]) if timed else None
         for r in group:

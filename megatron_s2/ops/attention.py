@@ -161,14 +161,21 @@ def _last_dim_contiguous(*tensors):
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
-# The backward mode when the caller does not choose (deterministic=None): True runs the deterministic
-# backward (separate dQ pass), False the fast one (dQ by atomics in the dK/dV pass; measured slower on
-# H200, BENCHMARKS.md). Here, not in kernel.py, so that CPU calls never import Triton.
-DETERMINISTIC_BY_DEFAULT = True
+# The backward mode when the caller does not choose (deterministic=None). None: the faster one for
+# the head dim, as measured on an H200 (BENCHMARKS.md): the fast backward (dQ added in the dK/dV pass)
+# up to FAST_BACKWARD_MAX_HEAD_DIM (head dim 64: 20% faster), the deterministic one (separate dQ
+# pass) above it (head dim 128: 7% faster, the fused pass spills registers). True or False fix the
+# mode for every head dim. Here, not in kernel.py, so that CPU calls never import Triton.
+DETERMINISTIC_BY_DEFAULT: Optional[bool] = None
+FAST_BACKWARD_MAX_HEAD_DIM = 64
 
 
-def _deterministic(deterministic: Optional[bool]) -> bool:
-    return DETERMINISTIC_BY_DEFAULT if deterministic is None else bool(deterministic)
+def _deterministic(deterministic: Optional[bool], head_dim: int) -> bool:
+    if deterministic is not None:
+        return bool(deterministic)
+    if DETERMINISTIC_BY_DEFAULT is not None:
+        return DETERMINISTIC_BY_DEFAULT
+    return head_dim > FAST_BACKWARD_MAX_HEAD_DIM
 
 
 # torch.compile: the forward and backward are registered custom ops with fake implementations, so
@@ -342,7 +349,8 @@ def s2_attention(
     ``max_seqlen_q`` must be at least the longest sequence (it is not checked, to avoid a device
     sync; omitted, it is computed). ``deterministic`` chooses the backward: True gives gradients
     bit-identical from run to run (dQ in its own pass), False the faster backward whose dQ is summed
-    by float32 atomics (last bits vary); None takes ``DETERMINISTIC_BY_DEFAULT`` of this module.
+    by float32 atomic adds (last bits vary); None the faster of the two for the head dim
+    (``DETERMINISTIC_BY_DEFAULT`` of this module).
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     shard = _check_inputs(q, k, v, pattern, packed, head_start, num_q_heads, num_kv_heads, q_start, k_start)
@@ -355,7 +363,7 @@ def s2_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, lse = _forward_op(q4, k4, v4, cu_seqlens_q, *_pattern_fields(pattern), scale, shard.head_start,
                            shard.num_q_heads, shard.num_kv_heads, shard.q_start, shard.k_start, max_seqlen_q or 0,
-                           return_lse, _deterministic(deterministic))
+                           return_lse, _deterministic(deterministic, q.shape[-1]))
     if packed:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
@@ -441,4 +449,4 @@ def s2_attention_backward(
 
     grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
     problem = kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale)
-    return kernel.backward(grad_out, q, k, v, out, lse, None, problem, _deterministic(deterministic))
+    return kernel.backward(grad_out, q, k, v, out, lse, None, problem, _deterministic(deterministic, q.shape[-1]))

@@ -25,11 +25,9 @@ registers over the tile's transposed lists, heaviest programs first:
 - fast: the dK/dV pass also adds each block pair's dQ part into a float32 accumulator with atomics
   (5 products per pair, FlashAttention's scheme); the accumulator is cast to the input dtype at the
   end. The order of the float32 adds varies, so dQ may differ in the last bits from run to run.
-A program serves one query head, or all query heads of a GQA group (their K/V tile loaded once),
-whichever gives the shorter longest program (``KernelLayout.split_heads``): when the group's heads
-read the same blocks (``kv_group``/``homogeneous``), one program per group would run the group's
-long stripe lists one after the other. Per-head programs write float32 partial dK/dV that are summed
-over the group in a fixed order.
+A program serves all query heads of a GQA group (their K/V tile loaded once, dK/dV summed in
+registers) or one query head (shorter programs, which balance better, but float32 partial dK/dV
+summed over the group afterwards, in a fixed order): ``SPLIT_HEADS`` chooses per mode.
 
 The gradient of the returned log-sum-exp enters through ``delta = rowsum(dO * O) - dlse``
 (dS = P * (dP - delta)). Packed sequences share the lists of one length at least the longest
@@ -91,8 +89,10 @@ class KernelLayout:
     q_pack: int  # query heads stacked in one forward/dQ program (GQA packing; 1: none)
     q_positions: int  # positions per forward/dQ program (its rows: q_pack * q_positions)
     k_tiles: TileLists  # for dK/dV: query units per key tile (units paired per KV head)
-    split_heads: bool  # dK/dV programs serve one query head each (else a whole GQA group)
-    k_order: torch.Tensor  # dK/dV work items (program head * tiles + tile), most list entries first
+    # dK/dV work items (program head * tiles + tile), most list entries first, with programs per
+    # query head and per GQA group (the same when there is no group).
+    k_order_per_head: torch.Tensor
+    k_order_per_group: torch.Tensor
 
 
 def _unit_entries(ptr, idx, heads, n_rows, row_start, col_start, refine, rows_are_queries):
@@ -202,15 +202,26 @@ HEAD_DIM_CLASSES = (64, 128, 256)
 # Hopper's tensor cores are underused at 64 rows; 64 at head dim 256 (registers, shared memory).
 QUERY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
-# Tensor-descriptor (TMA) loads of K/V in the forward's unmasked loop, on Hopper and newer: no
-# per-element pointers. Off until measured (tools/tune_kernel.py); other GPUs keep pointer loads.
-TMA_LOADS = False
+# Tensor-descriptor (TMA on Hopper and newer) loads of the K/V units in the forward's and the dQ
+# pass's inner loops: no per-element pointer tensors, which at 128-row tiles cost more registers than
+# the accumulators (sm_90 ptxas: forward spills 1.2 KB -> 0.3 KB). On an H200 the forward measured
+# 5-8% faster, the dQ pass as fast (head dim 128) or faster with 4 warps (64). The dK/dV pass loads
+# Q/dO through pointers: descriptors measured 5-8% slower there. Other GPUs and misaligned tensors
+# keep pointer loads.
+TMA_LOADS = True
+# The fast backward adds each dQ part into the float32 accumulator as one tensor-descriptor reduction
+# (a TMA bulk add of the whole [query step, head dim] tile on Hopper and newer) instead of one atomic
+# per element. Other GPUs keep the per-element atomics.
+TMA_REDUCE = True
 # GQA packing: when the query heads of a KV group read the same blocks (kv_group, homogeneous),
 # forward and dQ programs stack them in their rows and load each K/V unit once for the group.
 PACK_GQA = True
-# dK/dV programs serve one query head each when one program per GQA group would make the longest
-# program at least this many times longer (its heads read the same long lists one after another).
-SPLIT_HEADS_RATIO = 1.5
+# dK/dV programs of a GQA group per backward mode: one per query head (True) or one per group.
+# Measured on an H200 (GQA 32/8, heterogeneous and kv_group heads, 32k and 128k): per head is 7-15%
+# faster in the fast mode, whose group programs serialize their heads' dQ adds; per group 2-7% in the
+# deterministic mode, where the per-head float32 partials and their sum cost more than the balance
+# gains (tools/tune_kernel.py, "GQA dK/dV").
+SPLIT_HEADS = {"fast": True, "deterministic": False}
 
 
 def head_dim_class(head_dim: int) -> int:
@@ -255,17 +266,14 @@ def _query_packing(layout: S2Layout, head_dim: int, group: int, unit: int, q_mer
     return 1, unit * q_merge, q_merge
 
 
-def _key_work_order(k_tiles: TileLists, heads: int, group: int):
-    """(split_heads, order) of the dK/dV programs. A program's cost is its list entries (query units
-    against its key tile); one program per group costs the sum over the group's heads. Programs
-    run heaviest first, so that no long program starts last (ties keep head-major order: the
-    programs running together read one head's Q and dO from L2)."""
+def _key_work_orders(k_tiles: TileLists, heads: int, group: int):
+    """dK/dV programs, heaviest first, with one program per query head and per GQA group. A program's
+    cost is its list entries (query units against its key tile), summed over the heads it serves.
+    Heaviest first, so that no long program starts last (ties keep head-major order: the programs
+    running together read one head's Q and dO from L2)."""
     per_head = (k_tiles.ptr[1:] - k_tiles.ptr[:-1]).view(heads, k_tiles.num_tiles).long()
     per_group = per_head.view(heads // group, group, -1).sum(1)
-    split = group > 1 and per_group.max().item() >= SPLIT_HEADS_RATIO * per_head.max().item()
-    cost = (per_head if split else per_group).flatten()
-    order = torch.sort(-cost, stable=True).indices
-    return split, order.to(torch.int32)
+    return tuple(torch.sort(-cost.flatten(), stable=True).indices.to(torch.int32) for cost in (per_head, per_group))
 
 
 _derived: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -275,7 +283,7 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     """Tile lists for ``layout`` and ``group`` query heads per KV head, cached by layout identity
     (get_layout caches the layouts themselves)."""
     unit, q_merge, k_merge = tile_sizes(layout.block_size, head_dim)
-    key = (id(layout), unit, q_merge, k_merge, group, SPLIT_HEADS_RATIO, PACK_GQA)
+    key = (id(layout), unit, q_merge, k_merge, group, PACK_GQA)
     hit = _derived.get(key)
     if hit is not None and hit[0] is layout:
         _derived.move_to_end(key)
@@ -295,10 +303,10 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     k_pairs = _paired_tiles(hk, rk, ck, heads, group, k_merge, k_units, q_units)
     k_tiles = _merge_lists(hk, rk, ck, k_pairs, heads, group, k_units, q_units, k_start, q_start,
                            rows_are_queries=False)
-    split_heads, k_order = _key_work_order(k_tiles, heads, group)
+    k_order_per_head, k_order_per_group = _key_work_orders(k_tiles, heads, group)
     derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles,
-                           q_pack=q_pack, q_positions=q_positions, split_heads=split_heads,
-                           k_order=k_order)
+                           q_pack=q_pack, q_positions=q_positions, k_order_per_head=k_order_per_head,
+                           k_order_per_group=k_order_per_group)
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
         _derived.popitem(last=False)
@@ -407,6 +415,22 @@ def _head_kv_bases(K, V, b64, k_tok0, kh, stride_kb, stride_ks, stride_kh, strid
 
 
 @triton.jit
+def _kv_sources(k_base, v_base, len_k, stride_ks, stride_vs, HEAD_DIM: tl.constexpr, UNIT: tl.constexpr,
+                TMA: tl.constexpr):
+    """What the inner loops load key units from: tensor descriptors of one head's K and V (one unit
+    per load; rows past ``len_k`` read as zero) with ``TMA``, else the base pointers."""
+    if TMA:
+        k_src = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_ks, 1],
+                                          block_shape=[UNIT, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vs, 1],
+                                          block_shape=[UNIT, HEAD_DIM])
+    else:
+        k_src = k_base
+        v_src = v_base
+    return k_src, v_src
+
+
+@triton.jit
 def _tile_entries(T_PTR, T_NFULL, row, STEP: tl.constexpr):
     """``(e_lo, e_mid, e_hi)`` of tile-list row ``row``: ``[e_lo, e_mid)`` run unmasked ``STEP`` units
     at a time, ``[e_mid, e_hi)`` masked (an odd last unmasked entry joins the masked loop)."""
@@ -417,21 +441,30 @@ def _tile_entries(T_PTR, T_NFULL, row, STEP: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
                qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d,
-               UNIT: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+               UNIT: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+               TMA: tl.constexpr):
     """Online softmax over the key units at ``ENTRIES[e_lo:e_hi]``, ``STEP`` units per iteration
-    (unmasked loop only; the masked loop runs one unit at a time)."""
+    (unmasked loop only; the masked loop runs one unit at a time). ``k_src``/``v_src``: descriptors
+    with ``TMA`` (masked loop only: the unmasked one is ``_fwd_inner_tma``), else base pointers."""
+    tl.static_assert(not TMA or STEP == 1)
     offs_n = tl.arange(0, UNIT * STEP)
     for e in range(e_lo, e_hi, STEP):
-        k_ptrs, entry = _key_ptrs(k_base, ENTRIES, e, stride_ks, offs_n, offs_d, UNIT, STEP, True)
-        v_ptrs, _ = _key_ptrs(v_base, ENTRIES, e, stride_vs, offs_n, offs_d, UNIT, STEP, False)
-        if MASKED:
+        if TMA:
+            entry = tl.load(ENTRIES + e)
             k_row0 = (entry >> FLAG_BITS) * UNIT
             k_ok = (k_row0 + offs_n) < len_k
-            kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
+            kt = tl.trans(k_src.load([k_row0, 0]))
         else:
-            kt = tl.load(k_ptrs)
+            k_ptrs, entry = _key_ptrs(k_src, ENTRIES, e, stride_ks, offs_n, offs_d, UNIT, STEP, True)
+            v_ptrs, _ = _key_ptrs(v_src, ENTRIES, e, stride_vs, offs_n, offs_d, UNIT, STEP, False)
+            if MASKED:
+                k_row0 = (entry >> FLAG_BITS) * UNIT
+                k_ok = (k_row0 + offs_n) < len_k
+                kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
+            else:
+                kt = tl.load(k_ptrs)
         s = tl.dot(q, kt, input_precision=DOT_PREC)
         if MASKED:
             row_on = ((entry >> unit_of_row) & 1) != 0
@@ -446,7 +479,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, 
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
+        if TMA:
+            v = v_src.load([k_row0, 0])
+        elif MASKED:
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
@@ -523,20 +558,17 @@ def _fwd_kernel(
             m_i = tl.full([ROWS], float("-inf"), tl.float32)
             l_i = tl.zeros([ROWS], tl.float32)
             acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        k_src, v_src = _kv_sources(k_base, v_base, len_k, stride_ks, stride_vs, HEAD_DIM, UNIT, TMA)
         if TMA:
-            k_desc = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_ks, 1],
-                                               block_shape=[UNIT, HEAD_DIM])
-            v_desc = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vs, 1],
-                                               block_shape=[UNIT, HEAD_DIM])
-            acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, ENTRIES, e_lo, e_mid, qk_scale,
+            acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_src, v_src, ENTRIES, e_lo, e_mid, qk_scale,
                                            UNIT, STEP, DOT_PREC)
         else:
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, ENTRIES,
                                        e_lo, e_mid, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
-                                       offs_d, UNIT, STEP, False, DOT_PREC)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES,
+                                       offs_d, UNIT, STEP, False, DOT_PREC, False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, ENTRIES,
                                    e_mid, e_hi, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
-                                   offs_d, UNIT, 1, True, DOT_PREC)
+                                   offs_d, UNIT, 1, True, DOT_PREC, TMA)
         # A row that reads no key (a key range that ends before it) gives out 0 and lse -inf, so
         # partial results merge by lse; m_i stays at MASKED_SCORE for such rows.
         has_key = m_i > MASKED_SCORE
@@ -581,13 +613,15 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds, stride_as,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, dq_desc, stride_qs, stride_ds, stride_as,
                 ENTRIES, e_lo, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0, unit_of_row, offs_d,
                 UNIT: tl.constexpr, QSTEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-                FUSED_DQ: tl.constexpr, DQ_T: tl.constexpr):
+                FUSED_DQ: tl.constexpr, DQ_T: tl.constexpr, DQ_REDUCE: tl.constexpr):
     """dK/dV of one key tile from the query units at ``ENTRIES[e_lo:e_hi]``, ``QSTEP`` query rows
     at a time (32 keeps the [tile, QSTEP] fp32 temporaries small enough to avoid spills); with
-    ``FUSED_DQ`` also adds each step's dQ part into the float32 accumulator at ``dq_base``."""
+    ``FUSED_DQ`` also adds each step's dQ part into the float32 accumulator at ``dq_base``, by
+    per-element atomics or, with ``DQ_REDUCE``, one descriptor reduction per step (``dq_desc``).
+    Q and dO come through pointers: descriptor loads measured 5-8% slower here (see TMA_LOADS)."""
     offs_u = tl.arange(0, QSTEP)
     for e in range(e_lo, e_hi):
         entry = tl.load(ENTRIES + e)
@@ -611,7 +645,13 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_q
             dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
             dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PREC)
             # Key rows past the end or in empty slots were loaded as 0: they add nothing to dQ.
-            if FUSED_DQ and DQ_T:  # dQᵀ = Kᵀ·dSᵀ: the head dim as the product's rows (see _FUSED_CONFIGS)
+            if FUSED_DQ and DQ_REDUCE:  # rows past len_q fall outside the descriptor's shape: dropped
+                if DQ_T:
+                    dq = tl.trans(tl.dot(tl.trans(k), dst, input_precision=DOT_PREC))
+                else:
+                    dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC)
+                dq_desc.atomic_add([q_row0, 0], dq * sm_scale)
+            elif FUSED_DQ and DQ_T:  # dQᵀ = Kᵀ·dSᵀ: the head dim as the product's rows (see _FUSED_CONFIGS)
                 dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PREC) * sm_scale
                 tl.atomic_add(dq_base + q_off * stride_as + offs_u[None, :] * stride_as + offs_d[:, None], dqt,
                               mask=q_ok[None, :], sem="relaxed")
@@ -631,8 +671,8 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh, stride_ab, stride_as, stride_ah, stride_lb, stride_lh,
     heads_per_program, group, num_seqs, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, QSTEP: tl.constexpr,
-    DQ_T: tl.constexpr = True,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_REDUCE: tl.constexpr,
+    QSTEP: tl.constexpr, DQ_T: tl.constexpr = True,
 ):
     """One key tile against ``heads_per_program`` query heads (one, or a GQA group); writes dK/dV
     at head index ``program head`` of DK/DV (the KV head, or per-query-head partials)."""
@@ -669,6 +709,11 @@ def _bwd_dkdv_kernel(
             q_base = Q + b64 * stride_qb + h * stride_qh + q_tok * stride_qs
             do_base = DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
             dq_base = DQ_ACC + b64 * stride_ab + h * stride_ah + q_tok * stride_as
+            if DQ_REDUCE:
+                dq_desc = tl.make_tensor_descriptor(dq_base, shape=[len_q, HEAD_DIM], strides=[stride_as, 1],
+                                                    block_shape=[QSTEP, HEAD_DIM])
+            else:
+                dq_desc = dq_base
             l_base = LSE + b64 * stride_lb + h * stride_lh + q_tok
             d_base = DELTA + b64 * stride_lb + h * stride_lh + q_tok
             e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, 1)
@@ -677,12 +722,14 @@ def _bwd_dkdv_kernel(
                 e_hi = _lower_bound(ENTRIES, e_mid, e_hi, q_units)
             else:
                 e_stop = e_mid
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds,
-                                 stride_as, ENTRIES, e_lo, e_stop, qk_scale, sm_scale, k_pos, len_q, q_pos0,
-                                 unit_of_row, offs_d, UNIT, QSTEP, False, DOT_PREC, FUSED_DQ, DQ_T)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, stride_qs, stride_ds,
-                                 stride_as, ENTRIES, e_mid, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0,
-                                 unit_of_row, offs_d, UNIT, QSTEP, True, DOT_PREC, FUSED_DQ, DQ_T)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, dq_desc, stride_qs,
+                                 stride_ds, stride_as, ENTRIES, e_lo, e_stop, qk_scale, sm_scale, k_pos, len_q,
+                                 q_pos0, unit_of_row, offs_d, UNIT, QSTEP, False, DOT_PREC, FUSED_DQ, DQ_T,
+                                 DQ_REDUCE)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, dq_desc, stride_qs,
+                                 stride_ds, stride_as, ENTRIES, e_mid, e_hi, qk_scale, sm_scale, k_pos, len_q,
+                                 q_pos0, unit_of_row, offs_d, UNIT, QSTEP, True, DOT_PREC, FUSED_DQ, DQ_T,
+                                 DQ_REDUCE)
         dk *= sm_scale
         tl.store(DK + b64 * stride_dkb + out_head * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
@@ -691,29 +738,51 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
+def _dq_update(dq, q, do, lse2, delta, kt, vt, entry, k_row0, offs_n, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
+               MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ += dS·K for the keys ``k_row0 + offs_n`` (``kt``/``vt``: their K and V, transposed)."""
+    p = tl.math.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+    if MASKED:
+        row_on = ((entry >> unit_of_row) & 1) != 0
+        k_ok = (k_row0 + offs_n) < len_k
+        keep = row_on[:, None] & ((k_pos0 + k_row0 + offs_n)[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(do, vt, input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
               qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d,
-              UNIT: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_n = tl.arange(0, UNIT * STEP)
-    for e in range(e_lo, e_hi, STEP):
-        k_ptrs, entry = _key_ptrs(k_base, ENTRIES, e, stride_ks, offs_n, offs_d, UNIT, STEP, True)
-        v_ptrs, _ = _key_ptrs(v_base, ENTRIES, e, stride_vs, offs_n, offs_d, UNIT, STEP, True)
-        if MASKED:
+              UNIT: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+              TMA: tl.constexpr):
+    """dQ of a query tile from the key units at ``ENTRIES[e_lo:e_hi]``, ``STEP`` per iteration
+    (descriptor loads with ``TMA``: one unit per product, as dQ adds up unit by unit)."""
+    if TMA:
+        offs_n = tl.arange(0, UNIT)
+        for e in range(e_lo, e_hi, STEP):
+            for j in tl.static_range(STEP):
+                entry = tl.load(ENTRIES + e + j)
+                k_row0 = (entry >> FLAG_BITS) * UNIT
+                dq = _dq_update(dq, q, do, lse2, delta, tl.trans(k_src.load([k_row0, 0])),
+                                tl.trans(v_src.load([k_row0, 0])), entry, k_row0, offs_n, qk_scale, q_pos,
+                                len_k, k_pos0, unit_of_row, MASKED, DOT_PREC)
+    else:
+        offs_n = tl.arange(0, UNIT * STEP)
+        for e in range(e_lo, e_hi, STEP):
+            k_ptrs, entry = _key_ptrs(k_src, ENTRIES, e, stride_ks, offs_n, offs_d, UNIT, STEP, True)
+            v_ptrs, _ = _key_ptrs(v_src, ENTRIES, e, stride_vs, offs_n, offs_d, UNIT, STEP, True)
             k_row0 = (entry >> FLAG_BITS) * UNIT
-            k_ok = (k_row0 + offs_n) < len_k
-            kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
-            vt = tl.load(v_ptrs, mask=k_ok[None, :], other=0.0)
-        else:
-            kt = tl.load(k_ptrs)
-            vt = tl.load(v_ptrs)
-        p = tl.math.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
-        if MASKED:
-            row_on = ((entry >> unit_of_row) & 1) != 0
-            keep = row_on[:, None] & ((k_pos0 + k_row0 + offs_n)[None, :] <= q_pos[:, None]) & k_ok[None, :]
-            p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+            if MASKED:
+                k_ok = (k_row0 + offs_n) < len_k
+                kt = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
+                vt = tl.load(v_ptrs, mask=k_ok[None, :], other=0.0)
+            else:
+                kt = tl.load(k_ptrs)
+                vt = tl.load(v_ptrs)
+            dq = _dq_update(dq, q, do, lse2, delta, kt, vt, entry, k_row0, offs_n, qk_scale, q_pos, len_k, k_pos0,
+                            unit_of_row, MASKED, DOT_PREC)
     return dq
 
 
@@ -724,7 +793,7 @@ def _bwd_dq_kernel(
     stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     num_heads, group, len_q_all, len_k_all, num_programs, num_list_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr, PACK: tl.constexpr, POS: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, STEP: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, STEP: tl.constexpr,
 ):
     ROWS: tl.constexpr = PACK * POS
     b, h0, pos0, rel_pos, rel_head, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
@@ -747,11 +816,12 @@ def _bwd_dq_kernel(
                                         stride_vb, stride_vs, stride_vh)
         e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, list_row, STEP)
         q_pos = q_pos0 + pos0 + rel_pos
+        k_src, v_src = _kv_sources(k_base, v_base, len_k, stride_ks, stride_vs, HEAD_DIM, UNIT, TMA)
         dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_mid,
-                       qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, STEP, False, DOT_PREC)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_mid, e_hi,
-                       qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, 1, True, DOT_PREC)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_ks, stride_vs, ENTRIES, e_lo, e_mid,
+                       qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, STEP, False, DOT_PREC, TMA)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_ks, stride_vs, ENTRIES, e_mid, e_hi,
+                       qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, 1, True, DOT_PREC, TMA)
         dq *= sm_scale
         tl.store(DQ + b64 * stride_dqb + tok0 * stride_dqs + h0 * stride_dqh
                  + _row_offsets(rel_pos, rel_head, stride_dqs, stride_dqh, PACK)[:, None] + offs_d[None, :],
@@ -779,30 +849,29 @@ def _configs(names, rows):
 
 
 # One list per head-dim class (HEAD_DIM_CLASSES: <= 64 | 128 | 256; 64-row tiles at 256, less shared
-# memory per stage). The first of each list is the default: at head dims 64 and 128 the configs
-# measured best on an H100 at head dim 128; tools/tune_kernel.py times the others. At head dim 64,
-# 4 warps spill heavily on 128-row tiles (sm_90 ptxas, 1.7-2 KB): they are candidates for 64-row tiles.
-_FWD_CONFIGS = (_configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (2, 8, 4), (2, 4, 3), (1, 4, 3)]),
+# memory per stage). The first of each list is the default: at head dims 64 and 128 the fastest on an
+# H200 at 32k (tools/tune_kernel.py; BENCHMARKS.md has the sweep); the others stay as the tuner's
+# candidates. At head dim 64 four warps per 128-row tile win every pass (1.1-1.4x over eight).
+_FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)]),
                 _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
                 _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
 # Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
-_DKDV_CONFIGS = (_configs(("QSTEP",), [(64, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 3), (16, 4, 2)]),
+_DKDV_CONFIGS = (_configs(("QSTEP",), [(32, 4, 3), (32, 4, 2), (64, 8, 3), (32, 8, 3), (64, 8, 2), (16, 4, 2)]),
                  _configs(("QSTEP",), [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
                                     (64, 4, 3), (16, 8, 2)]),
                  _configs(("QSTEP",), [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
-_DQ_CONFIGS = (_configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 3), (2, 4, 3)]),
+_DQ_CONFIGS = (_configs(("STEP",), [(1, 4, 3), (2, 4, 3), (2, 8, 2), (2, 8, 3), (1, 8, 3)]),
                _configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
                _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
-# The fast backward's dK/dV pass with the dQ product and its atomics (not yet measured on a GPU: the
-# defaults spill least among the warpgroup-MMA forms in sm_90 ptxas). DQ_T: dQ computed transposed
+# The fast backward's dK/dV pass with the dQ product and its adds. DQ_T: dQ computed transposed
 # (Kᵀ·dSᵀ, the head dim as the product's rows: warpgroup MMA on Hopper) or directly (dSᵀ·K, the
-# query step's 16-64 rows: mma.sync, a little less spilling). At head dim 256 only the direct form:
-# every transposed config tried faults there with an illegal memory access on an H200 (Triton 3.6,
-# 2026-11-30; the interpreter runs them exactly), while (32, False, 8, 1) matches float64 in bf16
-# (its query step 16 sibling, for 16-token units, has not run on a GPU).
-_FUSED_CONFIGS = (_configs(("QSTEP", "DQ_T"), [(32, True, 8, 2), (64, True, 8, 3), (32, False, 8, 2), (32, True, 4, 2),
-                                               (16, True, 4, 2)]),
-                  _configs(("QSTEP", "DQ_T"), [(32, True, 8, 3), (64, True, 8, 3), (32, True, 8, 2),
+# query step's 16-64 rows: mma.sync). At head dim 256 only the direct form: every transposed config
+# tried faults there with an illegal memory access on an H200 (Triton 3.6, 2026-11-30, per-element
+# atomics; the interpreter runs them exactly), while (32, False, 8, 1) matches float64 in bf16 (its
+# query step 16 sibling, for 16-token units, has not run on a GPU).
+_FUSED_CONFIGS = (_configs(("QSTEP", "DQ_T"), [(32, True, 4, 2), (32, True, 4, 3), (32, False, 4, 2), (16, True, 4, 2),
+                                               (64, True, 8, 3), (32, True, 8, 2)]),
+                  _configs(("QSTEP", "DQ_T"), [(32, True, 8, 2), (32, True, 8, 3), (64, True, 8, 3),
                                                (32, False, 8, 2), (64, False, 8, 3), (64, True, 8, 2),
                                                (16, True, 8, 2)]),
                   _configs(("QSTEP", "DQ_T"), [(32, False, 8, 1), (16, False, 8, 1)]))
@@ -924,33 +993,43 @@ def forward(q, k, v, problem: Problem, out=None, lse=None, resume=False):
         **_strides("o", out, varlen), **_lse_strides(lse, varlen),
         num_heads=heads, group=heads // k.shape[2], num_programs=num_programs, num_list_tiles=tiles.num_tiles,
         **_positions(problem), HEAD_DIM=dim, VARLEN=varlen, DOT_PREC=_dot_precision(q.dtype), RESUME=resume,
-        TMA=use_tma(q, k, v), **shape,
+        TMA=use_tma(k, v), **shape,
     )
     return out, lse
 
 
-def use_tma(q, k, v) -> bool:
-    """Tensor-descriptor loads in the forward: when ``TMA_LOADS`` asks for them, the GPU is a Hopper
-    or newer (the interpreter emulates them) and the rows meet TMA's 16-byte alignment."""
-    if not TMA_LOADS or not hasattr(tl, "make_tensor_descriptor"):
+def use_tma(k, v) -> bool:
+    """Tensor-descriptor loads of K/V in the forward and dQ passes: when ``TMA_LOADS`` asks for them
+    and K/V allow them."""
+    return TMA_LOADS and _descriptors_usable(k, v)
+
+
+def use_tma_reduce(dq_acc) -> bool:
+    """Descriptor reductions of the fast backward's dQ: when ``TMA_REDUCE`` asks for them and the
+    accumulator allows them, on a GPU (Triton's interpreter has no descriptor reductions)."""
+    return TMA_REDUCE and not INTERPRET and _descriptors_usable(dq_acc)
+
+
+def _descriptors_usable(*tensors) -> bool:
+    """Whether the kernels may address ``tensors`` through tensor descriptors: Triton has them, the
+    GPU is a Hopper or newer (the interpreter emulates them) and every head's rows start on TMA's
+    16-byte alignment."""
+    if not hasattr(tl, "make_tensor_descriptor"):
         return False
-    if not INTERPRET and torch.cuda.get_device_capability(q.device)[0] < 9:
+    if not INTERPRET and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
         return False
-    aligned = all(t.data_ptr() % 16 == 0 and t.stride(1) * t.element_size() % 16 == 0 for t in (k, v))
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+                  and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]) for t in tensors)
     if aligned and not INTERPRET:
-        _set_descriptor_allocator()
+        # Device-side descriptors need global scratch memory from Triton's allocator hook. The hook
+        # is a context variable: set it in every thread that launches (autograd runs the backward
+        # in its own threads).
+        triton.set_allocator(_descriptor_scratch)
     return aligned
 
 
-def _set_descriptor_allocator():
-    """Device-side descriptors need global scratch memory from Triton's allocator hook (set once)."""
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
-
-
-_allocator_set = False
+def _descriptor_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _query_programs(layout: KernelLayout, problem: Problem, heads: int):
@@ -985,23 +1064,26 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
         HEAD_DIM=dim, ROWS=rows, HAS_DLSE=dlse is not None, VARLEN=varlen, ZERO_DQ=not deterministic,
     )
     # Per-head programs of a GQA group write float32 partials, summed below in a fixed order.
-    partial = layout.split_heads
+    partial = group > 1 and SPLIT_HEADS["deterministic" if deterministic else "fast"]
+    k_order = layout.k_order_per_head if partial else layout.k_order_per_group
     grad_shape, grad_dtype = ((*k.shape[:2], heads, dim), torch.float32) if partial else (k.shape, k.dtype)
     dk = new_output(grad_shape, grad_dtype, k.device)
     dv = new_output(grad_shape, grad_dtype, v.device)
     scales = dict(qk_scale=problem.sm_scale * _LOG2E, sm_scale=problem.sm_scale)
     prec = _dot_precision(q.dtype)
+
     k_tiles = layout.k_tiles
     (_dkdv if deterministic else _fused).launch(
-        (layout.k_order.numel() * problem.num_seqs,), dim,
+        (k_order.numel() * problem.num_seqs,), dim,
         Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, DQ_ACC=dq_acc, LSE=lse, DELTA=delta, T_PTR=k_tiles.ptr,
-        T_NFULL=k_tiles.nfull, ENTRIES=k_tiles.entries, T_UNITS=k_tiles.units, ORDER=layout.k_order, **seq_bounds,
+        T_NFULL=k_tiles.nfull, ENTRIES=k_tiles.entries, T_UNITS=k_tiles.units, ORDER=k_order, **seq_bounds,
         **scales, **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
         **_strides("d", do, varlen), **_strides("dk", dk, varlen), **_strides("dv", dv, varlen), **acc_strides,
         **_lse_strides(lse, varlen),
         heads_per_program=1 if partial else group, group=group, num_seqs=problem.num_seqs,
         num_tiles=k_tiles.num_tiles, **_positions(problem), HEAD_DIM=dim, UNIT=layout.unit, MERGE=layout.k_merge,
         VARLEN=varlen, DOT_PREC=prec, FUSED_DQ=not deterministic,
+        DQ_REDUCE=not deterministic and use_tma_reduce(dq_acc),
     )
     if partial:
         dk, dv = (t.unflatten(2, (kv_heads, group)).sum(3).to(k.dtype) for t in (dk, dv))
@@ -1015,6 +1097,7 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
         ENTRIES=q_tiles.entries, **seq_bounds, **scales, **_strides("q", q, varlen), **_strides("k", k, varlen),
         **_strides("v", v, varlen), **_strides("d", do, varlen), **_strides("dq", dq, varlen),
         **_lse_strides(lse, varlen), num_heads=heads, group=group, num_programs=num_programs,
-        num_list_tiles=q_tiles.num_tiles, **_positions(problem), HEAD_DIM=dim, VARLEN=varlen, DOT_PREC=prec, **shape,
+        num_list_tiles=q_tiles.num_tiles, **_positions(problem), HEAD_DIM=dim, VARLEN=varlen, DOT_PREC=prec,
+        TMA=use_tma(k, v), **shape,
     )
     return dq, dk, dv

@@ -110,9 +110,9 @@ def test_deterministic_backward_is_bit_identical(head_pattern):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("split_ratio", [0.0, float("inf")], ids=["per_head", "per_group"])
-def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, split_ratio):
-    monkeypatch.setattr(kernel, "SPLIT_HEADS_RATIO", split_ratio)
+@pytest.mark.parametrize("split", [True, False], ids=["per_head", "per_group"])
+def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, split):
+    monkeypatch.setattr(kernel, "SPLIT_HEADS", {"fast": split, "deterministic": split})
     pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4)
     q, k, v = inputs((1, 2000, 8, 128), (1, 2000, 2, 128), torch.bfloat16, seed=9)
     grad_out = torch.randn_like(q)
@@ -123,13 +123,15 @@ def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, spli
 
 @pytest.mark.parametrize("dim,kv_heads,head_pattern,packed", [(128, 8, "heterogeneous", False),
                                                                (64, 2, "kv_group", False), (128, 2, "kv_group", True)])
-def test_tensor_descriptor_loads(monkeypatch, dim, kv_heads, head_pattern, packed):
-    """kernel.TMA_LOADS (off by default): the forward's descriptor loads against float64."""
-    monkeypatch.setattr(kernel, "TMA_LOADS", True)
+def test_pointer_loads_and_atomic_dq_adds(monkeypatch, backward_mode, dim, kv_heads, head_pattern, packed):
+    """The paths of GPUs before Hopper (kernel.TMA_LOADS and TMA_REDUCE off: per-element pointer
+    loads, per-element atomic dQ adds) against float64; on Hopper the other tests run the
+    descriptor paths (test_hopper_takes_the_descriptor_paths)."""
+    monkeypatch.setattr(kernel, "TMA_LOADS", False)
+    monkeypatch.setattr(kernel, "TMA_REDUCE", False)
     pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
     q, k, v = inputs((1, 2100, 8, dim), (1, 2100, kv_heads, dim), torch.bfloat16, seed=19)
-    if not kernel.use_tma(q, k, v):
-        pytest.skip("tensor descriptors need a Hopper GPU and a Triton with tl.make_tensor_descriptor")
+    assert not kernel.use_tma(k, v) and not kernel.use_tma_reduce(q.float())
     grad_out = torch.randn_like(q)
     grad_lse = torch.randn((1, 8, 2100), device=DEVICE)
     kw = {}
@@ -140,6 +142,15 @@ def test_tensor_descriptor_loads(monkeypatch, dim, kv_heads, head_pattern, packe
         kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1100, max_seqlen_k=1100)
     check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse, **kw),
                 run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)
+
+
+def test_hopper_takes_the_descriptor_paths():
+    """The defaults load through tensor descriptors and add dQ by descriptor reductions on Hopper,
+    so that the other tests check those paths there."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("descriptor paths need a Hopper or newer GPU")
+    q, k, v = inputs((1, 100, 4, 64), (1, 100, 2, 64), torch.bfloat16, seed=2)
+    assert kernel.use_tma(k, v) and kernel.use_tma_reduce(q.float())
 
 
 def test_32k_tokens_last_chunk_against_reference(backward_mode):
