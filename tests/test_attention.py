@@ -440,10 +440,11 @@ def test_heads_share_lists_only_in_kv_groups_that_read_the_same_blocks():
 @pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
 @pytest.mark.parametrize("name", ["block64_two_unit_tiles", "gqa_kv_group_ragged", "block32_head_dim64"])
 def test_descriptor_and_pointer_loads(monkeypatch, backward_mode, name, tma, step):
-    """The inner loops load through tensor descriptors (kernel.TMA_LOADS; the interpreter emulates
-    them) or through per-element pointers (older GPUs, misaligned tensors): both compute the same
-    function, one or two key units per forward and dQ step, with ragged ends."""
+    """The inner loops load through tensor descriptors (kernel.TMA_LOADS and TMA_KEY_PASS; the
+    interpreter emulates them) or through per-element pointers (older GPUs, misaligned tensors):
+    both compute the same function, one or two key units per forward and dQ step, ragged ends."""
     monkeypatch.setattr(kernel, "TMA_LOADS", tma)
+    monkeypatch.setattr(kernel, "TMA_KEY_PASS", tma)
     for launcher in (kernel._fwd, kernel._dq):
         lists = [sorted(configs, key=lambda c: c.kwargs["STEP"] != step) for configs in launcher.config_lists]
         monkeypatch.setattr(launcher, "config_lists", lists)

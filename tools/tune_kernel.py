@@ -1,6 +1,7 @@
 """Time the S2 kernel's candidate launch choices on one GPU and print which wins.
 
     python tools/tune_kernel.py --out runs/tune_kernel              # about 5-7 minutes on an H200
+    python tools/tune_kernel.py --spills-only 90                     # registers/spills, no GPU needed
 
 What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed configs, no autotuner),
 most open questions first:
@@ -8,7 +9,8 @@ most open questions first:
   deterministic (separate dQ pass), at 32k and 128k, MHA head dim 128 and 64 and GQA 32/8;
 - the fast mode's dQ adds: one tensor-descriptor reduction per step (``kernel.TMA_REDUCE``) against
   per-element atomics;
-- tensor-descriptor (TMA) against pointer loads in the inner loops (``kernel.TMA_LOADS``);
+- tensor-descriptor (TMA) against pointer loads in the inner loops (``kernel.TMA_LOADS``), and
+  descriptor loads in the dK/dV pass at every config (``kernel.TMA_KEY_PASS``, off by default);
 - the GPU time of each kernel of a forward and backward (torch.profiler): which pass limits;
 - every config of each launch list (forward, deterministic dK/dV, dQ, fast fused dK/dV+dQ) for head
   dims 128 and 64, one list at a time with the others at their defaults (the candidate is moved to
@@ -220,7 +222,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-minutes", type=float, default=6.5, help="start no variant after this")
     parser.add_argument("--out", default="runs/tune_kernel")
+    parser.add_argument("--spills-only", metavar="SM", type=int, default=None,
+                        help="only compile the default configs for this compute capability (90: Hopper) and "
+                             "print their registers and spills; needs no GPU")
     args = parser.parse_args(argv)
+    if args.spills_only:
+        print_spills(divmod(args.spills_only, 10))
+        return
     sweep = Sweep(args.max_minutes)
     mha128, mha64 = Case(32768), Case(32768, dim=64)
     gqa_cases = [Case(32768, kv_heads=8, head_pattern=p) for p in ("heterogeneous", "kv_group")]
@@ -245,6 +253,12 @@ def main(argv=None):
             sweep.run("TMA loads (fwd)", case, name, tma_timer, 1.0, TMA_LOADS=tma)
             sweep.run("TMA loads (det bwd)", case, name, backward_timer(True), BWD, TMA_LOADS=tma)
             sweep.run("TMA loads (fast bwd)", case, name, backward_timer(False), BWD, TMA_LOADS=tma)
+    # Descriptor loads of Q/dO in the dK/dV pass (TMA_KEY_PASS, off), every config (more stages
+    # give the indirect loads more buffers).
+    run_config_list(sweep, mha128, "dkdv descriptors (det)", kernel._dkdv, backward_timer(True), BWD,
+                    TMA_KEY_PASS=True)
+    run_config_list(sweep, mha128, "fused descriptors", kernel._fused, backward_timer(False), BWD,
+                    TMA_KEY_PASS=True)
     # 4. Where the time goes: GPU time of each kernel of one forward and backward.
     for case in (mha128, mha64, gqa_cases[1]):
         for deterministic in (True, False):
@@ -306,9 +320,10 @@ _ARG_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"
               "qk_scale": "fp32", "sm_scale": "fp32"}
 
 
-def print_spills():
-    """Registers and spills (ptxas) of each kernel's default config on this GPU and Triton, head
-    dims 64 and 128, 128-row tiles of 64-token units: spills in the hot loops cost speed."""
+def print_spills(capability=None):
+    """Registers and spills (ptxas) of each kernel's default config for this GPU (or ``capability``,
+    e.g. (9, 0): compiled only, no GPU needed) and Triton, head dims 64 and 128, 128-row tiles of
+    64-token units: spills in the hot loops cost speed."""
     import subprocess
     import tempfile
 
@@ -317,18 +332,19 @@ def print_spills():
 
     import triton
 
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = capability or torch.cuda.get_device_capability()
     target = GPUTarget("cuda", major * 10 + minor, 32)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     print("\nptxas registers and spills of the default configs (sm_%d%d):" % (major, minor))
     for dim in (64, 128):
         which = kernel.head_dim_index(dim)
-        shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32", TMA=kernel.TMA_LOADS)
-        query = dict(shape, PACK=1, POS=128)
+        shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32")
+        query = dict(shape, PACK=1, POS=128, TMA=kernel.TMA_LOADS)
+        key = dict(shape, TMA=kernel.TMA_KEY_PASS)
         for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False)),
                                           ("dq", kernel._dq, query),
-                                          ("dkdv", kernel._dkdv, dict(shape, FUSED_DQ=False, DQ_REDUCE=False)),
-                                          ("fused", kernel._fused, dict(shape, FUSED_DQ=True, DQ_REDUCE=kernel.TMA_REDUCE))):
+                                          ("dkdv", kernel._dkdv, dict(key, FUSED_DQ=False, DQ_REDUCE=False)),
+                                          ("fused", kernel._fused, dict(key, FUSED_DQ=True, DQ_REDUCE=kernel.TMA_REDUCE))):
             config = launcher.config_lists[which][0]
             constants = dict(constants, **config.kwargs)
             fn = launcher.kernel

@@ -206,12 +206,17 @@ KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 # pass's inner loops: no per-element pointer tensors, which at 128-row tiles cost more registers than
 # the accumulators (sm_90 ptxas: forward spills 1.2 KB -> 0.3 KB). On an H200 the forward measured
 # 5-8% faster, the dQ pass as fast (head dim 128) or faster with 4 warps (64). The dK/dV pass loads
-# Q/dO through pointers: descriptors measured 5-8% slower there. Other GPUs and misaligned tensors
-# keep pointer loads.
+# Q/dO through pointers unless TMA_KEY_PASS. Other GPUs and misaligned tensors keep pointer loads.
 TMA_LOADS = True
+# Descriptor loads of Q/dO in the dK/dV pass. Off: measured 5-8% slower there on an H200 with the
+# configs' 3 stages. Triton pipelines descriptor loads (it does not pipeline these pointer loads: each
+# step waits for its Q/dO), but the query units' indirection through the tile lists halves the
+# prefetch distance, leaving one buffer at 3 stages; tools/tune_kernel.py times it at 4-5 stages.
+TMA_KEY_PASS = False
 # The fast backward adds each dQ part into the float32 accumulator as one tensor-descriptor reduction
 # (a TMA bulk add of the whole [query step, head dim] tile on Hopper and newer) instead of one atomic
-# per element. Other GPUs keep the per-element atomics.
+# per element: the fast backward took 2-33% less time on an H200 (more with descriptor loads of Q/dO, whose
+# stores the atomics then wait behind). Other GPUs keep the per-element atomics.
 TMA_REDUCE = True
 # GQA packing: when the query heads of a KV group read the same blocks (kv_group, homogeneous),
 # forward and dQ programs stack them in their rows and load each K/V unit once for the group.
@@ -613,15 +618,15 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, dq_desc, stride_qs, stride_ds, stride_as,
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, dq_base, dq_desc, stride_qs, stride_ds, stride_as,
                 ENTRIES, e_lo, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0, unit_of_row, offs_d,
                 UNIT: tl.constexpr, QSTEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-                FUSED_DQ: tl.constexpr, DQ_T: tl.constexpr, DQ_REDUCE: tl.constexpr):
+                FUSED_DQ: tl.constexpr, DQ_T: tl.constexpr, DQ_REDUCE: tl.constexpr, TMA: tl.constexpr):
     """dK/dV of one key tile from the query units at ``ENTRIES[e_lo:e_hi]``, ``QSTEP`` query rows
     at a time (32 keeps the [tile, QSTEP] fp32 temporaries small enough to avoid spills); with
     ``FUSED_DQ`` also adds each step's dQ part into the float32 accumulator at ``dq_base``, by
     per-element atomics or, with ``DQ_REDUCE``, one descriptor reduction per step (``dq_desc``).
-    Q and dO come through pointers: descriptor loads measured 5-8% slower here (see TMA_LOADS)."""
+    Q and dO come from descriptors with ``TMA`` (``TMA_KEY_PASS``), else through pointers."""
     offs_u = tl.arange(0, QSTEP)
     for e in range(e_lo, e_hi):
         entry = tl.load(ENTRIES + e)
@@ -629,10 +634,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, dq_desc,
             q_row0 = (entry >> FLAG_BITS) * UNIT + sub * QSTEP
             q_ok = (q_row0 + offs_u) < len_q
             q_off = q_row0.to(tl.int64)
-            qt = tl.load(q_base + q_off * stride_qs + offs_u[None, :] * stride_qs + offs_d[:, None],
-                         mask=q_ok[None, :], other=0.0)
-            do = tl.load(do_base + q_off * stride_ds + offs_u[:, None] * stride_ds + offs_d[None, :],
-                         mask=q_ok[:, None], other=0.0)
+            if TMA:  # rows past len_q read as zero
+                qt = tl.trans(q_src.load([q_row0, 0]))
+                do = do_src.load([q_row0, 0])
+            else:
+                qt = tl.load(q_src + q_off * stride_qs + offs_u[None, :] * stride_qs + offs_d[:, None],
+                             mask=q_ok[None, :], other=0.0)
+                do = tl.load(do_src + q_off * stride_ds + offs_u[:, None] * stride_ds + offs_d[None, :],
+                             mask=q_ok[:, None], other=0.0)
             lse2 = tl.load(l_base + q_row0 + offs_u, mask=q_ok, other=0.0) * LOG2E
             delta = tl.load(d_base + q_row0 + offs_u, mask=q_ok, other=0.0)
             pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])
@@ -672,7 +681,7 @@ def _bwd_dkdv_kernel(
     heads_per_program, group, num_seqs, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_REDUCE: tl.constexpr,
-    QSTEP: tl.constexpr, DQ_T: tl.constexpr = True,
+    TMA: tl.constexpr, QSTEP: tl.constexpr, DQ_T: tl.constexpr = True,
 ):
     """One key tile against ``heads_per_program`` query heads (one, or a GQA group); writes dK/dV
     at head index ``program head`` of DK/DV (the KV head, or per-query-head partials)."""
@@ -714,6 +723,14 @@ def _bwd_dkdv_kernel(
                                                     block_shape=[QSTEP, HEAD_DIM])
             else:
                 dq_desc = dq_base
+            if TMA:
+                q_src = tl.make_tensor_descriptor(q_base, shape=[len_q, HEAD_DIM], strides=[stride_qs, 1],
+                                                  block_shape=[QSTEP, HEAD_DIM])
+                do_src = tl.make_tensor_descriptor(do_base, shape=[len_q, HEAD_DIM], strides=[stride_ds, 1],
+                                                   block_shape=[QSTEP, HEAD_DIM])
+            else:
+                q_src = q_base
+                do_src = do_base
             l_base = LSE + b64 * stride_lb + h * stride_lh + q_tok
             d_base = DELTA + b64 * stride_lb + h * stride_lh + q_tok
             e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, 1)
@@ -722,14 +739,14 @@ def _bwd_dkdv_kernel(
                 e_hi = _lower_bound(ENTRIES, e_mid, e_hi, q_units)
             else:
                 e_stop = e_mid
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, dq_desc, stride_qs,
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, dq_base, dq_desc, stride_qs,
                                  stride_ds, stride_as, ENTRIES, e_lo, e_stop, qk_scale, sm_scale, k_pos, len_q,
                                  q_pos0, unit_of_row, offs_d, UNIT, QSTEP, False, DOT_PREC, FUSED_DQ, DQ_T,
-                                 DQ_REDUCE)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, dq_base, dq_desc, stride_qs,
+                                 DQ_REDUCE, TMA)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, dq_base, dq_desc, stride_qs,
                                  stride_ds, stride_as, ENTRIES, e_mid, e_hi, qk_scale, sm_scale, k_pos, len_q,
                                  q_pos0, unit_of_row, offs_d, UNIT, QSTEP, True, DOT_PREC, FUSED_DQ, DQ_T,
-                                 DQ_REDUCE)
+                                 DQ_REDUCE, TMA)
         dk *= sm_scale
         tl.store(DK + b64 * stride_dkb + out_head * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
@@ -851,14 +868,15 @@ def _configs(names, rows):
 # One list per head-dim class (HEAD_DIM_CLASSES: <= 64 | 128 | 256; 64-row tiles at 256, less shared
 # memory per stage). The first of each list is the default: at head dims 64 and 128 the fastest on an
 # H200 at 32k (tools/tune_kernel.py; BENCHMARKS.md has the sweep); the others stay as the tuner's
-# candidates. At head dim 64 four warps per 128-row tile win every pass (1.1-1.4x over eight).
+# candidates (the 4-5 stage ones are for TMA_KEY_PASS). At head dim 64 four warps per 128-row tile
+# win every pass (1.1-1.4x over eight).
 _FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)]),
                 _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
                 _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
 # Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
 _DKDV_CONFIGS = (_configs(("QSTEP",), [(32, 4, 3), (32, 4, 2), (64, 8, 3), (32, 8, 3), (64, 8, 2), (16, 4, 2)]),
                  _configs(("QSTEP",), [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
-                                    (64, 4, 3), (16, 8, 2)]),
+                                    (64, 4, 3), (16, 8, 2), (64, 8, 4), (64, 8, 5)]),
                  _configs(("QSTEP",), [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
 _DQ_CONFIGS = (_configs(("STEP",), [(1, 4, 3), (2, 4, 3), (2, 8, 2), (2, 8, 3), (1, 8, 3)]),
                _configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
@@ -873,7 +891,7 @@ _FUSED_CONFIGS = (_configs(("QSTEP", "DQ_T"), [(32, True, 4, 2), (32, True, 4, 3
                                                (64, True, 8, 3), (32, True, 8, 2)]),
                   _configs(("QSTEP", "DQ_T"), [(32, True, 8, 2), (32, True, 8, 3), (64, True, 8, 3),
                                                (32, False, 8, 2), (64, False, 8, 3), (64, True, 8, 2),
-                                               (16, True, 8, 2)]),
+                                               (16, True, 8, 2), (32, True, 8, 4)]),
                   _configs(("QSTEP", "DQ_T"), [(32, False, 8, 1), (16, False, 8, 1)]))
 
 
@@ -1083,7 +1101,7 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
         heads_per_program=1 if partial else group, group=group, num_seqs=problem.num_seqs,
         num_tiles=k_tiles.num_tiles, **_positions(problem), HEAD_DIM=dim, UNIT=layout.unit, MERGE=layout.k_merge,
         VARLEN=varlen, DOT_PREC=prec, FUSED_DQ=not deterministic,
-        DQ_REDUCE=not deterministic and use_tma_reduce(dq_acc),
+        DQ_REDUCE=not deterministic and use_tma_reduce(dq_acc), TMA=TMA_KEY_PASS and _descriptors_usable(q, do),
     )
     if partial:
         dk, dv = (t.unflatten(2, (kv_heads, group)).sum(3).to(k.dtype) for t in (dk, dv))

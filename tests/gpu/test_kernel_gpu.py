@@ -144,6 +144,19 @@ def test_pointer_loads_and_atomic_dq_adds(monkeypatch, backward_mode, dim, kv_he
                 run_reference(q, k, v, pattern, grad_out, grad_lse, **kw), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dim,kv_heads,head_pattern", [(128, 8, "heterogeneous"), (64, 2, "kv_group")])
+def test_descriptor_loads_in_the_key_pass(monkeypatch, backward_mode, dim, kv_heads, head_pattern):
+    """kernel.TMA_KEY_PASS (off by default, for the tuner): Q/dO descriptor loads in the dK/dV pass
+    against float64, ragged length."""
+    monkeypatch.setattr(kernel, "TMA_KEY_PASS", True)
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
+    q, k, v = inputs((1, 2100, 8, dim), (1, 2100, kv_heads, dim), torch.bfloat16, seed=21)
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn((1, 8, 2100), device=DEVICE)
+    check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse),
+                run_reference(q, k, v, pattern, grad_out, grad_lse), torch.bfloat16)
+
+
 def test_hopper_takes_the_descriptor_paths():
     """The defaults load through tensor descriptors and add dQ by descriptor reductions on Hopper,
     so that the other tests check those paths there."""
