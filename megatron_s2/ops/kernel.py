@@ -22,9 +22,10 @@ Backward, two modes. Both run one program per key tile and query heads, accumula
 registers over the tile's transposed lists, heaviest programs first:
 - deterministic: no atomics, bit-identical from run to run; dQ has its own pass, one program per
   (query head, query tile), which recomputes P and dP (7 matrix products per block pair);
-- fast: the dK/dV pass also adds each block pair's dQ part into a float32 accumulator with atomics
-  (5 products per pair, FlashAttention's scheme); the accumulator is cast to the input dtype at the
-  end. The order of the float32 adds varies, so dQ may differ in the last bits from run to run.
+- fast: the dK/dV pass also adds each block pair's dQ part into a float32 accumulator (5 products
+  per pair, FlashAttention's scheme; one descriptor reduction per step on Hopper, element atomics
+  elsewhere); the accumulator is cast to the input dtype at the end. The order of the float32 adds
+  varies, so dQ may differ in the last bits from run to run.
 A program serves all query heads of a GQA group (their K/V tile loaded once, dK/dV summed in
 registers) or one query head (shorter programs, which balance better, but float32 partial dK/dV
 summed over the group afterwards, in a fixed order): ``SPLIT_HEADS`` chooses per mode.
@@ -203,20 +204,18 @@ HEAD_DIM_CLASSES = (64, 128, 256)
 QUERY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 # Tensor-descriptor (TMA on Hopper and newer) loads of the K/V units in the forward's and the dQ
-# pass's inner loops: no per-element pointer tensors, which at 128-row tiles cost more registers than
-# the accumulators (sm_90 ptxas: forward spills 1.2 KB -> 0.3 KB). On an H200 the forward measured
-# 5-8% faster, the dQ pass as fast (head dim 128) or faster with 4 warps (64). The dK/dV pass loads
-# Q/dO through pointers unless TMA_KEY_PASS. Other GPUs and misaligned tensors keep pointer loads.
+# pass's inner loops: no per-element pointer tensors or address arithmetic (sm_90 ptxas, head dim
+# 128: the forward needs 191 registers instead of 253). On an H200 the forward measured 5-8% faster,
+# the dQ pass as fast (head dim 128) or faster with 4 warps (64). The dK/dV pass loads Q/dO through
+# pointers unless TMA_KEY_PASS. Other GPUs and misaligned tensors keep pointer loads.
 TMA_LOADS = True
 # Descriptor loads of Q/dO in the dK/dV pass. Off: measured 5-8% slower there on an H200 with the
-# configs' 3 stages. Triton pipelines descriptor loads (it does not pipeline these pointer loads: each
-# step waits for its Q/dO), but the query units' indirection through the tile lists halves the
-# prefetch distance, leaving one buffer at 3 stages; tools/tune_kernel.py times it at 4-5 stages.
+# configs' 3 stages; tools/tune_kernel.py also times the 4-5 stage configs with them.
 TMA_KEY_PASS = False
 # The fast backward adds each dQ part into the float32 accumulator as one tensor-descriptor reduction
 # (a TMA bulk add of the whole [query step, head dim] tile on Hopper and newer) instead of one atomic
-# per element: the fast backward took 2-33% less time on an H200 (more with descriptor loads of Q/dO, whose
-# stores the atomics then wait behind). Other GPUs keep the per-element atomics.
+# per element: the fast backward took 2-33% less time on an H200 (the most with descriptor loads of
+# Q/dO). Other GPUs keep the per-element atomics.
 TMA_REDUCE = True
 # GQA packing: when the query heads of a KV group read the same blocks (kv_group, homogeneous),
 # forward and dQ programs stack them in their rows and load each K/V unit once for the group.
@@ -420,19 +419,20 @@ def _head_kv_bases(K, V, b64, k_tok0, kh, stride_kb, stride_ks, stride_kh, strid
 
 
 @triton.jit
-def _kv_sources(k_base, v_base, len_k, stride_ks, stride_vs, HEAD_DIM: tl.constexpr, UNIT: tl.constexpr,
-                TMA: tl.constexpr):
-    """What the inner loops load key units from: tensor descriptors of one head's K and V (one unit
-    per load; rows past ``len_k`` read as zero) with ``TMA``, else the base pointers."""
+def _row_sources(a_base, b_base, length, stride_a, stride_b, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                 TMA: tl.constexpr):
+    """What an inner loop loads ``ROWS`` rows at a time from, for two ``[length, HEAD_DIM]`` tensors
+    of one head (K and V, or Q and dO): tensor descriptors with ``TMA`` (rows past ``length`` read
+    as zero), else the base pointers."""
     if TMA:
-        k_src = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_ks, 1],
-                                          block_shape=[UNIT, HEAD_DIM])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vs, 1],
-                                          block_shape=[UNIT, HEAD_DIM])
+        a_src = tl.make_tensor_descriptor(a_base, shape=[length, HEAD_DIM], strides=[stride_a, 1],
+                                          block_shape=[ROWS, HEAD_DIM])
+        b_src = tl.make_tensor_descriptor(b_base, shape=[length, HEAD_DIM], strides=[stride_b, 1],
+                                          block_shape=[ROWS, HEAD_DIM])
     else:
-        k_src = k_base
-        v_src = v_base
-    return k_src, v_src
+        a_src = a_base
+        b_src = b_base
+    return a_src, b_src
 
 
 @triton.jit
@@ -563,7 +563,7 @@ def _fwd_kernel(
             m_i = tl.full([ROWS], float("-inf"), tl.float32)
             l_i = tl.zeros([ROWS], tl.float32)
             acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-        k_src, v_src = _kv_sources(k_base, v_base, len_k, stride_ks, stride_vs, HEAD_DIM, UNIT, TMA)
+        k_src, v_src = _row_sources(k_base, v_base, len_k, stride_ks, stride_vs, HEAD_DIM, UNIT, TMA)
         if TMA:
             acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_src, v_src, ENTRIES, e_lo, e_mid, qk_scale,
                                            UNIT, STEP, DOT_PREC)
@@ -723,14 +723,7 @@ def _bwd_dkdv_kernel(
                                                     block_shape=[QSTEP, HEAD_DIM])
             else:
                 dq_desc = dq_base
-            if TMA:
-                q_src = tl.make_tensor_descriptor(q_base, shape=[len_q, HEAD_DIM], strides=[stride_qs, 1],
-                                                  block_shape=[QSTEP, HEAD_DIM])
-                do_src = tl.make_tensor_descriptor(do_base, shape=[len_q, HEAD_DIM], strides=[stride_ds, 1],
-                                                   block_shape=[QSTEP, HEAD_DIM])
-            else:
-                q_src = q_base
-                do_src = do_base
+            q_src, do_src = _row_sources(q_base, do_base, len_q, stride_qs, stride_ds, HEAD_DIM, QSTEP, TMA)
             l_base = LSE + b64 * stride_lb + h * stride_lh + q_tok
             d_base = DELTA + b64 * stride_lb + h * stride_lh + q_tok
             e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, h * num_tiles + tile, 1)
@@ -833,7 +826,7 @@ def _bwd_dq_kernel(
                                         stride_vb, stride_vs, stride_vh)
         e_lo, e_mid, e_hi = _tile_entries(T_PTR, T_NFULL, list_row, STEP)
         q_pos = q_pos0 + pos0 + rel_pos
-        k_src, v_src = _kv_sources(k_base, v_base, len_k, stride_ks, stride_vs, HEAD_DIM, UNIT, TMA)
+        k_src, v_src = _row_sources(k_base, v_base, len_k, stride_ks, stride_vs, HEAD_DIM, UNIT, TMA)
         dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_ks, stride_vs, ENTRIES, e_lo, e_mid,
                        qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d, UNIT, STEP, False, DOT_PREC, TMA)
@@ -869,7 +862,7 @@ def _configs(names, rows):
 # memory per stage). The first of each list is the default: at head dims 64 and 128 the fastest on an
 # H200 at 32k (tools/tune_kernel.py; BENCHMARKS.md has the sweep); the others stay as the tuner's
 # candidates (the 4-5 stage ones are for TMA_KEY_PASS). At head dim 64 four warps per 128-row tile
-# win every pass (1.1-1.4x over eight).
+# win every pass (1.1-1.4x over eight): two programs then fit an SM.
 _FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)]),
                 _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
                 _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
