@@ -101,7 +101,8 @@ def _median_ms(fn):
 
 def _label(config):
     params = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return f"{params} w{config.num_warps} s{config.num_stages}"
+    cap = "" if config.maxnreg is None else f" r{config.maxnreg}"
+    return f"{params} w{config.num_warps} s{config.num_stages}{cap}"
 
 
 @contextlib.contextmanager
@@ -357,7 +358,8 @@ def print_spills(capability=None):
             try:
                 compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
                                           target=target,
-                                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages,
+                                                       maxnreg=config.maxnreg))
                 with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
                     f.write(compiled.asm["ptx"])
                     f.flush()

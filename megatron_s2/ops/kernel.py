@@ -852,26 +852,32 @@ def _tune_bucket(length: int) -> int:
     return min(2, max(0, (max(length, 1) - 1).bit_length() - 12) // 2)
 
 
-def _configs(names, rows):
-    """Configs from rows (values of the tuned constexprs ``names``, warps, stages); the first is the
-    default."""
-    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
+def _configs(names, rows, maxnreg=None):
+    """Configs from rows (values of the tuned constexprs ``names``, warps, stages), with registers per
+    thread capped at ``maxnreg`` if given; the first of a list is the default."""
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1], maxnreg=maxnreg)
+            for row in rows]
 
 
 # One list per head-dim class (HEAD_DIM_CLASSES: <= 64 | 128 | 256; 64-row tiles at 256, less shared
 # memory per stage). The first of each list is the default: at head dims 64 and 128 the fastest on an
 # H200 at 32k (tools/tune_kernel.py; BENCHMARKS.md has the sweep); the others stay as the tuner's
 # candidates (the 4-5 stage ones are for TMA_KEY_PASS). At head dim 64 four warps per 128-row tile
-# win every pass (1.1-1.4x over eight): two programs then fit an SM.
-_FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)]),
+# win every pass (1.1-1.4x over eight): two programs then fit an SM. Not yet timed: eight warps capped
+# at 128 registers (two 8-warp programs per SM; sm_90 ptxas: no spills in the forward and dQ, 0.1-0.4
+# KB in the dK/dV passes).
+_FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)])
+                + _configs(("STEP",), [(2, 8, 2), (2, 8, 3)], maxnreg=128),
                 _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
                 _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
 # Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
-_DKDV_CONFIGS = (_configs(("QSTEP",), [(32, 4, 3), (32, 4, 2), (64, 8, 3), (32, 8, 3), (64, 8, 2), (16, 4, 2)]),
+_DKDV_CONFIGS = (_configs(("QSTEP",), [(32, 4, 3), (32, 4, 2), (64, 8, 3), (32, 8, 3), (64, 8, 2), (16, 4, 2)])
+                 + _configs(("QSTEP",), [(32, 8, 3)], maxnreg=128),
                  _configs(("QSTEP",), [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
                                     (64, 4, 3), (16, 8, 2), (64, 8, 4), (64, 8, 5)]),
                  _configs(("QSTEP",), [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
-_DQ_CONFIGS = (_configs(("STEP",), [(1, 4, 3), (2, 4, 3), (2, 8, 2), (2, 8, 3), (1, 8, 3)]),
+_DQ_CONFIGS = (_configs(("STEP",), [(1, 4, 3), (2, 4, 3), (2, 8, 2), (2, 8, 3), (1, 8, 3)])
+               + _configs(("STEP",), [(2, 8, 3)], maxnreg=128),
                _configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
                _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
 # The fast backward's dK/dV pass with the dQ product and its adds. DQ_T: dQ computed transposed
@@ -881,7 +887,8 @@ _DQ_CONFIGS = (_configs(("STEP",), [(1, 4, 3), (2, 4, 3), (2, 8, 2), (2, 8, 3), 
 # atomics; the interpreter runs them exactly), while (32, False, 8, 1) matches float64 in bf16 (its
 # query step 16 sibling, for 16-token units, has not run on a GPU).
 _FUSED_CONFIGS = (_configs(("QSTEP", "DQ_T"), [(32, True, 4, 2), (32, True, 4, 3), (32, False, 4, 2), (16, True, 4, 2),
-                                               (64, True, 8, 3), (32, True, 8, 2)]),
+                                               (64, True, 8, 3), (32, True, 8, 2)])
+                  + _configs(("QSTEP", "DQ_T"), [(32, True, 8, 2)], maxnreg=128),
                   _configs(("QSTEP", "DQ_T"), [(32, True, 8, 2), (32, True, 8, 3), (64, True, 8, 3),
                                                (32, False, 8, 2), (64, False, 8, 3), (64, True, 8, 2),
                                                (16, True, 8, 2), (32, True, 8, 4)]),
@@ -918,8 +925,9 @@ class _Launcher:
             self.tuned[which][grid](*args, **kwargs)
             return
         config = next(c for c in self.config_lists[which] if _fits(c, kwargs["UNIT"]))
+        cap = {} if config.maxnreg is None else {"maxnreg": config.maxnreg}
         self.kernel[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
-                          num_stages=config.num_stages)
+                          num_stages=config.num_stages, **cap)
 
 
 _fwd = _Launcher(_fwd_kernel, _FWD_CONFIGS)
