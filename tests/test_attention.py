@@ -35,6 +35,17 @@ def backward_mode(request, monkeypatch):
     return request.param
 
 
+def spy_launches(monkeypatch, *names):
+    """``[(launcher name, its keyword arguments), ...]`` of every launch of the named kernel
+    launchers (``"_fused"``, ``"_dkdv"``, ...), which still run."""
+    launches = []
+    for name in names:
+        launcher = getattr(kernel, name)
+        monkeypatch.setattr(launcher, "launch", lambda *a, _name=name, _launch=launcher.launch, **kw: (
+            launches.append((_name, kw)), _launch(*a, **kw)))
+    return launches
+
+
 def draw(*shapes, seed):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=gen) for s in shapes]
@@ -298,31 +309,23 @@ def test_fast_mode_at_head_dim_256_is_exact(monkeypatch):
     """Head dim 256 has its own fused (atomic dQ) config list, with dQ's product in the direct form:
     the fast mode there must run the fused kernel, and be exact."""
     monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", False)
-    launched = []
-    for name in ("_fused", "_dkdv", "_dq"):
-        launcher = getattr(kernel, name)
-        monkeypatch.setattr(launcher, "launch",
-                            lambda *a, _name=name, _launch=launcher.launch, **kw: (launched.append(_name), _launch(*a, **kw)))
+    launches = spy_launches(monkeypatch, "_fused", "_dkdv", "_dq")
     for block, seq in ((64, 200), (16, 40)):  # query steps 32 and 16
         q, k, v = draw((1, seq, 2, 256), (1, seq, 1, 256), (1, seq, 1, 256), seed=23)
         compare(S2Pattern(block_size=block, local_blocks=1, vert_stride=2), q, k, v, seed=24)
-    assert launched == ["_fused", "_fused"]
+    assert [name for name, _ in launches] == ["_fused", "_fused"]
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["per_head", "per_group"])
 def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, split):
     """Both ways of serving a GQA group in the dK/dV pass compute the same gradients."""
     monkeypatch.setattr(kernel, "SPLIT_HEADS", {"fast": split, "deterministic": split})
-    orders = []
-    monkeypatch.setattr(kernel._fused, "launch", lambda *a, _launch=kernel._fused.launch, **kw: (
-        orders.append(kw["ORDER"]), _launch(*a, **kw)))
-    monkeypatch.setattr(kernel._dkdv, "launch", lambda *a, _launch=kernel._dkdv.launch, **kw: (
-        orders.append(kw["ORDER"]), _launch(*a, **kw)))
+    launches = spy_launches(monkeypatch, "_fused", "_dkdv")
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
     q, k, v = draw((1, 50, 6, 32), (1, 50, 2, 32), (1, 50, 2, 32), seed=34)
     compare(pattern, q, k, v, seed=35)
     layout = kernel.kernel_layout(get_layout(pattern, 6, 2, 50), 32, 3)
-    assert orders[0] is (layout.k_order_per_head if split else layout.k_order_per_group)
+    assert launches[0][1]["ORDER"] is (layout.k_order_per_head if split else layout.k_order_per_group)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
@@ -468,11 +471,7 @@ def test_default_backward_mode_is_the_faster_one_for_the_head_dim(monkeypatch, d
     """deterministic=None runs the fast backward up to attention.FAST_BACKWARD_MAX_HEAD_DIM and the
     deterministic one above it (measured on an H200); exact either way."""
     monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", None)
-    launched = []
-    for name in ("_fused", "_dkdv"):
-        launcher = getattr(kernel, name)
-        monkeypatch.setattr(launcher, "launch",
-                            lambda *a, _name=name, _launch=launcher.launch, **kw: (launched.append(_name), _launch(*a, **kw)))
+    launches = spy_launches(monkeypatch, "_fused", "_dkdv")
     q, k, v = draw((1, 40, 2, dim), (1, 40, 2, dim), (1, 40, 2, dim), seed=41)
     compare(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), q, k, v, seed=42)
-    assert launched == [mode]
+    assert [name for name, _ in launches] == [mode]
