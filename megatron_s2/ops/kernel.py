@@ -920,6 +920,10 @@ class _Launcher:
         ]
 
     def launch(self, grid, head_dim, *args, **kwargs):
+        if not INTERPRET:
+            # Device-side tensor descriptors take global scratch memory from Triton's allocator hook,
+            # a context variable: set in the launching thread (autograd runs backwards in its own).
+            triton.set_allocator(_descriptor_scratch)
         which = head_dim_index(head_dim)
         if self.tuned[which] is not None:
             self.tuned[which][grid](*args, **kwargs)
@@ -1037,14 +1041,8 @@ def _descriptors_usable(*tensors) -> bool:
         return False
     if not INTERPRET and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
         return False
-    aligned = all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-                  and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]) for t in tensors)
-    if aligned and not INTERPRET:
-        # Device-side descriptors need global scratch memory from Triton's allocator hook. The hook
-        # is a context variable: set it in every thread that launches (autograd runs the backward
-        # in its own threads).
-        triton.set_allocator(_descriptor_scratch)
-    return aligned
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]) for t in tensors)
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
@@ -1090,7 +1088,6 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
     dv = new_output(grad_shape, grad_dtype, v.device)
     scales = dict(qk_scale=problem.sm_scale * _LOG2E, sm_scale=problem.sm_scale)
     prec = _dot_precision(q.dtype)
-
     k_tiles = layout.k_tiles
     (_dkdv if deterministic else _fused).launch(
         (k_order.numel() * problem.num_seqs,), dim,
