@@ -867,8 +867,9 @@ def _configs(names, rows, maxnreg=None):
 # at 128 registers (two 8-warp programs per SM; sm_90 ptxas: no spills in the forward and dQ, 0.1-0.4
 # KB in the dK/dV passes).
 _FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)])
-                + _configs(("STEP",), [(2, 8, 2), (2, 8, 3)], maxnreg=128),
-                _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
+                + _configs(("STEP",), [(2, 8, 2), (2, 8, 3)], maxnreg=128) + _configs(("STEP",), [(1, 8, 2), (1, 8, 3)]),
+                _configs(("STEP",), [(1, 8, 2)], maxnreg=128)
+                + _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
                 _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
 # Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
 _DKDV_CONFIGS = (_configs(("QSTEP",), [(32, 4, 3), (32, 4, 2), (64, 8, 3), (32, 8, 3), (64, 8, 2), (16, 4, 2)])
