@@ -205,9 +205,9 @@ QUERY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 # Tensor-descriptor (TMA on Hopper and newer) loads of the K/V units in the forward's and the dQ
 # pass's inner loops: no per-element pointer tensors or address arithmetic (sm_90 ptxas, head dim
-# 128: the forward needs 191 registers instead of 253). On an H200 the forward measured 5-8% faster,
-# the dQ pass as fast (head dim 128) or faster with 4 warps (64). The dK/dV pass loads Q/dO through
-# pointers unless TMA_KEY_PASS. Other GPUs and misaligned tensors keep pointer loads.
+# 128, two key units per step: 191 registers instead of 253). On an H200 the forward measured 5-8%
+# faster, the dQ pass as fast (head dim 128) or faster with 4 warps (64). The dK/dV pass loads Q/dO
+# through pointers unless TMA_KEY_PASS. Other GPUs and misaligned tensors keep pointer loads.
 TMA_LOADS = True
 # Descriptor loads of Q/dO in the dK/dV pass. Off: measured 5-8% slower there on an H200 with the
 # configs' 3 stages; tools/tune_kernel.py also times the 4-5 stage configs with them.
@@ -861,13 +861,16 @@ def _configs(names, rows, maxnreg=None):
 
 # One list per head-dim class (HEAD_DIM_CLASSES: <= 64 | 128 | 256; 64-row tiles at 256, less shared
 # memory per stage). The first of each list is the default: at head dims 64 and 128 the fastest on an
-# H200 at 32k (tools/tune_kernel.py; BENCHMARKS.md has the sweep); the others stay as the tuner's
+# H200 at 32k (tools/tune_kernel.py; BENCHMARKS.md has the sweeps); the others stay as the tuner's
 # candidates (the 4-5 stage ones are for TMA_KEY_PASS). At head dim 64 four warps per 128-row tile
-# win every pass (1.1-1.4x over eight): two programs then fit an SM. Not yet timed: eight warps capped
-# at 128 registers (two 8-warp programs per SM; sm_90 ptxas: no spills in the forward and dQ, 0.1-0.4
-# KB in the dK/dV passes).
+# win every pass (1.1-1.4x over eight): two programs then fit an SM; eight warps capped at 128
+# registers (also two programs per SM) time the same in the forward. The head-dim-128 forward takes
+# one key unit per step with its registers capped at 128 (sm_90 ptxas: 84 bytes of spills) and 96 KB
+# of shared memory, so that two 8-warp programs share an SM and one's products overlap the other's
+# softmax: 6-11% faster than one program of two units per step (2.60 -> 2.45 ms at 32k, 23.9 -> 22.7
+# ms at 128k, 0.46 -> 0.41 ms at 8k).
 _FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)])
-                + _configs(("STEP",), [(2, 8, 2), (2, 8, 3)], maxnreg=128) + _configs(("STEP",), [(1, 8, 2), (1, 8, 3)]),
+                + _configs(("STEP",), [(2, 8, 2), (2, 8, 3)], maxnreg=128),
                 _configs(("STEP",), [(1, 8, 2)], maxnreg=128)
                 + _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
                 _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
