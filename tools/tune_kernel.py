@@ -2,6 +2,7 @@
 
     python tools/tune_kernel.py --out runs/tune_kernel              # about 5-7 minutes on an H200
     python tools/tune_kernel.py --spills-only 90                     # registers/spills, no GPU needed
+    python tools/tune_kernel.py --ablate --out runs/ablate_kernel    # stages left out, about 1 minute
 
 What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed configs, no autotuner),
 most open questions first:
@@ -23,6 +24,12 @@ Each stage prints its variants with the winner marked; a summary of the winners 
 what to change in ``megatron_s2/ops/kernel.py``, then the registers and spills (ptxas) of each kernel's
 default config. Stops starting new variants after ``--max-minutes`` (6.5: the whole run stays
 under 8 minutes).
+
+``--ablate`` instead times the kernel with one stage left out at a time (what limits it): each
+variant is a copy of ``megatron_s2/ops/kernel.py`` with one source edit (``FORWARD_ABLATIONS``,
+``KEY_PASS_ABLATIONS``), imported from a temporary directory, whose kernel replaces the launcher's
+for one timing. The variants compute wrong results by design. Cases: the forward at 32k and 128k
+(head dim 128) and 32k (64), the deterministic backward at 32k (128).
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
+import sys
+import tempfile
 import time
 
 os.environ["S2_AUTOTUNE"] = "0"  # the launcher's first config, so each variant runs what it names
@@ -226,9 +236,14 @@ def main(argv=None):
     parser.add_argument("--spills-only", metavar="SM", type=int, default=None,
                         help="only compile the default configs for this compute capability (90: Hopper) and "
                              "print their registers and spills; needs no GPU")
+    parser.add_argument("--ablate", action="store_true",
+                        help="time the kernel with one stage left out at a time instead (module docstring)")
     args = parser.parse_args(argv)
     if args.spills_only:
         print_spills(divmod(args.spills_only, 10))
+        return
+    if args.ablate:
+        run_ablations(args.out)
         return
     sweep = Sweep(args.max_minutes)
     mha128, mha64 = Case(32768), Case(32768, dim=64)
@@ -314,6 +329,86 @@ def run_tile_rows(sweep, case):
         sweep.run("query tile rows (fwd)", case, str(rows), forward_timer, 1.0, QUERY_TILE_ROWS=query_rows)
 
 
+# Stage ablations: name -> [(text in kernel.py, replacement)], each text found exactly once.
+FORWARD_ABLATIONS = {
+    "without the masked entries": [("e_mid, e_hi, qk_scale, q_pos, len_k", "e_mid, e_mid, qk_scale, q_pos, len_k")],
+    "the masked entries only": [("ENTRIES, e_lo, e_mid, qk_scale,", "ENTRIES, e_mid, e_mid, qk_scale,")],
+    "K/V of two units only (cache hits)": [("row0 = (tl.load(ENTRIES + e) >> FLAG_BITS) * UNIT",
+                                           "row0 = ((tl.load(ENTRIES + e) >> FLAG_BITS) & 1) * UNIT")],
+    "unmasked loop without exp2": [("p0 = tl.math.exp2(s0 * qk_scale - m_new[:, None])",
+                                    "p0 = s0 * qk_scale - m_new[:, None]")],
+    "unmasked loop without the PV product": [("acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=DOT_PREC)",
+                                              "acc = acc + tl.sum(p0, 1)[:, None]")],
+}
+KEY_PASS_ABLATIONS = {
+    "dK/dV pass without the masked entries": [("ENTRIES, e_mid, e_hi, qk_scale, sm_scale",
+                                               "ENTRIES, e_hi, e_hi, qk_scale, sm_scale")],
+    "dK/dV pass with Q/dO of two units only": [("q_row0 = (entry >> FLAG_BITS) * UNIT + sub * QSTEP",
+                                                "q_row0 = ((entry >> FLAG_BITS) & 1) * UNIT + sub * QSTEP")],
+    "dK/dV pass without exp2": [
+        ("pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])",
+         "pt = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :]")],
+}
+
+
+def ablated_source(name, edits) -> str:
+    """``kernel.py`` with ``edits`` applied, importable from outside the package."""
+    with open(kernel.__file__) as f:
+        text = f.read()
+    for old, new in edits:
+        count = text.count(old)
+        if count != 1:
+            raise ValueError(f"ablation {name!r}: {old!r} occurs {count} times in {kernel.__file__}, not once; "
+                             "update the edit to the kernel's current source")
+        text = text.replace(old, new)
+    return text.replace("from .layout import", "from megatron_s2.ops.layout import")
+
+
+def load_ablated_kernel(name, edits, directory):
+    """The edited kernel module, imported from ``directory``, which must outlive its compiles
+    (Triton reads a kernel's source when it first compiles it)."""
+    module_name = "s2_kernel_ablation_" + "".join(c if c.isalnum() else "_" for c in name)
+    path = os.path.join(directory, module_name + ".py")
+    with open(path, "w") as f:
+        f.write(ablated_source(name, edits))
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_ablations(out):
+    """Every ablation timed against the full kernel, same process; prints each change."""
+    for name, edits in {**FORWARD_ABLATIONS, **KEY_PASS_ABLATIONS}.items():
+        ablated_source(name, edits)  # every edit still matches, before any GPU work
+    sweep = Sweep(max_minutes=10)
+    stages = [("forward", case, kernel._fwd, "_fwd_kernel", forward_timer, 1.0, FORWARD_ABLATIONS)
+              for case in (Case(32768), Case(131072), Case(32768, dim=64))]
+    stages.append(("backward", Case(32768), kernel._dkdv, "_bwd_dkdv_kernel", backward_timer(True), BWD,
+                   KEY_PASS_ABLATIONS))
+    with tempfile.TemporaryDirectory() as directory:
+        for stage, case, launcher, kernel_name, timer, factor, ablations in stages:
+            for name, edits in {"full": [], **ablations}.items():
+                saved = launcher.kernel
+                try:
+                    if edits:
+                        launcher.kernel = getattr(load_ablated_kernel(name, edits, directory), kernel_name)
+                    sweep.run(stage, case, name, timer, factor)
+                finally:
+                    launcher.kernel = saved
+    meta = write_rows(sweep.rows, out, "ablate_kernel.json")
+    print(f"\n{meta['card']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
+    full = {}
+    for r in sweep.rows:
+        if r["variant"] == "full" and "ms" in r:
+            full[r["stage"], r["case"]] = r["ms"]
+        base = full.get((r["stage"], r["case"]))
+        shown = f"{r['ms']:8.3f} ms" if "ms" in r else r["error"][:60]
+        change = f"  {100 * (r['ms'] / base - 1):+4.0f}%" if "ms" in r and base else ""
+        print(f"{r['stage']:<9} {r['case']:<12} {r['variant']:<40} {shown}{change}")
+
+
 # Pointer arguments of the kernels (bf16 inputs; the rest are int32 scalars unless listed).
 _ARG_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")},
               **{n: "*fp32" for n in ("DQ_ACC", "LSE", "DELTA")},
@@ -373,12 +468,18 @@ def print_spills(capability=None):
             print(f"  d{dim} {name:<5} {_label(config):<28} {info}")
 
 
-def report(rows, out):
+def write_rows(rows, out, filename):
+    """``rows`` with the card, versions and date as JSON under ``out``; returns that metadata."""
     os.makedirs(out, exist_ok=True)
     meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    with open(os.path.join(out, "tune_kernel.json"), "w") as f:
+    with open(os.path.join(out, filename), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return meta
+
+
+def report(rows, out):
+    meta = write_rows(rows, out, "tune_kernel.json")
     print(f"\n{meta['card']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
     print(f"{'stage':<22} {'case':<26} {'variant':<34} {'ms':>8} {'TF/s':>6}  best")
     groups = {}
