@@ -333,6 +333,8 @@ def run_tile_rows(sweep, case):
 FORWARD_ABLATIONS = {
     "without the masked entries": [("e_mid, e_hi, qk_scale, q_pos, len_k", "e_mid, e_mid, qk_scale, q_pos, len_k")],
     "the masked entries only": [("ENTRIES, e_lo, e_mid, qk_scale,", "ENTRIES, e_mid, e_mid, qk_scale,")],
+    "set-up and output only (no entries)": [("ENTRIES, e_lo, e_mid, qk_scale,", "ENTRIES, e_mid, e_mid, qk_scale,"),
+                                            ("e_mid, e_hi, qk_scale, q_pos, len_k", "e_mid, e_mid, qk_scale, q_pos, len_k")],
     "K/V of two units only (cache hits)": [("row0 = (tl.load(ENTRIES + e) >> FLAG_BITS) * UNIT",
                                            "row0 = ((tl.load(ENTRIES + e) >> FLAG_BITS) & 1) * UNIT")],
     "unmasked loop without exp2": [("p0 = tl.math.exp2(s0 * qk_scale - m_new[:, None])",
