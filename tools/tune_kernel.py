@@ -330,11 +330,12 @@ def run_tile_rows(sweep, case):
 
 
 # Stage ablations: name -> [(text in kernel.py, replacement)], each text found exactly once.
+_NO_MASKED_FORWARD_LOOP = ("e_mid, e_hi, qk_scale, q_pos, len_k", "e_mid, e_mid, qk_scale, q_pos, len_k")
+_NO_UNMASKED_FORWARD_LOOP = ("ENTRIES, e_lo, e_mid, qk_scale,", "ENTRIES, e_mid, e_mid, qk_scale,")
 FORWARD_ABLATIONS = {
-    "without the masked entries": [("e_mid, e_hi, qk_scale, q_pos, len_k", "e_mid, e_mid, qk_scale, q_pos, len_k")],
-    "the masked entries only": [("ENTRIES, e_lo, e_mid, qk_scale,", "ENTRIES, e_mid, e_mid, qk_scale,")],
-    "set-up and output only (no entries)": [("ENTRIES, e_lo, e_mid, qk_scale,", "ENTRIES, e_mid, e_mid, qk_scale,"),
-                                            ("e_mid, e_hi, qk_scale, q_pos, len_k", "e_mid, e_mid, qk_scale, q_pos, len_k")],
+    "without the masked entries": [_NO_MASKED_FORWARD_LOOP],
+    "the masked entries only": [_NO_UNMASKED_FORWARD_LOOP],
+    "set-up and output only (no entries)": [_NO_UNMASKED_FORWARD_LOOP, _NO_MASKED_FORWARD_LOOP],
     "K/V of two units only (cache hits)": [("row0 = (tl.load(ENTRIES + e) >> FLAG_BITS) * UNIT",
                                            "row0 = ((tl.load(ENTRIES + e) >> FLAG_BITS) & 1) * UNIT")],
     "unmasked loop without exp2": [("p0 = tl.math.exp2(s0 * qk_scale - m_new[:, None])",
@@ -423,7 +424,6 @@ def print_spills(capability=None):
     e.g. (9, 0): compiled only, no GPU needed) and Triton, head dims 64 and 128, 128-row tiles of
     64-token units: spills in the hot loops cost speed."""
     import subprocess
-    import tempfile
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -446,6 +446,15 @@ def _tile_entries(T_PTR, T_NFULL, row, STEP: tl.constexpr):
 
 
 @triton.jit
+def _entry_mask(entry, unit_of_row, q_pos, k_pos0, k_row0, offs_n, len_k):
+    """Which (query row, key ``k_row0 + offs_n``) pairs of a masked step count: the row's unit uses
+    the entry, the key is not after the query (causal) and lies before the end of the keys."""
+    row_on = ((entry >> unit_of_row) & 1) != 0
+    key_pos = k_pos0 + k_row0 + offs_n
+    return row_on[:, None] & (key_pos[None, :] <= q_pos[:, None]) & ((k_row0 + offs_n) < len_k)[None, :]
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
                qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d,
                UNIT: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -459,7 +468,6 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, ENTRIES, e_
         if TMA:
             entry = tl.load(ENTRIES + e)
             k_row0 = (entry >> FLAG_BITS) * UNIT
-            k_ok = (k_row0 + offs_n) < len_k
             kt = tl.trans(k_src.load([k_row0, 0]))
         else:
             k_ptrs, entry = _key_ptrs(k_src, ENTRIES, e, stride_ks, offs_n, offs_d, UNIT, STEP, True)
@@ -472,8 +480,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, ENTRIES, e_
                 kt = tl.load(k_ptrs)
         s = tl.dot(q, kt, input_precision=DOT_PREC)
         if MASKED:
-            row_on = ((entry >> unit_of_row) & 1) != 0
-            keep = row_on[:, None] & ((k_pos0 + k_row0 + offs_n)[None, :] <= q_pos[:, None]) & k_ok[None, :]
+            keep = _entry_mask(entry, unit_of_row, q_pos, k_pos0, k_row0, offs_n, len_k)
             s = tl.where(keep, s * qk_scale, MASKED_SCORE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
@@ -753,10 +760,7 @@ def _dq_update(dq, q, do, lse2, delta, kt, vt, entry, k_row0, offs_n, qk_scale, 
     """dQ += dS·K for the keys ``k_row0 + offs_n`` (``kt``/``vt``: their K and V, transposed)."""
     p = tl.math.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
     if MASKED:
-        row_on = ((entry >> unit_of_row) & 1) != 0
-        k_ok = (k_row0 + offs_n) < len_k
-        keep = row_on[:, None] & ((k_pos0 + k_row0 + offs_n)[None, :] <= q_pos[:, None]) & k_ok[None, :]
-        p = tl.where(keep, p, 0.0)
+        p = tl.where(_entry_mask(entry, unit_of_row, q_pos, k_pos0, k_row0, offs_n, len_k), p, 0.0)
     dp = tl.dot(do, vt, input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
