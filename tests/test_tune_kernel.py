@@ -9,7 +9,7 @@ from megatron_s2.ops import kernel
 from megatron_s2.ops.reference import s2_attention_reference
 from tests.helpers import needs_triton_interpreter
 
-ABLATIONS = {**tune_kernel.FORWARD_ABLATIONS, **tune_kernel.KEY_PASS_ABLATIONS}
+ABLATIONS = {**tune_kernel.FORWARD_ABLATIONS, **tune_kernel.KEY_PASS_ABLATIONS, **tune_kernel.FAST_PASS_ABLATIONS}
 
 
 @pytest.mark.parametrize("name", list(ABLATIONS))

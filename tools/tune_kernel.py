@@ -27,9 +27,10 @@ under 8 minutes).
 
 ``--ablate`` instead times the kernel with one stage left out at a time (what limits it): each
 variant is a copy of ``megatron_s2/ops/kernel.py`` with one source edit (``FORWARD_ABLATIONS``,
-``KEY_PASS_ABLATIONS``), imported from a temporary directory, whose kernel replaces the launcher's
-for one timing. The variants compute wrong results by design. Cases: the forward at 32k and 128k
-(head dim 128) and 32k (64), the deterministic backward at 32k (128).
+``KEY_PASS_ABLATIONS``, ``FAST_PASS_ABLATIONS``), imported from a temporary directory, whose kernel
+replaces the launcher's for one timing. The variants compute wrong results by design. Cases: the
+forward at 32k and 128k (head dim 128) and 32k (64), the deterministic and the fast backward at 32k
+(128).
 """
 
 from __future__ import annotations
@@ -330,27 +331,36 @@ def run_tile_rows(sweep, case):
 
 
 # Stage ablations: name -> [(text in kernel.py, replacement)], each text found exactly once.
-_NO_MASKED_FORWARD_LOOP = ("e_mid, e_hi, qk_scale, q_pos, len_k", "e_mid, e_mid, qk_scale, q_pos, len_k")
+_NO_MASKED_FORWARD_LOOP = ("v_src, ENTRIES, e_mid, e_hi, qk_scale,", "v_src, ENTRIES, e_mid, e_mid, qk_scale,")
 _NO_UNMASKED_FORWARD_LOOP = ("ENTRIES, e_lo, e_mid, qk_scale,", "ENTRIES, e_mid, e_mid, qk_scale,")
 FORWARD_ABLATIONS = {
     "without the masked entries": [_NO_MASKED_FORWARD_LOOP],
     "the masked entries only": [_NO_UNMASKED_FORWARD_LOOP],
     "set-up and output only (no entries)": [_NO_UNMASKED_FORWARD_LOOP, _NO_MASKED_FORWARD_LOOP],
-    "K/V of two units only (cache hits)": [("row0 = (tl.load(ENTRIES + e) >> FLAG_BITS) * UNIT",
-                                           "row0 = ((tl.load(ENTRIES + e) >> FLAG_BITS) & 1) * UNIT")],
-    "unmasked loop without exp2": [("p0 = tl.math.exp2(s0 * qk_scale - m_new[:, None])",
-                                    "p0 = s0 * qk_scale - m_new[:, None]")],
-    "unmasked loop without the PV product": [("acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=DOT_PREC)",
-                                              "acc = acc + tl.sum(p0, 1)[:, None]")],
+    "K/V of two units only (cache hits)": [("row0 = (entry >> FLAG_BITS) * UNIT\n    s = tl.dot(q, tl.trans(",
+                                           "row0 = ((entry >> FLAG_BITS) & 1) * UNIT\n    s = tl.dot(q, tl.trans(")],
+    "without exp2 (descriptor loops)": [("p0 = tl.math.exp2(s0 * scale - m_new[:, None])",
+                                         "p0 = s0 * scale - m_new[:, None]")],
+    "without the PV product (descriptor loops)": [
+        ("acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=DOT_PREC)", "acc = acc + tl.sum(p0, 1)[:, None]")],
 }
 KEY_PASS_ABLATIONS = {
-    "dK/dV pass without the masked entries": [("ENTRIES, e_mid, e_hi, qk_scale, sm_scale",
-                                               "ENTRIES, e_hi, e_hi, qk_scale, sm_scale")],
+    "dK/dV pass without the masked entries": [("stride_as, ENTRIES, e_lo, e_stop, e_mid, e_hi,",
+                                               "stride_as, ENTRIES, e_lo, e_stop, e_hi, e_hi,")],
     "dK/dV pass with Q/dO of two units only": [("q_row0 = (entry >> FLAG_BITS) * UNIT + sub * QSTEP",
                                                 "q_row0 = ((entry >> FLAG_BITS) & 1) * UNIT + sub * QSTEP")],
     "dK/dV pass without exp2": [
         ("pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])",
          "pt = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :]")],
+}
+# The fast backward's dK/dV pass at head dim 128 costs more than the two deterministic passes: how
+# much of it is the dQ product, how much its descriptor reductions (the product is kept behind a
+# branch that never runs: the compiler cannot drop it).
+FAST_PASS_ABLATIONS = {
+    "fast pass without the dQ adds": [
+        ("dq_desc.atomic_add([q_row0, 0], dq * sm_scale)",
+         "if q_row0 < 0:\n" + " " * 20 + "dq_desc.atomic_add([q_row0, 0], dq * sm_scale)")],
+    "fast pass without dQ (product and adds)": [("dq_desc.atomic_add([q_row0, 0], dq * sm_scale)", "pass")],
 }
 
 
@@ -383,13 +393,15 @@ def load_ablated_kernel(name, edits, directory):
 
 def run_ablations(out):
     """Every ablation timed against the full kernel, same process; prints each change."""
-    for name, edits in {**FORWARD_ABLATIONS, **KEY_PASS_ABLATIONS}.items():
+    for name, edits in {**FORWARD_ABLATIONS, **KEY_PASS_ABLATIONS, **FAST_PASS_ABLATIONS}.items():
         ablated_source(name, edits)  # every edit still matches, before any GPU work
     sweep = Sweep(max_minutes=10)
     stages = [("forward", case, kernel._fwd, "_fwd_kernel", forward_timer, 1.0, FORWARD_ABLATIONS)
               for case in (Case(32768), Case(131072), Case(32768, dim=64))]
     stages.append(("backward", Case(32768), kernel._dkdv, "_bwd_dkdv_kernel", backward_timer(True), BWD,
                    KEY_PASS_ABLATIONS))
+    stages.append(("fast bwd", Case(32768), kernel._fused, "_bwd_dkdv_kernel", backward_timer(False), BWD,
+                   FAST_PASS_ABLATIONS))
     with tempfile.TemporaryDirectory() as directory:
         for stage, case, launcher, kernel_name, timer, factor, ablations in stages:
             for name, edits in {"full": [], **ablations}.items():
@@ -420,9 +432,10 @@ _ARG_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"
 
 
 def print_spills(capability=None):
-    """Registers and spills (ptxas) of each kernel's default config for this GPU (or ``capability``,
-    e.g. (9, 0): compiled only, no GPU needed) and Triton, head dims 64 and 128, 128-row tiles of
-    64-token units: spills in the hot loops cost speed."""
+    """Shared memory, registers and spills (ptxas) of each kernel's default config for this GPU (or
+    ``capability``, e.g. (9, 0): compiled only, no GPU needed) and Triton, head dims 64 and 128,
+    128-row tiles of 64-token units: spills in the hot loops cost speed, and shared memory and
+    registers decide how many programs share an SM. ptxas warnings (e.g. serialized products) show."""
     import subprocess
 
     from triton.backends.compiler import GPUTarget
@@ -463,7 +476,7 @@ def print_spills(capability=None):
                     arch = "sm_%d%d%s" % (major, minor, "a" if major >= 9 else "")
                     log = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull],
                                          capture_output=True, text=True).stderr
-                info = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
+                info = f"smem {compiled.metadata.shared} " + " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
                                 if "registers" in line or "spill" in line)
             except Exception as exc:  # diagnostics only
                 info = f"{type(exc).__name__}: {exc}"[:120]
