@@ -211,6 +211,28 @@ def test_packed_sequences(backward_mode):
     assert torch.allclose(got[0][54:104], alone[0], atol=1e-6)
 
 
+def test_packed_short_sequence_cuts_long_lists(backward_mode):
+    """64-token units with stripes: the lists serve the layout's length (1024 tokens), so a short
+    sequence's key tiles list unmasked query units past its end. The dK/dV pass must stop its
+    unmasked entries at the sequence's last unit and still run the masked ones after them."""
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=2)
+    cu = torch.tensor([0, 300, 400], dtype=torch.int32)
+    layout = get_layout(pattern, 2, 2, 512)
+    k_tiles = kernel.kernel_layout(layout, 16, 1).k_tiles
+    short_units = 2  # the 100-token sequence
+    entries = k_tiles.entries.long()
+    starts, nfull = k_tiles.ptr[:-1].tolist(), k_tiles.nfull.tolist()
+    tile_units = k_tiles.units.flatten(0, 1)  # [heads * tiles, units per tile], one KV head per head here
+    past_end = [int(units[units >= 0].min()) < short_units
+                and bool(((entries[s:s + n] >> kernel._FLAG_BITS) >= short_units).any())
+                for units, s, n in zip(tile_units, starts, nfull) if (units >= 0).any()]
+    assert any(past_end), "the case must have unmasked entries past the short sequence's end"
+    q, k, v = draw((400, 2, 16), (400, 2, 16), (400, 2, 16), seed=25)
+    got = compare(pattern, q, k, v, seed=26, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=300, max_seqlen_k=300)
+    alone = s2_attention(q[None, 300:], k[None, 300:], v[None, 300:], pattern)
+    assert torch.allclose(got[0][300:], alone[0], atol=1e-6)
+
+
 def test_window_only_tp_slice_cp_offsets_and_packed(backward_mode):
     """Window-only (no stripes): a TP head slice, CP chunks at query/key offsets, packed sequences."""
     pattern = S2Pattern.window(block_size=16, local_blocks=2)
