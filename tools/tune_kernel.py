@@ -476,8 +476,9 @@ def print_spills(capability=None):
                     arch = "sm_%d%d%s" % (major, minor, "a" if major >= 9 else "")
                     log = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull],
                                          capture_output=True, text=True).stderr
-                info = f"smem {compiled.metadata.shared} " + " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
-                                if "registers" in line or "spill" in line)
+                details = [line.split(":", 1)[-1].strip() for line in log.splitlines()
+                           if any(word in line for word in ("registers", "spill", "arning"))]
+                info = f"smem {compiled.metadata.shared} " + " ".join(details)
             except Exception as exc:  # diagnostics only
                 info = f"{type(exc).__name__}: {exc}"[:120]
             print(f"  d{dim} {name:<5} {_label(config):<28} {info}")

@@ -456,6 +456,13 @@ def _entry_mask(entry, unit_of_row, q_pos, k_pos0, k_row0, offs_n, len_k):
 
 
 @triton.jit
+def _masked_scores(s, entry, unit_of_row, q_pos, k_pos0, k_row0, offs_n, len_k, qk_scale):
+    """A masked forward step's scores, scaled, with ``MASKED_SCORE`` where ``_entry_mask`` drops them."""
+    return tl.where(_entry_mask(entry, unit_of_row, q_pos, k_pos0, k_row0, offs_n, len_k), s * qk_scale,
+                    MASKED_SCORE)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, e_lo, e_hi,
                qk_scale, q_pos, len_k, k_pos0, unit_of_row, offs_d,
                UNIT: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -469,8 +476,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, ENTRIES, 
             k_row0 = (entry >> FLAG_BITS) * UNIT
             k_ok = (k_row0 + offs_n) < len_k
             s = tl.dot(q, tl.load(k_ptrs, mask=k_ok[None, :], other=0.0), input_precision=DOT_PREC)
-            keep = _entry_mask(entry, unit_of_row, q_pos, k_pos0, k_row0, offs_n, len_k)
-            s = tl.where(keep, s * qk_scale, MASKED_SCORE)
+            s = _masked_scores(s, entry, unit_of_row, q_pos, k_pos0, k_row0, offs_n, len_k, qk_scale)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
@@ -494,8 +500,7 @@ def _unit_scores(q, k_desc, entry, offs_n, qk_scale, q_pos, len_k, k_pos0, unit_
     row0 = (entry >> FLAG_BITS) * UNIT
     s = tl.dot(q, tl.trans(k_desc.load([row0, 0])), input_precision=DOT_PREC)
     if MASKED:
-        s = tl.where(_entry_mask(entry, unit_of_row, q_pos, k_pos0, row0, offs_n, len_k), s * qk_scale,
-                     MASKED_SCORE)
+        s = _masked_scores(s, entry, unit_of_row, q_pos, k_pos0, row0, offs_n, len_k, qk_scale)
     return s, row0
 
 
@@ -890,8 +895,8 @@ def _configs(names, rows, maxnreg=None):
 # candidates (the 4-5 stage ones are for TMA_KEY_PASS). At head dim 64 four warps per 128-row tile
 # win every pass (1.1-1.4x over eight): two programs then fit an SM; eight warps capped at 128
 # registers (also two programs per SM) time the same in the forward. The head-dim-128 forward takes
-# one key unit per step with its registers capped at 128 (sm_90 ptxas: 84 bytes of spills) and 96 KB
-# of shared memory, so that two 8-warp programs share an SM and one's products overlap the other's
+# one key unit per step with its registers capped at 128 (sm_90 ptxas, Triton 3.8: no spills) and
+# 96 KB of shared memory, so that two 8-warp programs share an SM and one's products overlap the other's
 # softmax: 6-11% faster than one program of two units per step (2.60 -> 2.45 ms at 32k, 23.9 -> 22.7
 # ms at 128k, 0.46 -> 0.41 ms at 8k).
 _FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)])
