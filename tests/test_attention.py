@@ -327,6 +327,50 @@ def test_deterministic_backward_is_bit_identical(monkeypatch, split):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("budget", ["all_heads", "group_per_chunk", "none"])
+@pytest.mark.parametrize("case", ["packed_gqa", "varlen_mha"])
+def test_stored_ds_in_chunks_or_recomputed(monkeypatch, case, budget):
+    """The deterministic backward's dQ from the dS the dK/dV pass stored: all heads in one chunk, a
+    chunk per KV group (a budget that fits one group), or no stored dS (budget 0: the dQ pass
+    recomputes it). Each matches the float64 reference, and chunked equals one chunk bit for bit."""
+    monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", True)
+    launches = spy_launches(monkeypatch, "_dq_stored", "_dq")
+    if case == "packed_gqa":  # kv_group heads: GQA packing in the dQ pass (4 heads per program)
+        pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
+        heads, kv_heads, seq, options = 8, 2, 90, {}
+        q, k, v = draw((1, seq, heads, 32), (1, seq, kv_heads, 32), (1, seq, kv_heads, 32), seed=41)
+    else:  # packed sequences with 64-token units and stripes
+        pattern = S2Pattern(block_size=64, local_blocks=2, vert_stride=2)
+        heads, kv_heads, seq = 4, 4, 300
+        cu = torch.tensor([0, 300, 400], dtype=torch.int32)
+        options = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seq, max_seqlen_k=seq)
+        q, k, v = draw((400, heads, 16), (400, kv_heads, 16), (400, kv_heads, 16), seed=42)
+    group = heads // kv_heads
+    plan = kernel.stored_ds_plan
+    chosen = {"budget": budget}
+
+    def plan_with_budget(layout, num_seqs, heads, group, heads_per_program, element_size):
+        """The plan for a budget of all heads' dS, or of the largest group's, or none."""
+        starts = layout.k_head_starts
+        block_bytes = num_seqs * layout.unit * layout.k_merge * layout.unit * element_size
+        per_group = [(starts[g + group] - starts[g]) * block_bytes for g in range(0, heads, group)]
+        bytes_ = {"all_heads": sum(per_group), "group_per_chunk": max(per_group), "none": 0}[chosen["budget"]]
+        return plan(layout, num_seqs, heads, group, heads_per_program, element_size, bytes_)
+
+    monkeypatch.setattr(kernel, "stored_ds_plan", plan_with_budget)
+    got = compare(pattern, q, k, v, seed=43, **options)
+    names = [name for name, _ in launches]
+    expected = {"all_heads": ["_dq_stored"], "group_per_chunk": ["_dq_stored"] * (heads // group), "none": ["_dq"]}
+    assert names == expected[budget]
+    if budget == "group_per_chunk":
+        launches.clear()
+        chosen["budget"] = "all_heads"
+        one_chunk = compare(pattern, q, k, v, seed=43, **options)
+        assert [name for name, _ in launches] == ["_dq_stored"]
+        for a, b in zip(got, one_chunk):
+            assert torch.equal(a, b)
+
+
 def test_fast_mode_at_head_dim_256_is_exact(monkeypatch):
     """Head dim 256 has its own fused (atomic dQ) config list, with dQ's product in the direct form:
     the fast mode there must run the fused kernel, and be exact."""

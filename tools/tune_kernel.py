@@ -8,12 +8,14 @@ What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed c
 most open questions first:
 - the backward modes at the default configs: fast (dQ added in the dK/dV pass) against
   deterministic (separate dQ pass), at 32k and 128k, MHA head dim 128 and 64 and GQA 32/8;
+- the deterministic dQ pass from stored dS (descriptor or pointer stores; ``kernel.STORED_DS_BYTES``)
+  against recomputing dS;
 - the fast mode's dQ adds: one tensor-descriptor reduction per step (``kernel.TMA_REDUCE``) against
   per-element atomics;
 - tensor-descriptor (TMA) against pointer loads in the inner loops (``kernel.TMA_LOADS``), and
   descriptor loads in the dK/dV pass at every config (``kernel.TMA_KEY_PASS``, off by default);
 - the GPU time of each kernel of a forward and backward (torch.profiler): which pass limits;
-- every config of each launch list (forward, deterministic dK/dV, dQ, fast fused dK/dV+dQ) for head
+- every config of each launch list (forward, deterministic dK/dV, dQ from stored dS, fast fused dK/dV+dQ) for head
   dims 128 and 64, one list at a time with the others at their defaults (the candidate is moved to
   the front of its list, where the launcher takes it from);
 - 64-row against 128-row query and key tiles (head dim 128; at head dim 64, 64-row tiles measured
@@ -111,9 +113,9 @@ def _median_ms(fn):
 
 
 def _label(config):
-    params = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
-    cap = "" if config.maxnreg is None else f" r{config.maxnreg}"
-    return f"{params} w{config.num_warps} s{config.num_stages}{cap}"
+    params = [",".join(f"{k}={v}" for k, v in config.kwargs.items())] if config.kwargs else []
+    cap = [] if config.maxnreg is None else [f"r{config.maxnreg}"]
+    return " ".join(params + [f"w{config.num_warps}", f"s{config.num_stages}"] + cap)
 
 
 @contextlib.contextmanager
@@ -258,12 +260,19 @@ def main(argv=None):
         for deterministic in (True, False):
             name = "deterministic" if deterministic else "fast"
             sweep.run("backward mode", case, name, backward_timer(deterministic), BWD)
-    # 2. The fast backward's dQ adds: one descriptor reduction per step against per-element atomics.
+    # 2. The deterministic backward's dQ: from the dS the dK/dV pass stored (descriptor or pointer
+    # stores, one chunk or chunks of 8 GiB) against recomputed in the dQ pass.
+    for case in (mha128, Case(131072), mha64, gqa_cases[1]):
+        sweep.run("det dQ", case, "stored dS", backward_timer(True), BWD)
+        sweep.run("det dQ", case, "stored dS, pointer stores", backward_timer(True), BWD, TMA_DS_STORE=False)
+        sweep.run("det dQ", case, "recomputed dS", backward_timer(True), BWD, STORED_DS_BYTES=0)
+    sweep.run("det dQ", Case(131072), "stored dS, one chunk", backward_timer(True), BWD, STORED_DS_BYTES=48 << 30)
+    # 3. The fast backward's dQ adds: one descriptor reduction per step against per-element atomics.
     for case in (mha128, mha64, gqa_cases[1]):
         for reduce in (True, False):
             sweep.run("fast dQ adds", case, "TMA reduce" if reduce else "atomics", backward_timer(False), BWD,
                       TMA_REDUCE=reduce)
-    # 3. Tensor-descriptor (TMA) against pointer loads in the inner loops (Hopper and newer).
+    # 4. Tensor-descriptor (TMA) against pointer loads in the inner loops (Hopper and newer).
     for case in (mha128, mha64, Case(131072)):
         for tma in (False, True):
             name = "descriptors" if tma else "pointers"
@@ -276,21 +285,22 @@ def main(argv=None):
                     TMA_KEY_PASS=True)
     run_config_list(sweep, mha128, "fused descriptors", kernel._fused, backward_timer(False), BWD,
                     TMA_KEY_PASS=True)
-    # 4. Where the time goes: GPU time of each kernel of one forward and backward.
+    # 5. Where the time goes: GPU time of each kernel of one forward and backward.
     for case in (mha128, mha64, gqa_cases[1]):
         for deterministic in (True, False):
             sweep.breakdown(case, deterministic)
-    # 5. Launch configs and tile rows: the fused pass, then head dim 64 (issue: slower than DKernel),
+    # 6. Launch configs and tile rows: the fused pass, then head dim 64 (issue: slower than DKernel),
     # then the head-dim-128 lists that were tuned on an H100.
     fwd = ("config fwd", kernel._fwd, forward_timer, 1.0)
     fused = ("config fused (fast)", kernel._fused, backward_timer(False), BWD)
     dkdv = ("config dkdv (det)", kernel._dkdv, backward_timer(True), BWD)
     dq = ("config dq (det)", kernel._dq, backward_timer(True), BWD)
+    dq_stored = ("config dq stored (det)", kernel._dq_stored, backward_timer(True), BWD)
     run_config_list(sweep, mha128, *fused)
     run_config_list(sweep, mha64, *fused)
     run_config_list(sweep, mha64, *fwd)
     run_config_list(sweep, mha64, *dkdv)
-    # 6. GQA: dK/dV programs per query head or per KV group (SPLIT_HEADS, per mode).
+    # 7. GQA: dK/dV programs per query head or per KV group (SPLIT_HEADS, per mode).
     for case in gqa_cases + [kv_group_128k]:
         for deterministic in (False, True):
             mode = "deterministic" if deterministic else "fast"
@@ -298,15 +308,15 @@ def main(argv=None):
             for split, name in ((False, "per group"), (True, "per head")):
                 sweep.run(stage, case, name, backward_timer(deterministic), BWD,
                           SPLIT_HEADS={**kernel.SPLIT_HEADS, mode: split})
-    # 7. GQA packing of the forward and dQ programs (kv_group heads share their lists).
+    # 8. GQA packing of the forward and dQ programs (kv_group heads share their lists).
     for case in (gqa_cases[1], kv_group_128k):
         for pack in (False, True):
             name = "packed" if pack else "one head"
             sweep.run("GQA packing (fwd)", case, name, forward_timer, 1.0, PACK_GQA=pack)
     run_tile_rows(sweep, mha128)
-    for stage in (fwd, dkdv, dq):
+    for stage in (fwd, dkdv, dq_stored):
         run_config_list(sweep, mha128, *stage)
-    run_config_list(sweep, mha64, *dq)
+    run_config_list(sweep, mha64, *dq_stored)
     print_spills()
     report(sweep.rows, args.out)
 
@@ -345,8 +355,10 @@ FORWARD_ABLATIONS = {
         ("acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=DOT_PREC)", "acc = acc + tl.sum(p0, 1)[:, None]")],
 }
 KEY_PASS_ABLATIONS = {
-    "dK/dV pass without the masked entries": [("stride_as, ENTRIES, e_lo, e_stop, e_mid, e_hi,",
-                                               "stride_as, ENTRIES, e_lo, e_stop, e_hi, e_hi,")],
+    "dK/dV pass without the masked entries": [("stride_ds, stride_as, ENTRIES, e_lo, e_stop, e_mid, e_hi,",
+                                               "stride_ds, stride_as, ENTRIES, e_lo, e_stop, e_hi, e_hi,")],
+    "dK/dV pass without its dS stores (dQ pass reads garbage)": [("            if STORE_DS:  # a block per entry",
+                                                                  "            if False:  # a block per entry")],
     "dK/dV pass with Q/dO of two units only": [("q_row0 = (entry >> FLAG_BITS) * UNIT + sub * QSTEP",
                                                 "q_row0 = ((entry >> FLAG_BITS) & 1) * UNIT + sub * QSTEP")],
     "dK/dV pass without exp2": [
@@ -425,9 +437,9 @@ def run_ablations(out):
 
 
 # Pointer arguments of the kernels (bf16 inputs; the rest are int32 scalars unless listed).
-_ARG_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")},
+_ARG_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "DS")},
               **{n: "*fp32" for n in ("DQ_ACC", "LSE", "DELTA")},
-              **{n: "*i32" for n in ("T_PTR", "T_NFULL", "ENTRIES", "T_UNITS", "ORDER", "CU_Q", "CU_K")},
+              **{n: "*i32" for n in ("T_PTR", "T_NFULL", "ENTRIES", "T_UNITS", "ORDER", "CU_Q", "CU_K", "DS_INDEX")},
               "qk_scale": "fp32", "sm_scale": "fp32"}
 
 
@@ -454,8 +466,11 @@ def print_spills(capability=None):
         key = dict(shape, TMA=kernel.TMA_KEY_PASS)
         for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False)),
                                           ("dq", kernel._dq, query),
-                                          ("dkdv", kernel._dkdv, dict(key, FUSED_DQ=False, DQ_REDUCE=False)),
-                                          ("fused", kernel._fused, dict(key, FUSED_DQ=True, DQ_REDUCE=kernel.TMA_REDUCE))):
+                                          ("dq_stored", kernel._dq_stored, dict(query, TILE=128)),
+                                          ("dkdv", kernel._dkdv, dict(key, FUSED_DQ=False, DQ_REDUCE=False,
+                                                                      STORE_DS=True, DS_TMA=kernel.TMA_DS_STORE)),
+                                          ("fused", kernel._fused, dict(key, FUSED_DQ=True, DQ_REDUCE=kernel.TMA_REDUCE,
+                                                                        STORE_DS=False, DS_TMA=False))):
             config = launcher.config_lists[which][0]
             constants = dict(constants, **config.kwargs)
             fn = launcher.kernel

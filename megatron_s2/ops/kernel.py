@@ -21,7 +21,10 @@ diagonal and partial entries follow and are masked token by token.
 Backward, two modes. Both run one program per key tile and query heads, accumulating dK/dV in
 registers over the tile's transposed lists, heaviest programs first:
 - deterministic: no atomics, bit-identical from run to run; dQ has its own pass, one program per
-  (query head, query tile), which recomputes P and dP (7 matrix products per block pair);
+  (query head, query tile). The dK/dV pass stores each block pair's dS (in the input dtype) and the
+  dQ pass multiplies it by K (5 matrix products per block pair); heads go in chunks whose dS fits
+  ``STORED_DS_BYTES``, and where not even one KV group's fits, the dQ pass recomputes P and dP
+  (7 products per pair);
 - fast: the dK/dV pass also adds each block pair's dQ part into a float32 accumulator (5 products
   per pair, FlashAttention's scheme; one descriptor reduction per step on Hopper, element atomics
   elsewhere); the accumulator is cast to the input dtype at the end. The order of the float32 adds
@@ -94,6 +97,11 @@ class KernelLayout:
     # query head and per GQA group (the same when there is no group).
     k_order_per_head: torch.Tensor
     k_order_per_group: torch.Tensor
+    # The deterministic backward's stored dS (``stored_ds_plan``): per query-list entry and unit slot
+    # of its tile, ``(k-list entry << 3) | key slot`` of the dS block that holds those pairs (-1: the
+    # unit does not use the entry); and the first k-list entry of every query head (host ints).
+    q_ds_index: torch.Tensor
+    k_head_starts: tuple
 
 
 def _unit_entries(ptr, idx, heads, n_rows, row_start, col_start, refine, rows_are_queries):
@@ -217,6 +225,14 @@ TMA_KEY_PASS = False
 # per element: the fast backward took 2-33% less time on an H200 (the most with descriptor loads of
 # Q/dO). Other GPUs keep the per-element atomics.
 TMA_REDUCE = True
+# The deterministic backward's dQ from stored dS: the dK/dV pass stores each block pair's dS (input
+# dtype) and the dQ pass multiplies it by K, instead of recomputing P and dP (5 products per block
+# pair instead of 7). The stored dS takes one element per computed score (about 4.4 GB at 32k tokens,
+# 32 heads, the default pattern): heads go in chunks of whole KV groups whose dS fits this many bytes
+# (S2_DS_BUFFER_GB, default 8); 0, or a group that alone does not fit, recomputes dS in the dQ pass.
+STORED_DS_BYTES = int(float(os.environ.get("S2_DS_BUFFER_GB", "8")) * 2**30)
+# Tensor-descriptor stores of the dS blocks on Hopper and newer (else per-element pointers).
+TMA_DS_STORE = True
 # GQA packing: when the query heads of a KV group read the same blocks (kv_group, homogeneous),
 # forward and dQ programs stack them in their rows and load each K/V unit once for the group.
 PACK_GQA = True
@@ -280,6 +296,34 @@ def _key_work_orders(k_tiles: TileLists, heads: int, group: int):
     return tuple(torch.sort(-cost.flatten(), stable=True).indices.to(torch.int32) for cost in (per_head, per_group))
 
 
+def _stored_ds_index(q_tiles: TileLists, k_tiles: TileLists, key_positions, group: int, k_merge: int, q_units: int):
+    """``KernelLayout.q_ds_index``: where the dQ pass finds, for each query-list entry (a key unit
+    against a query tile), each of the tile's units' dS block as written by the dK/dV pass (one per
+    k-list entry: a key tile against a query unit). ``key_positions``: every key unit's flat slot
+    per KV head (``_paired_tiles``)."""
+    device = q_tiles.entries.device
+
+    def list_rows(tiles):
+        counts = (tiles.ptr[1:] - tiles.ptr[:-1]).long()
+        rows = torch.arange(counts.numel(), device=device)
+        return torch.repeat_interleave(rows, counts, output_size=tiles.entries.numel())
+
+    # Every k-list entry as one sortable (list row, query unit) key.
+    k_keys = list_rows(k_tiles) * q_units + (k_tiles.entries >> _FLAG_BITS).long()
+    sorted_keys, k_entry = torch.sort(k_keys)
+    q_rows = list_rows(q_tiles)
+    head, tile = q_rows // q_tiles.num_tiles, q_rows % q_tiles.num_tiles
+    entries = q_tiles.entries.long()
+    key_position = key_positions[head // group, entries >> _FLAG_BITS]
+    units = q_tiles.units[0, tile].long()  # [entries, slots]
+    wanted = (head * k_tiles.num_tiles + key_position // k_merge)[:, None] * q_units + units
+    found = torch.searchsorted(sorted_keys, wanted).clamp(max=max(sorted_keys.numel() - 1, 0))
+    slots = torch.arange(units.shape[1], device=device)
+    used = ((entries[:, None] >> slots) & 1).bool() & (units >= 0)
+    code = (k_entry[found] << 3) | (key_position % k_merge)[:, None]
+    return torch.where(used, code, -1).to(torch.int32).contiguous()
+
+
 _derived: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
 
@@ -308,9 +352,11 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     k_tiles = _merge_lists(hk, rk, ck, k_pairs, heads, group, k_units, q_units, k_start, q_start,
                            rows_are_queries=False)
     k_order_per_head, k_order_per_group = _key_work_orders(k_tiles, heads, group)
+    q_ds_index = _stored_ds_index(q_tiles, k_tiles, k_pairs[1], group, k_merge, q_units)
     derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles,
                            q_pack=q_pack, q_positions=q_positions, k_order_per_head=k_order_per_head,
-                           k_order_per_group=k_order_per_group)
+                           k_order_per_group=k_order_per_group, q_ds_index=q_ds_index,
+                           k_head_starts=tuple(k_tiles.ptr[::k_tiles.num_tiles].tolist()))
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
         _derived.popitem(last=False)
@@ -396,7 +442,12 @@ def _query_tile_program(CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len
     else:
         rel_pos = rows % POS
         rel_head = rows // POS
-        unit_of_row = (pos0 - list_tile * (UNIT * MERGE) + rel_pos) // UNIT
+        # A list tile holds max(UNIT, POS) positions. Written per case, so that the compiler sees
+        # the result constant over each unit's rows.
+        if POS <= UNIT:
+            unit_of_row = (pos0 - list_tile * (UNIT * MERGE)) // UNIT + rows * 0
+        else:
+            unit_of_row = rel_pos // UNIT
     return (b, h0, pos0, rel_pos, rel_head, h0 * num_list_tiles + list_tile, unit_of_row, q_tok0, len_q,
             k_tok0, len_k)
 
@@ -651,22 +702,25 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, dq_base, dq_desc, stride_qs, stride_ds, stride_as,
-                ENTRIES, e_lo, e_stop, e_mid, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0, unit_of_row,
-                offs_d, UNIT: tl.constexpr, QSTEP: tl.constexpr, DOT_PREC: tl.constexpr,
-                FUSED_DQ: tl.constexpr, DQ_T: tl.constexpr, DQ_REDUCE: tl.constexpr, TMA: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, dq_base, dq_desc, ds_dst, ds_shift, stride_qs, stride_ds,
+                stride_as, ENTRIES, e_lo, e_stop, e_mid, e_hi, qk_scale, sm_scale, k_pos, len_q, q_pos0, unit_of_row,
+                offs_d, UNIT: tl.constexpr, TILE: tl.constexpr, QSTEP: tl.constexpr, DOT_PREC: tl.constexpr,
+                FUSED_DQ: tl.constexpr, DQ_T: tl.constexpr, DQ_REDUCE: tl.constexpr, TMA: tl.constexpr,
+                STORE_DS: tl.constexpr, DS_TMA: tl.constexpr):
     """dK/dV of one key tile from the query units at ``ENTRIES[e_lo:e_stop]`` (unmasked), then at
     ``ENTRIES[e_mid:e_hi]`` (masked), in one loop (two loops measured 1-4% slower on an H200),
     ``QSTEP`` query rows at a time (32 keeps the [tile, QSTEP] fp32 temporaries small enough to
     avoid spills); with ``FUSED_DQ`` also adds each step's dQ part into the float32 accumulator at
     ``dq_base``, by per-element atomics or, with ``DQ_REDUCE``, one descriptor reduction per step
-    (``dq_desc``). Q and dO come from descriptors with ``TMA`` (``TMA_KEY_PASS``), else through
-    pointers."""
+    (``dq_desc``); with ``STORE_DS`` stores each step's dS for the dQ pass, list entry ``e``'s into
+    block ``e - ds_shift`` of ``ds_dst`` (a descriptor with ``DS_TMA``, else a pointer). Q and dO come
+    from descriptors with ``TMA`` (``TMA_KEY_PASS``), else through pointers."""
     offs_u = tl.arange(0, QSTEP)
     n_unmasked = e_stop - e_lo
     for i in range(0, n_unmasked + e_hi - e_mid):
         masked = i >= n_unmasked
-        entry = tl.load(ENTRIES + e_lo + i + tl.where(masked, e_mid - e_stop, 0))
+        e = e_lo + i + tl.where(masked, e_mid - e_stop, 0)
+        entry = tl.load(ENTRIES + e)
         for sub in tl.static_range(UNIT // QSTEP):
             q_row0 = (entry >> FLAG_BITS) * UNIT + sub * QSTEP
             q_ok = (q_row0 + offs_u) < len_q
@@ -690,6 +744,13 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, dq_base, dq_desc, s
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
             dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PREC)
+            if STORE_DS:  # a block per entry: [TILE keys, UNIT queries]
+                block = e - ds_shift
+                if DS_TMA:
+                    ds_dst.store([block * TILE, sub * QSTEP], dst)
+                else:
+                    tl.store(ds_dst + (block.to(tl.int64) * TILE + tl.arange(0, TILE)[:, None]) * UNIT + sub * QSTEP
+                             + offs_u[None, :], dst)
             # Key rows past the end or in empty slots were loaded as 0: they add nothing to dQ.
             if FUSED_DQ and DQ_REDUCE:  # rows past len_q fall outside the descriptor's shape: dropped
                 if DQ_T:
@@ -716,12 +777,16 @@ def _bwd_dkdv_kernel(
     stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh, stride_ab, stride_as, stride_ah, stride_lb, stride_lh,
     heads_per_program, group, num_seqs, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
+    DS, ds_base, ds_blocks,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_REDUCE: tl.constexpr,
-    TMA: tl.constexpr, QSTEP: tl.constexpr, DQ_T: tl.constexpr = True,
+    TMA: tl.constexpr, QSTEP: tl.constexpr, DQ_T: tl.constexpr = True, STORE_DS: tl.constexpr = False,
+    DS_TMA: tl.constexpr = False,
 ):
     """One key tile against ``heads_per_program`` query heads (one, or a GQA group); writes dK/dV
-    at head index ``program head`` of DK/DV (the KV head, or per-query-head partials)."""
+    at head index ``program head`` of DK/DV (the KV head, or per-query-head partials). With
+    ``STORE_DS``, the dS of list entry ``e`` of sequence ``b`` goes to block ``b * ds_blocks + e -
+    ds_base`` of ``DS`` ([blocks, TILE keys, UNIT queries])."""
     TILE: tl.constexpr = UNIT * MERGE
     # Heaviest (head, tile) first, for every sequence of the batch before the next lighter one.
     work = tl.load(ORDER + tl.program_id(0) // num_seqs)
@@ -751,6 +816,12 @@ def _bwd_dkdv_kernel(
         dk = tl.zeros([TILE, HEAD_DIM], tl.float32)
         dv = tl.zeros([TILE, HEAD_DIM], tl.float32)
         q_tok = q_tok0.to(tl.int64)
+        ds_shift = ds_base - b * ds_blocks
+        if DS_TMA:
+            ds_dst = tl.make_tensor_descriptor(DS, shape=[(num_seqs * ds_blocks) * TILE, UNIT], strides=[UNIT, 1],
+                                               block_shape=[TILE, QSTEP])
+        else:
+            ds_dst = DS
         for h in range(h_first, h_first + heads_per_program):
             q_base = Q + b64 * stride_qb + h * stride_qh + q_tok * stride_qs
             do_base = DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
@@ -769,10 +840,10 @@ def _bwd_dkdv_kernel(
                 e_hi = _lower_bound(ENTRIES, e_mid, e_hi, q_units)
             else:
                 e_stop = e_mid
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, dq_base, dq_desc, stride_qs,
-                                 stride_ds, stride_as, ENTRIES, e_lo, e_stop, e_mid, e_hi, qk_scale, sm_scale,
-                                 k_pos, len_q, q_pos0, unit_of_row, offs_d, UNIT, QSTEP, DOT_PREC, FUSED_DQ,
-                                 DQ_T, DQ_REDUCE, TMA)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, dq_base, dq_desc, ds_dst, ds_shift,
+                                 stride_qs, stride_ds, stride_as, ENTRIES, e_lo, e_stop, e_mid, e_hi, qk_scale,
+                                 sm_scale, k_pos, len_q, q_pos0, unit_of_row, offs_d, UNIT, TILE, QSTEP, DOT_PREC,
+                                 FUSED_DQ, DQ_T, DQ_REDUCE, TMA, STORE_DS, DS_TMA)
         dk *= sm_scale
         tl.store(DK + b64 * stride_dkb + out_head * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
@@ -868,6 +939,74 @@ def _bwd_dq_kernel(
                  dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _bwd_dq_stored_kernel(
+    K, DQ, DS, T_PTR, ENTRIES, DS_INDEX, CU_Q, CU_K, sm_scale,
+    stride_kb, stride_ks, stride_kh, stride_dqb, stride_dqs, stride_dqh,
+    num_heads, group, len_q_all, len_k_all, num_programs, num_list_tiles, ds_base, ds_blocks, tune_bucket,
+    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr, PACK: tl.constexpr, POS: tl.constexpr,
+    TILE: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+):
+    """dQ of a query tile from the dS blocks the dK/dV pass stored (``STORE_DS``): one product per
+    key unit (dQ += dSᵀ·K), no recomputed P or dP. ``DS_INDEX`` (``KernelLayout.q_ds_index``) names
+    each row's block per list entry; its dS is already masked, so no entry needs a mask here."""
+    ROWS: tl.constexpr = PACK * POS
+    b, h0, pos0, rel_pos, rel_head, list_row, unit_of_row, q_tok0, len_q, k_tok0, len_k = _query_tile_program(
+        CU_Q, CU_K, num_heads, num_programs, num_list_tiles, len_q_all, len_k_all, UNIT, MERGE, PACK, POS, VARLEN)
+    if pos0 < len_q:
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, UNIT)
+        b64 = b.to(tl.int64)
+        tok0 = (q_tok0 + pos0).to(tl.int64)
+        row_ok = (pos0 + rel_pos) < len_q
+        e_lo = tl.load(T_PTR + list_row)
+        e_hi = tl.load(T_PTR + list_row + 1)
+        if PACK > 1:  # the group's heads share their lists: the same entry of the next head's list
+            head_stride = tl.load(T_PTR + list_row + num_list_tiles) - e_lo
+        else:
+            head_stride = 0
+        # Each row reads the dS block of its (head in the pack, unit of the tile): one of PACK * MERGE.
+        slot_of_row = rel_head * MERGE + unit_of_row
+        # The row's column in its [TILE keys, UNIT queries] block (a program's first position is a
+        # multiple of UNIT or of POS).
+        if POS >= UNIT:
+            q_col = rel_pos % UNIT
+        else:
+            q_col = (pos0 // POS % (UNIT // POS)) * POS + rel_pos  # (pos0 % UNIT, seen as a multiple of POS)
+        ds_seq = DS + (b64 * ds_blocks - ds_base) * (TILE * UNIT)
+        k_base = K + b64 * stride_kb + k_tok0.to(tl.int64) * stride_ks + (h0 // group) * stride_kh
+        if TMA:
+            k_src = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_ks, 1],
+                                              block_shape=[UNIT, HEAD_DIM])
+        dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        for e in range(e_lo, e_hi):
+            k_row0 = (tl.load(ENTRIES + e) >> FLAG_BITS) * UNIT
+            # Per row, its slot's scalar offset, summed in arithmetic (not gathered, nor selected): the
+            # compiler then sees the offsets contiguous within a unit, and the loads vectorize.
+            block_off = tl.zeros([ROWS], tl.int64)
+            used = tl.zeros([ROWS], tl.int32)
+            for slot in tl.static_range(PACK * MERGE):
+                code = tl.load(DS_INDEX + (e + (slot // MERGE) * head_stride) * MERGE + slot % MERGE)
+                offset = (code >> 3).to(tl.int64) * (TILE * UNIT) + (code & 7) * (UNIT * UNIT)
+                in_slot = (slot_of_row == slot).to(tl.int32)
+                block_off += in_slot * offset
+                used += in_slot * (code >= 0).to(tl.int32)
+            # No row mask (it would stop the loads from vectorizing): a row past the end reads a
+            # block of zeros or, packed, one of another sequence, and is not stored.
+            ds = tl.load(ds_seq + block_off[None, :] + q_col[None, :] + offs_n[:, None] * UNIT,
+                         mask=used[None, :] != 0, other=0.0)
+            if TMA:  # rows past len_k read as zero
+                k = k_src.load([k_row0, 0])
+            else:
+                k = tl.load(k_base + (k_row0 + offs_n).to(tl.int64)[:, None] * stride_ks + offs_d[None, :],
+                            mask=((k_row0 + offs_n) < len_k)[:, None], other=0.0)
+            dq = tl.dot(tl.trans(ds), k, dq, input_precision=DOT_PREC)
+        dq *= sm_scale
+        tl.store(DQ + b64 * stride_dqb + tok0 * stride_dqs + h0 * stride_dqh
+                 + _row_offsets(rel_pos, rel_head, stride_dqs, stride_dqh, PACK)[:, None] + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
 # --------------------------------------------------------------------------------------------
 # Launch configurations: short autotune lists keyed on the shapes that matter
 # --------------------------------------------------------------------------------------------
@@ -914,6 +1053,9 @@ _DQ_CONFIGS = (_configs(("STEP",), [(1, 4, 3), (2, 4, 3), (2, 8, 2), (2, 8, 3), 
                + _configs(("STEP",), [(2, 8, 3)], maxnreg=128),
                _configs(("STEP",), [(2, 8, 3), (2, 8, 2), (1, 8, 2), (1, 8, 3)]),
                _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 1)]))
+# The dQ pass from stored dS: one product per step, its float32 dQ the only large live value.
+_DQ_STORED_CONFIGS = (_configs((), [(4, 3), (8, 3), (4, 2)]), _configs((), [(8, 3), (8, 2), (4, 3)]),
+                      _configs((), [(4, 2), (8, 2)]))
 # The fast backward's dK/dV pass with the dQ product and its adds. DQ_T: dQ computed transposed
 # (Kᵀ·dSᵀ, the head dim as the product's rows: warpgroup MMA on Hopper) or directly (dSᵀ·K, the
 # query step's 16-64 rows: mma.sync). At head dim 256 only the direct form: every transposed config
@@ -971,6 +1113,7 @@ class _Launcher:
 _fwd = _Launcher(_fwd_kernel, _FWD_CONFIGS)
 _dkdv = _Launcher(_bwd_dkdv_kernel, _DKDV_CONFIGS)
 _dq = _Launcher(_bwd_dq_kernel, _DQ_CONFIGS)
+_dq_stored = _Launcher(_bwd_dq_stored_kernel, _DQ_STORED_CONFIGS)
 _fused = _Launcher(_bwd_dkdv_kernel, _FUSED_CONFIGS, reset_to_zero=["DQ_ACC"])
 
 
@@ -1091,6 +1234,46 @@ def _query_programs(layout: KernelLayout, problem: Problem, heads: int):
                                     POS=layout.q_positions)
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredDsChunk:
+    """Query heads ``[head_lo, head_hi)`` of the deterministic backward with stored dS: their dK/dV
+    work items (``order``, heaviest first) and their k-list entries ``[first_entry, first_entry +
+    blocks)``, one dS block each per sequence."""
+
+    head_lo: int
+    head_hi: int
+    order: torch.Tensor
+    first_entry: int
+    blocks: int
+
+
+def stored_ds_plan(layout: KernelLayout, num_seqs: int, heads: int, group: int, heads_per_program: int,
+                   element_size: int, budget: int = None):
+    """Chunks of whole KV groups whose stored dS fits ``budget`` bytes (``STORED_DS_BYTES``), fewest
+    chunks first; None when a single group does not fit (the dQ pass then recomputes dS)."""
+    budget = STORED_DS_BYTES if budget is None else budget
+    starts = layout.k_head_starts
+    tile = layout.unit * layout.k_merge
+    block_bytes = num_seqs * tile * layout.unit * element_size
+    groups = heads // group
+    for n_chunks in range(1, groups + 1):
+        per_chunk = -(-groups // n_chunks)
+        bounds = [(g * group, min(g + per_chunk, groups) * group) for g in range(0, groups, per_chunk)]
+        if all((starts[hi] - starts[lo]) * block_bytes <= budget for lo, hi in bounds):
+            break
+    else:
+        return None
+    order = layout.k_order_per_head if heads_per_program == 1 else layout.k_order_per_group
+    num_tiles = layout.k_tiles.num_tiles
+    programs_per_chunk = per_chunk * group // heads_per_program
+    if len(bounds) == 1:
+        return [StoredDsChunk(0, heads, order, starts[0], starts[heads] - starts[0])]
+    # Each chunk's items together, still heaviest first within it.
+    order = order[torch.sort(order.long() // num_tiles // programs_per_chunk, stable=True).indices]
+    return [StoredDsChunk(lo, hi, order[lo // heads_per_program * num_tiles: hi // heads_per_program * num_tiles],
+                          starts[lo], starts[hi] - starts[lo]) for lo, hi in bounds]
+
+
 def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool):
     """``(dq, dk, dv)``; ``deterministic`` chooses the backward mode (module docstring)."""
     batch, _, heads, dim = q.shape
@@ -1123,22 +1306,50 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
     scales = dict(qk_scale=problem.sm_scale * _LOG2E, sm_scale=problem.sm_scale)
     prec = _dot_precision(q.dtype)
     k_tiles = layout.k_tiles
-    (_dkdv if deterministic else _fused).launch(
-        (k_order.numel() * problem.num_seqs,), dim,
+    heads_per_program = 1 if partial else group
+    key_pass = dict(
         Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, DQ_ACC=dq_acc, LSE=lse, DELTA=delta, T_PTR=k_tiles.ptr,
-        T_NFULL=k_tiles.nfull, ENTRIES=k_tiles.entries, T_UNITS=k_tiles.units, ORDER=k_order, **seq_bounds,
+        T_NFULL=k_tiles.nfull, ENTRIES=k_tiles.entries, T_UNITS=k_tiles.units, **seq_bounds,
         **scales, **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
         **_strides("d", do, varlen), **_strides("dk", dk, varlen), **_strides("dv", dv, varlen), **acc_strides,
         **_lse_strides(lse, varlen),
-        heads_per_program=1 if partial else group, group=group, num_seqs=problem.num_seqs,
+        heads_per_program=heads_per_program, group=group, num_seqs=problem.num_seqs,
         num_tiles=k_tiles.num_tiles, **_positions(problem), HEAD_DIM=dim, UNIT=layout.unit, MERGE=layout.k_merge,
         VARLEN=varlen, DOT_PREC=prec, FUSED_DQ=not deterministic,
         DQ_REDUCE=not deterministic and use_tma_reduce(dq_acc), TMA=TMA_KEY_PASS and _descriptors_usable(q, do),
     )
+    plan = stored_ds_plan(layout, problem.num_seqs, heads, group, heads_per_program,
+                          q.element_size()) if deterministic else None
+    if plan is None:
+        (_dkdv if deterministic else _fused).launch(
+            (k_order.numel() * problem.num_seqs,), dim, **key_pass, ORDER=k_order, DS=lse, ds_base=0, ds_blocks=0)
+    else:
+        dq = new_output(q.shape, q.dtype, q.device)
+        tile = layout.unit * layout.k_merge
+        q_tiles = layout.q_tiles
+        _, num_programs, shape = _query_programs(layout, problem, heads)
+        for chunk in plan:
+            ds = new_output((problem.num_seqs * chunk.blocks, tile, layout.unit), q.dtype, q.device)
+            _dkdv.launch((chunk.order.numel() * problem.num_seqs,), dim, **key_pass, ORDER=chunk.order, DS=ds,
+                         ds_base=chunk.first_entry, ds_blocks=chunk.blocks, STORE_DS=True,
+                         DS_TMA=TMA_DS_STORE and not INTERPRET and _descriptors_usable(ds))
+            chunk_heads = chunk.head_hi - chunk.head_lo
+            _dq_stored.launch(
+                (num_programs, problem.num_seqs * chunk_heads // layout.q_pack), dim,
+                K=k[:, :, chunk.head_lo // group:], DQ=dq[:, :, chunk.head_lo:], DS=ds,
+                T_PTR=q_tiles.ptr[chunk.head_lo * q_tiles.num_tiles:], ENTRIES=q_tiles.entries,
+                DS_INDEX=layout.q_ds_index, **seq_bounds, sm_scale=problem.sm_scale, **_strides("k", k, varlen),
+                **_strides("dq", dq, varlen), num_heads=chunk_heads, group=group, num_programs=num_programs,
+                num_list_tiles=q_tiles.num_tiles, len_q_all=problem.len_q, len_k_all=problem.len_k,
+                ds_base=chunk.first_entry, ds_blocks=chunk.blocks, tune_bucket=_tune_bucket(problem.len_q),
+                HEAD_DIM=dim, TILE=tile, VARLEN=varlen, DOT_PREC=prec, TMA=use_tma(k, v), **shape,
+            )
     if partial:
         dk, dv = (t.unflatten(2, (kv_heads, group)).sum(3).to(k.dtype) for t in (dk, dv))
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv
+    if plan is not None:
+        return dq, dk, dv
     dq = new_output(q.shape, q.dtype, q.device)
     q_tiles = layout.q_tiles
     grid, num_programs, shape = _query_programs(layout, problem, heads)

@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from megatron_s2 import S2Pattern, s2_attention  # noqa: E402
+from megatron_s2 import S2Pattern, get_layout, s2_attention  # noqa: E402
 from megatron_s2.ops import attention, kernel  # noqa: E402
 from megatron_s2.ops.attention import s2_attention_backward, s2_attention_into  # noqa: E402
 from megatron_s2.ops.layout import Shard  # noqa: E402
@@ -124,11 +124,12 @@ def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, spli
 @pytest.mark.parametrize("dim,kv_heads,head_pattern,packed", [(128, 8, "heterogeneous", False),
                                                                (64, 2, "kv_group", False), (128, 2, "kv_group", True)])
 def test_pointer_loads_and_atomic_dq_adds(monkeypatch, backward_mode, dim, kv_heads, head_pattern, packed):
-    """The paths of GPUs before Hopper (kernel.TMA_LOADS and TMA_REDUCE off: per-element pointer
-    loads, per-element atomic dQ adds) against float64; on Hopper the other tests run the
+    """The paths of GPUs before Hopper (kernel.TMA_LOADS, TMA_REDUCE and TMA_DS_STORE off: per-element
+    pointer loads and dS stores, per-element atomic dQ adds) against float64; on Hopper the other tests run the
     descriptor paths (test_hopper_takes_the_descriptor_paths)."""
     monkeypatch.setattr(kernel, "TMA_LOADS", False)
     monkeypatch.setattr(kernel, "TMA_REDUCE", False)
+    monkeypatch.setattr(kernel, "TMA_DS_STORE", False)
     pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
     q, k, v = inputs((1, 2100, 8, dim), (1, 2100, kv_heads, dim), torch.bfloat16, seed=19)
     assert not kernel.use_tma(k, v) and not kernel.use_tma_reduce(q.float())
@@ -233,7 +234,34 @@ def test_softmax_split_by_key_ranges(backward_mode, dtype):
     check_close(got, want, dtype)
 
 
-LAUNCHERS = (kernel._fwd, kernel._dkdv, kernel._dq, kernel._fused)
+@pytest.mark.parametrize("dim,kv_heads,head_pattern", [(128, 8, "heterogeneous"), (128, 2, "kv_group"),
+                                                       (64, 8, "heterogeneous")])
+def test_stored_ds_in_chunks_or_recomputed(monkeypatch, dim, kv_heads, head_pattern):
+    """The deterministic backward's dQ from stored dS in one chunk, in a chunk per KV group, and
+    recomputed (no stored dS): each against float64, chunked equal to one chunk bit for bit."""
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
+    q, k, v = inputs((1, 2100, 8, dim), (1, 2100, kv_heads, dim), torch.bfloat16, seed=23)
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn((1, 8, 2100), device=DEVICE)
+    want = run_reference(q, k, v, pattern, grad_out, grad_lse)
+    group = 8 // kv_heads
+    kl = kernel.kernel_layout(get_layout(pattern, 8, kv_heads, 2100, device=DEVICE), dim, group)
+    starts = kl.k_head_starts
+    block_bytes = kl.unit * kl.k_merge * kl.unit * q.element_size()
+    per_group = max(starts[g + group] - starts[g] for g in range(0, 8, group)) * block_bytes
+    got = {}
+    for name, budget in (("one chunk", 1 << 40), ("chunk per group", per_group), ("recomputed", 0)):
+        monkeypatch.setattr(kernel, "STORED_DS_BYTES", budget)
+        plan = kernel.stored_ds_plan(kl, 1, 8, group, group, q.element_size())
+        chunks = 0 if plan is None else len(plan)
+        assert chunks == {"one chunk": 1, "chunk per group": kv_heads, "recomputed": 0}[name]
+        got[name] = run_kernel(q, k, v, pattern, grad_out, grad_lse, deterministic=True)
+        check_close(got[name], want, torch.bfloat16)
+    for a, b in zip(got["one chunk"], got["chunk per group"]):
+        assert torch.equal(a, b)
+
+
+LAUNCHERS = (kernel._fwd, kernel._dkdv, kernel._dq, kernel._dq_stored, kernel._fused)
 
 
 @pytest.mark.parametrize("dim", [128, 64])
