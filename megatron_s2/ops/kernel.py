@@ -1328,8 +1328,10 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
         tile = layout.unit * layout.k_merge
         q_tiles = layout.q_tiles
         _, num_programs, shape = _query_programs(layout, problem, heads)
+        # One buffer for every chunk (each dQ pass has read it before the next dK/dV pass writes).
+        ds = new_output((problem.num_seqs * max(chunk.blocks for chunk in plan), tile, layout.unit), q.dtype,
+                        q.device)
         for chunk in plan:
-            ds = new_output((problem.num_seqs * chunk.blocks, tile, layout.unit), q.dtype, q.device)
             _dkdv.launch((chunk.order.numel() * problem.num_seqs,), dim, **key_pass, ORDER=chunk.order, DS=ds,
                          ds_base=chunk.first_entry, ds_blocks=chunk.blocks, STORE_DS=True,
                          DS_TMA=TMA_DS_STORE and not INTERPRET and _descriptors_usable(ds))
