@@ -349,13 +349,13 @@ def test_stored_ds_in_chunks_or_recomputed(monkeypatch, case, budget):
     plan = kernel.stored_ds_plan
     chosen = {"budget": budget}
 
-    def plan_with_budget(layout, num_seqs, heads, group, heads_per_program, element_size):
+    def plan_with_budget(layout, num_seqs, heads, group, heads_per_program, element_size, num_sms):
         """The plan for a budget of all heads' dS, or of the largest group's, or none."""
         starts = layout.k_head_starts
         block_bytes = num_seqs * layout.unit * layout.k_merge * layout.unit * element_size
         per_group = [(starts[g + group] - starts[g]) * block_bytes for g in range(0, heads, group)]
         bytes_ = {"all_heads": sum(per_group), "group_per_chunk": max(per_group), "none": 0}[chosen["budget"]]
-        return plan(layout, num_seqs, heads, group, heads_per_program, element_size, bytes_)
+        return plan(layout, num_seqs, heads, group, heads_per_program, element_size, num_sms, bytes_)
 
     monkeypatch.setattr(kernel, "stored_ds_plan", plan_with_budget)
     got = compare(pattern, q, k, v, seed=43, **options)
@@ -369,6 +369,31 @@ def test_stored_ds_in_chunks_or_recomputed(monkeypatch, case, budget):
         assert [name for name, _ in launches] == ["_dq_stored"]
         for a, b in zip(got, one_chunk):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("heads_per_program", [1, 4])
+def test_stored_ds_chunks_only_when_no_program_outlasts_its_chunk(heads_per_program):
+    """Chunks of heads wait for their longest dK/dV program: a plan of several chunks is refused
+    when a program's list entries exceed its chunk's entries per SM (one chunk is always fine)."""
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
+    layout = kernel.kernel_layout(get_layout(pattern, 8, 2, 200), 32, 4)
+    per_head = (layout.k_tiles.ptr[1:] - layout.k_tiles.ptr[:-1]).view(8, -1).long()
+    program = per_head if heads_per_program == 1 else per_head.view(2, 4, -1).sum(1)
+    starts = layout.k_head_starts
+    entries = [starts[4] - starts[0], starts[8] - starts[4]]  # of each group, a chunk each
+    longest = [int(program[g * 4 // heads_per_program:(g + 1) * 4 // heads_per_program].max()) for g in (0, 1)]
+    block_bytes = layout.unit * layout.k_merge * layout.unit * 2
+    two_chunks = max(entries) * block_bytes
+
+    def chunks(num_sms, budget):
+        plan = kernel.stored_ds_plan(layout, 1, 8, 4, heads_per_program, 2, num_sms, budget)
+        return None if plan is None else len(plan)
+
+    fits = min(e // n for e, n in zip(entries, longest))  # the most SMs both chunks keep busy
+    assert fits >= 1
+    assert chunks(fits, two_chunks) == 2
+    assert chunks(fits + 1, two_chunks) is None
+    assert chunks(10**6, starts[8] * block_bytes) == 1
 
 
 def test_fast_mode_at_head_dim_256_is_exact(monkeypatch):

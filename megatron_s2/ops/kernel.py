@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 
 import torch
@@ -102,6 +103,9 @@ class KernelLayout:
     # unit does not use the entry); and the first k-list entry of every query head (host ints).
     q_ds_index: torch.Tensor
     k_head_starts: tuple
+    # The most list entries of one dK/dV program, per query head and per GQA group (host ints).
+    k_longest_per_head: tuple
+    k_longest_per_group: tuple
 
 
 def _unit_entries(ptr, idx, heads, n_rows, row_start, col_start, refine, rows_are_queries):
@@ -218,7 +222,7 @@ KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 # through pointers unless TMA_KEY_PASS. Other GPUs and misaligned tensors keep pointer loads.
 TMA_LOADS = True
 # Descriptor loads of Q/dO in the dK/dV pass. Off: measured 5-8% slower there on an H200 with the
-# configs' 3 stages; tools/tune_kernel.py also times the 4-5 stage configs with them.
+# configs' 3 stages; tools/tune_kernel.py also times the 4-stage config with them.
 TMA_KEY_PASS = False
 # The fast backward adds each dQ part into the float32 accumulator as one tensor-descriptor reduction
 # (a TMA bulk add of the whole [query step, head dim] tile on Hopper and newer) instead of one atomic
@@ -286,14 +290,18 @@ def _query_packing(layout: S2Layout, head_dim: int, group: int, unit: int, q_mer
     return 1, unit * q_merge, q_merge
 
 
-def _key_work_orders(k_tiles: TileLists, heads: int, group: int):
-    """dK/dV programs, heaviest first, with one program per query head and per GQA group. A program's
-    cost is its list entries (query units against its key tile), summed over the heads it serves.
-    Heaviest first, so that no long program starts last (ties keep head-major order: the programs
-    running together read one head's Q and dO from L2)."""
+def _key_program_costs(k_tiles: TileLists, heads: int, group: int):
+    """Cost of every dK/dV program ``[program heads, tiles]`` with one program per query head and
+    per GQA group: its list entries (query units against its key tile), summed over its heads."""
     per_head = (k_tiles.ptr[1:] - k_tiles.ptr[:-1]).view(heads, k_tiles.num_tiles).long()
-    per_group = per_head.view(heads // group, group, -1).sum(1)
-    return tuple(torch.sort(-cost.flatten(), stable=True).indices.to(torch.int32) for cost in (per_head, per_group))
+    return per_head, per_head.view(heads // group, group, -1).sum(1)
+
+
+def _key_work_orders(costs):
+    """dK/dV programs, heaviest first (per head, per group). Heaviest first, so that no long program
+    starts last (ties keep head-major order: the programs running together read one head's Q and dO
+    from L2)."""
+    return tuple(torch.sort(-cost.flatten(), stable=True).indices.to(torch.int32) for cost in costs)
 
 
 def _stored_ds_index(q_tiles: TileLists, k_tiles: TileLists, key_positions, group: int, k_merge: int, q_units: int):
@@ -351,12 +359,15 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     k_pairs = _paired_tiles(hk, rk, ck, heads, group, k_merge, k_units, q_units)
     k_tiles = _merge_lists(hk, rk, ck, k_pairs, heads, group, k_units, q_units, k_start, q_start,
                            rows_are_queries=False)
-    k_order_per_head, k_order_per_group = _key_work_orders(k_tiles, heads, group)
+    costs = _key_program_costs(k_tiles, heads, group)
+    k_order_per_head, k_order_per_group = _key_work_orders(costs)
+    longest_per_head, longest_per_group = (tuple(cost.max(1).values.tolist()) for cost in costs)
     q_ds_index = _stored_ds_index(q_tiles, k_tiles, k_pairs[1], group, k_merge, q_units)
     derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles,
                            q_pack=q_pack, q_positions=q_positions, k_order_per_head=k_order_per_head,
                            k_order_per_group=k_order_per_group, q_ds_index=q_ds_index,
-                           k_head_starts=tuple(k_tiles.ptr[::k_tiles.num_tiles].tolist()))
+                           k_head_starts=tuple(k_tiles.ptr[::k_tiles.num_tiles].tolist()),
+                           k_longest_per_head=longest_per_head, k_longest_per_group=longest_per_group)
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
         _derived.popitem(last=False)
@@ -1031,9 +1042,10 @@ def _configs(names, rows, maxnreg=None):
 # One list per head-dim class (HEAD_DIM_CLASSES: <= 64 | 128 | 256; 64-row tiles at 256, less shared
 # memory per stage). The first of each list is the default: at head dims 64 and 128 the fastest on an
 # H200 at 32k (tools/tune_kernel.py; BENCHMARKS.md has the sweeps); the others stay as the tuner's
-# candidates (the 4-5 stage ones are for TMA_KEY_PASS). At head dim 64 four warps per 128-row tile
-# win every pass (1.1-1.4x over eight): two programs then fit an SM; eight warps capped at 128
-# registers (also two programs per SM) time the same in the forward. The head-dim-128 forward takes
+# candidates (the 4-stage one is for TMA_KEY_PASS; 5 stages and the stored dS's staging outgrow
+# shared memory). At head dim 64 four warps per 128-row tile win every pass (1.1-1.4x over eight):
+# two programs then fit an SM; eight warps capped at 128 registers (also two programs per SM) time
+# the same in the forward. The head-dim-128 forward takes
 # one key unit per step with its registers capped at 128 (sm_90 ptxas, Triton 3.8: no spills) and
 # 96 KB of shared memory, so that two 8-warp programs share an SM and one's products overlap the other's
 # softmax: 6-11% faster than one program of two units per step (2.60 -> 2.45 ms at 32k, 23.9 -> 22.7
@@ -1047,7 +1059,7 @@ _FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2),
 _DKDV_CONFIGS = (_configs(("QSTEP",), [(32, 4, 3), (32, 4, 2), (64, 8, 3), (32, 8, 3), (64, 8, 2), (16, 4, 2)])
                  + _configs(("QSTEP",), [(32, 8, 3)], maxnreg=128),
                  _configs(("QSTEP",), [(64, 8, 3), (32, 8, 3), (32, 8, 2), (64, 8, 2), (32, 4, 3), (64, 4, 2),
-                                    (64, 4, 3), (16, 8, 2), (64, 8, 4), (64, 8, 5)]),
+                                    (64, 4, 3), (16, 8, 2), (64, 8, 4)]),
                  _configs(("QSTEP",), [(32, 8, 1), (32, 8, 2), (32, 4, 1), (16, 8, 1)]))
 _DQ_CONFIGS = (_configs(("STEP",), [(1, 4, 3), (2, 4, 3), (2, 8, 2), (2, 8, 3), (1, 8, 3)])
                + _configs(("STEP",), [(2, 8, 3)], maxnreg=128),
@@ -1248,9 +1260,12 @@ class StoredDsChunk:
 
 
 def stored_ds_plan(layout: KernelLayout, num_seqs: int, heads: int, group: int, heads_per_program: int,
-                   element_size: int, budget: int = None):
+                   element_size: int, num_sms: int, budget: int = None):
     """Chunks of whole KV groups whose stored dS fits ``budget`` bytes (``STORED_DS_BYTES``), fewest
-    chunks first; None when a single group does not fit (the dQ pass then recomputes dS)."""
+    chunks first; None (the dQ pass then recomputes dS) when a single group does not fit, or when a
+    chunk's longest dK/dV program would outlast its share of the work per SM (``num_sms``): each
+    chunk then waits for that program (``kv_group`` GQA at 128k: a group's program runs four heads'
+    stripe lists, 3x a chunk's work per SM)."""
     budget = STORED_DS_BYTES if budget is None else budget
     starts = layout.k_head_starts
     tile = layout.unit * layout.k_merge
@@ -1263,6 +1278,10 @@ def stored_ds_plan(layout: KernelLayout, num_seqs: int, heads: int, group: int, 
             break
     else:
         return None
+    longest = layout.k_longest_per_head if heads_per_program == 1 else layout.k_longest_per_group
+    if len(bounds) > 1 and any(max(longest[lo // heads_per_program:hi // heads_per_program]) * num_sms
+                               > num_seqs * (starts[hi] - starts[lo]) for lo, hi in bounds):
+        return None
     order = layout.k_order_per_head if heads_per_program == 1 else layout.k_order_per_group
     num_tiles = layout.k_tiles.num_tiles
     programs_per_chunk = per_chunk * group // heads_per_program
@@ -1272,6 +1291,11 @@ def stored_ds_plan(layout: KernelLayout, num_seqs: int, heads: int, group: int, 
     order = order[torch.sort(order.long() // num_tiles // programs_per_chunk, stable=True).indices]
     return [StoredDsChunk(lo, hi, order[lo // heads_per_program * num_tiles: hi // heads_per_program * num_tiles],
                           starts[lo], starts[hi] - starts[lo]) for lo, hi in bounds]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool):
@@ -1318,8 +1342,8 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
         VARLEN=varlen, DOT_PREC=prec, FUSED_DQ=not deterministic,
         DQ_REDUCE=not deterministic and use_tma_reduce(dq_acc), TMA=TMA_KEY_PASS and _descriptors_usable(q, do),
     )
-    plan = stored_ds_plan(layout, problem.num_seqs, heads, group, heads_per_program,
-                          q.element_size()) if deterministic else None
+    plan = stored_ds_plan(layout, problem.num_seqs, heads, group, heads_per_program, q.element_size(),
+                          _sm_count(q.device)) if deterministic else None
     if plan is None:
         (_dkdv if deterministic else _fused).launch(
             (k_order.numel() * problem.num_seqs,), dim, **key_pass, ORDER=k_order, DS=lse, ds_base=0, ds_blocks=0)

@@ -252,7 +252,7 @@ def test_stored_ds_in_chunks_or_recomputed(monkeypatch, dim, kv_heads, head_patt
     got = {}
     for name, budget in (("one chunk", 1 << 40), ("chunk per group", per_group), ("recomputed", 0)):
         monkeypatch.setattr(kernel, "STORED_DS_BYTES", budget)
-        plan = kernel.stored_ds_plan(kl, 1, 8, group, group, q.element_size())
+        plan = kernel.stored_ds_plan(kl, 1, 8, group, group, q.element_size(), 1)
         chunks = 0 if plan is None else len(plan)
         assert chunks == {"one chunk": 1, "chunk per group": kv_heads, "recomputed": 0}[name]
         got[name] = run_kernel(q, k, v, pattern, grad_out, grad_lse, deterministic=True)
