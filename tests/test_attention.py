@@ -396,6 +396,29 @@ def test_stored_ds_chunks_only_when_no_program_outlasts_its_chunk(heads_per_prog
     assert chunks(10**6, starts[8] * block_bytes) == 1
 
 
+@pytest.mark.parametrize("heads,kv_heads,chunks", [(5, 5, 3), (6, 3, 2), (7, 7, 7)])
+def test_stored_ds_chunks_are_balanced_and_keep_the_work_order(heads, kv_heads, chunks):
+    """Chunks hold whole KV groups, sizes within one group of each other, and each chunk's dK/dV work
+    items are exactly its programs in the heaviest-first order of all programs."""
+    group = heads // kv_heads
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
+    layout = kernel.kernel_layout(get_layout(pattern, heads, kv_heads, 150), 32, group)
+    starts, tiles = layout.k_head_starts, layout.k_tiles.num_tiles
+    block_bytes = layout.unit * layout.k_merge * layout.unit * 4
+    bounds = [(i * kv_heads // chunks * group, (i + 1) * kv_heads // chunks * group) for i in range(chunks)]
+    budget = max(starts[hi] - starts[lo] for lo, hi in bounds) * block_bytes
+    plan = kernel.stored_ds_plan(layout, 1, heads, group, group, 4, 1, budget)
+    assert 1 < len(plan) <= chunks
+    sizes = [chunk.head_hi - chunk.head_lo for chunk in plan]
+    assert plan[0].head_lo == 0 and plan[-1].head_hi == heads and max(sizes) - min(sizes) <= group
+    everything = layout.k_order_per_group.tolist()
+    for chunk in plan:
+        assert all(size % group == 0 for size in sizes)
+        assert chunk.first_entry == starts[chunk.head_lo] and chunk.blocks == starts[chunk.head_hi] - chunk.first_entry
+        mine = [w for w in everything if chunk.head_lo <= w // tiles * group < chunk.head_hi]
+        assert chunk.order.tolist() == mine
+
+
 def test_fast_mode_at_head_dim_256_is_exact(monkeypatch):
     """Head dim 256 has its own fused (atomic dQ) config list, with dQ's product in the direct form:
     the fast mode there must run the fused kernel, and be exact."""

@@ -1271,9 +1271,8 @@ def stored_ds_plan(layout: KernelLayout, num_seqs: int, heads: int, group: int, 
     tile = layout.unit * layout.k_merge
     block_bytes = num_seqs * tile * layout.unit * element_size
     groups = heads // group
-    for n_chunks in range(1, groups + 1):
-        per_chunk = -(-groups // n_chunks)
-        bounds = [(g * group, min(g + per_chunk, groups) * group) for g in range(0, groups, per_chunk)]
+    for n_chunks in range(1, groups + 1):  # chunk i: groups [i * groups // n_chunks, (i + 1) * ...)
+        bounds = [(i * groups // n_chunks * group, (i + 1) * groups // n_chunks * group) for i in range(n_chunks)]
         if all((starts[hi] - starts[lo]) * block_bytes <= budget for lo, hi in bounds):
             break
     else:
@@ -1284,11 +1283,12 @@ def stored_ds_plan(layout: KernelLayout, num_seqs: int, heads: int, group: int, 
         return None
     order = layout.k_order_per_head if heads_per_program == 1 else layout.k_order_per_group
     num_tiles = layout.k_tiles.num_tiles
-    programs_per_chunk = per_chunk * group // heads_per_program
     if len(bounds) == 1:
         return [StoredDsChunk(0, heads, order, starts[0], starts[heads] - starts[0])]
-    # Each chunk's items together, still heaviest first within it.
-    order = order[torch.sort(order.long() // num_tiles // programs_per_chunk, stable=True).indices]
+    # Each chunk's items together, still heaviest first within it (the chunk of group g is the last
+    # i with i * groups // n_chunks <= g).
+    group_of = order.long() // num_tiles * heads_per_program // group
+    order = order[torch.sort(((group_of + 1) * n_chunks - 1) // groups, stable=True).indices]
     return [StoredDsChunk(lo, hi, order[lo // heads_per_program * num_tiles: hi // heads_per_program * num_tiles],
                           starts[lo], starts[hi] - starts[lo]) for lo, hi in bounds]
 
