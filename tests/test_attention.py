@@ -419,6 +419,26 @@ def test_stored_ds_chunks_are_balanced_and_keep_the_work_order(heads, kv_heads, 
         assert chunk.order.tolist() == mine
 
 
+def test_stored_ds_chunks_fall_back_to_per_head_programs(monkeypatch):
+    """kv_group heads: when a group's dK/dV programs are too long for chunks but one head's are not,
+    the deterministic backward runs per-head programs (float32 partials) on stored dS: exact."""
+    monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", True)
+    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
+    layout = kernel.kernel_layout(get_layout(pattern, 8, 2, 200), 32, 4)
+    starts = layout.k_head_starts
+    entries = min(starts[4] - starts[0], starts[8] - starts[4])
+    num_sms = entries // max(layout.k_longest_per_head)  # per-head programs fit, group programs not
+    assert max(layout.k_longest_per_group) * num_sms > max(starts[4] - starts[0], starts[8] - starts[4])
+    monkeypatch.setattr(kernel, "_sm_count", lambda device: num_sms)
+    monkeypatch.setattr(kernel, "STORED_DS_BYTES", max(starts[4] - starts[0], starts[8] - starts[4])
+                        * layout.unit * layout.k_merge * layout.unit * 4)
+    launches = spy_launches(monkeypatch, "_dkdv", "_dq_stored", "_dq")
+    q, k, v = draw((1, 200, 8, 32), (1, 200, 2, 32), (1, 200, 2, 32), seed=44)
+    compare(pattern, q, k, v, seed=45)
+    assert [name for name, _ in launches] == ["_dkdv", "_dq_stored"] * 2
+    assert all(kw["heads_per_program"] == 1 for name, kw in launches if name == "_dkdv")
+
+
 def test_fast_mode_at_head_dim_256_is_exact(monkeypatch):
     """Head dim 256 has its own fused (atomic dQ) config list, with dQ's product in the direct form:
     the fast mode there must run the fused kernel, and be exact."""

@@ -1323,6 +1323,14 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
     )
     # Per-head programs of a GQA group write float32 partials, summed below in a fixed order.
     partial = group > 1 and SPLIT_HEADS["deterministic" if deterministic else "fast"]
+    plan = None
+    if deterministic:
+        plan = stored_ds_plan(layout, problem.num_seqs, heads, group, 1 if partial else group, q.element_size(),
+                              _sm_count(q.device))
+        if plan is None and group > 1 and not partial:
+            # A group's programs too long for chunks (kv_group heads): per-head programs may fit.
+            plan = stored_ds_plan(layout, problem.num_seqs, heads, group, 1, q.element_size(), _sm_count(q.device))
+            partial = plan is not None
     k_order = layout.k_order_per_head if partial else layout.k_order_per_group
     grad_shape, grad_dtype = ((*k.shape[:2], heads, dim), torch.float32) if partial else (k.shape, k.dtype)
     dk = new_output(grad_shape, grad_dtype, k.device)
@@ -1342,8 +1350,6 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
         VARLEN=varlen, DOT_PREC=prec, FUSED_DQ=not deterministic,
         DQ_REDUCE=not deterministic and use_tma_reduce(dq_acc), TMA=TMA_KEY_PASS and _descriptors_usable(q, do),
     )
-    plan = stored_ds_plan(layout, problem.num_seqs, heads, group, heads_per_program, q.element_size(),
-                          _sm_count(q.device)) if deterministic else None
     if plan is None:
         (_dkdv if deterministic else _fused).launch(
             (k_order.numel() * problem.num_seqs,), dim, **key_pass, ORDER=k_order, DS=lse, ds_base=0, ds_blocks=0)
