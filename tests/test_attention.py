@@ -439,6 +439,21 @@ def test_stored_ds_chunks_fall_back_to_per_head_programs(monkeypatch):
     assert all(kw["heads_per_program"] == 1 for name, kw in launches if name == "_dkdv")
 
 
+@pytest.mark.parametrize("value,gib", [(None, 8), ("0.5", 0.5), ("0", 0), ("-1", None), ("lots", None), ("nan", None)])
+def test_stored_ds_budget_from_the_environment(monkeypatch, value, gib):
+    if value is None:
+        monkeypatch.delenv("S2_DS_BUFFER_GB", raising=False)
+    else:
+        monkeypatch.setenv("S2_DS_BUFFER_GB", value)
+    if gib is None:
+        with pytest.raises(ValueError, match="S2_DS_BUFFER_GB.*0 to recompute"):
+            kernel.stored_ds_budget()
+    else:
+        assert kernel.stored_ds_budget() == int(gib * 2**30)
+    monkeypatch.setattr(kernel, "STORED_DS_BYTES", 12345)  # the module setting wins
+    assert kernel.stored_ds_budget() == 12345
+
+
 def test_fast_mode_at_head_dim_256_is_exact(monkeypatch):
     """Head dim 256 has its own fused (atomic dQ) config list, with dQ's product in the direct form:
     the fast mode there must run the fused kernel, and be exact."""

@@ -347,6 +347,15 @@ def test_bad_inputs_fail_clearly_before_training(workdir, extra, message):
     assert "AssertionError" not in run.last_log
 
 
+def test_bad_stored_ds_budget_fails_before_training(workdir, monkeypatch):
+    monkeypatch.setenv("S2_DS_BUFFER_GB", "8GB")  # the forked rank inherits it
+    run = launch(workdir, "bad_budget", ["--train-iters", "2"])
+    assert run.codes == [2], run.last_log[-3000:]
+    error = [line for line in run.last_log.splitlines() if "pretrain_gpt_s2.py: error:" in line]
+    assert error and "S2_DS_BUFFER_GB='8GB'" in error[0] and "0 to recompute" in error[0], run.last_log[-3000:]
+    assert "------------------------ arguments" not in run.last_log
+
+
 def test_misspelt_flag_in_config_file_is_named_before_megatron_prints(workdir):
     config = workdir / "typo.yaml"
     config.write_text(S2_YAML.replace("num-layers:", "num-layyers:"))

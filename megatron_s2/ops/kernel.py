@@ -23,7 +23,7 @@ registers over the tile's transposed lists, heaviest programs first:
 - deterministic: no atomics, bit-identical from run to run; dQ has its own pass, one program per
   (query head, query tile). The dK/dV pass stores each block pair's dS (in the input dtype) and the
   dQ pass multiplies it by K (5 matrix products per block pair); heads go in chunks whose dS fits
-  ``STORED_DS_BYTES``, and where not even one KV group's fits, the dQ pass recomputes P and dP
+  ``stored_ds_budget()``, and where not even one KV group's fits, the dQ pass recomputes P and dP
   (7 products per pair);
 - fast: the dK/dV pass also adds each block pair's dQ part into a float32 accumulator (5 products
   per pair, FlashAttention's scheme; one descriptor reduction per step on Hopper, element atomics
@@ -231,10 +231,28 @@ TMA_KEY_PASS = False
 TMA_REDUCE = True
 # The deterministic backward's dQ from stored dS: the dK/dV pass stores each block pair's dS (input
 # dtype) and the dQ pass multiplies it by K, instead of recomputing P and dP (5 products per block
-# pair instead of 7). The stored dS takes one element per computed score (about 4.4 GB at 32k tokens,
-# 32 heads, the default pattern): heads go in chunks of whole KV groups whose dS fits this many bytes
-# (S2_DS_BUFFER_GB, default 8); 0, or a group that alone does not fit, recomputes dS in the dQ pass.
-STORED_DS_BYTES = int(float(os.environ.get("S2_DS_BUFFER_GB", "8")) * 2**30)
+# pair instead of 7). The stored dS takes one element per computed score (about 4 GiB at 32k tokens,
+# 32 heads, the default pattern): heads go in chunks of whole KV groups whose dS fits this many bytes;
+# 0, or a group that alone does not fit, recomputes dS in the dQ pass. None: S2_DS_BUFFER_GB (GiB,
+# default 8), read at each backward (``stored_ds_budget``).
+STORED_DS_BYTES = None
+
+
+def stored_ds_budget() -> int:
+    """Bytes of stored dS allowed: ``STORED_DS_BYTES``, else the environment's S2_DS_BUFFER_GB."""
+    if STORED_DS_BYTES is not None:
+        return STORED_DS_BYTES
+    value = os.environ.get("S2_DS_BUFFER_GB", "8")
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0:
+        raise ValueError(f"S2_DS_BUFFER_GB={value!r}: give the GiB of GPU memory the deterministic backward may "
+                         "use for stored dS, e.g. 8 (the default) or 0 to recompute dS instead")
+    return int(gib * 2**30)
+
+
 # Tensor-descriptor stores of the dS blocks on Hopper and newer (else per-element pointers).
 TMA_DS_STORE = True
 # GQA packing: when the query heads of a KV group read the same blocks (kv_group, homogeneous),
@@ -1261,12 +1279,12 @@ class StoredDsChunk:
 
 def stored_ds_plan(layout: KernelLayout, num_seqs: int, heads: int, group: int, heads_per_program: int,
                    element_size: int, num_sms: int, budget: int = None):
-    """Chunks of whole KV groups whose stored dS fits ``budget`` bytes (``STORED_DS_BYTES``), fewest
+    """Chunks of whole KV groups whose stored dS fits ``budget`` bytes (``stored_ds_budget``), fewest
     chunks first; None (the dQ pass then recomputes dS) when a single group does not fit, or when a
     chunk's longest dK/dV program would outlast its share of the work per SM (``num_sms``): each
     chunk then waits for that program (``kv_group`` GQA at 128k: a group's program runs four heads'
     stripe lists, 3x a chunk's work per SM)."""
-    budget = STORED_DS_BYTES if budget is None else budget
+    budget = stored_ds_budget() if budget is None else budget
     starts = layout.k_head_starts
     tile = layout.unit * layout.k_merge
     block_bytes = num_seqs * tile * layout.unit * element_size

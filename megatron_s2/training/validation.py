@@ -17,7 +17,14 @@ class TrainingSetupError(ValueError):
 
 
 def check_before_megatron(args) -> None:
-    """Checks of the raw arguments that Megatron would otherwise fail later or with a bare assert."""
+    """Checks of the raw arguments that Megatron would otherwise fail later or with a bare assert,
+    and of the S2 environment variables that the kernels would otherwise read mid-training."""
+    from ..ops import kernel
+
+    try:
+        kernel.stored_ds_budget()
+    except ValueError as exc:
+        raise TrainingSetupError(str(exc)) from None
     cp = args.context_parallel_size
     if cp > 1 and args.seq_length and args.seq_length % (2 * cp):
         unit = 2 * cp
