@@ -1020,8 +1020,9 @@ def _bwd_dq_stored_kernel(
                 in_slot = (slot_of_row == slot).to(tl.int32)
                 block_off += in_slot * offset
                 used += in_slot * (code >= 0).to(tl.int32)
-            # No row mask (it would stop the loads from vectorizing): a row past the end reads a
-            # block of zeros or, packed, one of another sequence, and is not stored.
+            # No row mask (it would stop the loads from vectorizing): a row past the sequence's end
+            # reads what its block holds (zeros, or for a packed sequence a block its dK/dV pass
+            # skipped) and is not stored; each row's dQ depends on its own dS only.
             ds = tl.load(ds_seq + block_off[None, :] + q_col[None, :] + offs_n[:, None] * UNIT,
                          mask=used[None, :] != 0, other=0.0)
             if TMA:  # rows past len_k read as zero
