@@ -6,6 +6,8 @@ and output gradients (of ``out`` and of ``lse``) are fresh random draws for ever
 run a backward take the ``backward_mode`` fixture: they run in the fast and the deterministic mode.
 """
 
+import math
+
 import pytest
 import torch
 from megatron_s2 import BlockMaskPattern, S2Pattern, get_layout, s2_attention, s2_block_mask
@@ -352,7 +354,7 @@ def test_stored_ds_in_chunks_or_recomputed(monkeypatch, case, budget):
     def plan_with_budget(layout, num_seqs, heads, group, heads_per_program, element_size, num_sms):
         """The plan for a budget of all heads' dS, or of the largest group's, or none."""
         starts = layout.k_head_starts
-        block_bytes = num_seqs * layout.unit * layout.k_merge * layout.unit * element_size
+        block_bytes = num_seqs * math.prod(layout.ds_block_shape) * element_size
         per_group = [(starts[g + group] - starts[g]) * block_bytes for g in range(0, heads, group)]
         bytes_ = {"all_heads": sum(per_group), "group_per_chunk": max(per_group), "none": 0}[chosen["budget"]]
         return plan(layout, num_seqs, heads, group, heads_per_program, element_size, num_sms, bytes_)
@@ -382,7 +384,7 @@ def test_stored_ds_chunks_only_when_no_program_outlasts_its_chunk(heads_per_prog
     starts = layout.k_head_starts
     entries = [starts[4] - starts[0], starts[8] - starts[4]]  # of each group, a chunk each
     longest = [int(program[g * 4 // heads_per_program:(g + 1) * 4 // heads_per_program].max()) for g in (0, 1)]
-    block_bytes = layout.unit * layout.k_merge * layout.unit * 2
+    block_bytes = math.prod(layout.ds_block_shape) * 2
     two_chunks = max(entries) * block_bytes
 
     def chunks(num_sms, budget):
@@ -404,7 +406,7 @@ def test_stored_ds_chunks_are_balanced_and_keep_the_work_order(heads, kv_heads, 
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3)
     layout = kernel.kernel_layout(get_layout(pattern, heads, kv_heads, 150), 32, group)
     starts, tiles = layout.k_head_starts, layout.k_tiles.num_tiles
-    block_bytes = layout.unit * layout.k_merge * layout.unit * 4
+    block_bytes = math.prod(layout.ds_block_shape) * 4
     bounds = [(i * kv_heads // chunks * group, (i + 1) * kv_heads // chunks * group) for i in range(chunks)]
     budget = max(starts[hi] - starts[lo] for lo, hi in bounds) * block_bytes
     plan = kernel.stored_ds_plan(layout, 1, heads, group, group, 4, 1, budget)
@@ -431,7 +433,7 @@ def test_stored_ds_chunks_fall_back_to_per_head_programs(monkeypatch):
     assert max(layout.k_longest_per_group) * num_sms > max(starts[4] - starts[0], starts[8] - starts[4])
     monkeypatch.setattr(kernel, "_sm_count", lambda device: num_sms)
     monkeypatch.setattr(kernel, "STORED_DS_BYTES", max(starts[4] - starts[0], starts[8] - starts[4])
-                        * layout.unit * layout.k_merge * layout.unit * 4)
+                        * math.prod(layout.ds_block_shape) * 4)
     launches = spy_launches(monkeypatch, "_dkdv", "_dq_stored", "_dq")
     q, k, v = draw((1, 200, 8, 32), (1, 200, 2, 32), (1, 200, 2, 32), seed=44)
     compare(pattern, q, k, v, seed=45)

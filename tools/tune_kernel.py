@@ -294,7 +294,7 @@ def main(argv=None):
     fwd = ("config fwd", kernel._fwd, forward_timer, 1.0)
     fused = ("config fused (fast)", kernel._fused, backward_timer(False), BWD)
     dkdv = ("config dkdv (det)", kernel._dkdv, backward_timer(True), BWD)
-    dq = ("config dq (det)", kernel._dq, backward_timer(True), BWD)
+    dq = ("config dq recomputing (det)", kernel._dq, backward_timer(True), BWD)
     dq_stored = ("config dq stored (det)", kernel._dq_stored, backward_timer(True), BWD)
     run_config_list(sweep, mha128, *fused)
     run_config_list(sweep, mha64, *fused)
@@ -317,6 +317,7 @@ def main(argv=None):
     for stage in (fwd, dkdv, dq_stored):
         run_config_list(sweep, mha128, *stage)
     run_config_list(sweep, mha64, *dq_stored)
+    run_config_list(sweep, mha128, *dq, STORED_DS_BYTES=0)  # the recomputing dQ pass: the fallback
     print_spills()
     report(sweep.rows, args.out)
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import os
 
 import torch
@@ -106,6 +107,11 @@ class KernelLayout:
     # The most list entries of one dK/dV program, per query head and per GQA group (host ints).
     k_longest_per_head: tuple
     k_longest_per_group: tuple
+
+    @property
+    def ds_block_shape(self) -> tuple:
+        """A stored dS block: [key tile rows, query unit rows], one per k-list entry and sequence."""
+        return self.unit * self.k_merge, self.unit
 
 
 def _unit_entries(ptr, idx, heads, n_rows, row_start, col_start, refine, rows_are_queries):
@@ -1287,8 +1293,7 @@ def stored_ds_plan(layout: KernelLayout, num_seqs: int, heads: int, group: int, 
     stripe lists, 3x a chunk's work per SM)."""
     budget = stored_ds_budget() if budget is None else budget
     starts = layout.k_head_starts
-    tile = layout.unit * layout.k_merge
-    block_bytes = num_seqs * tile * layout.unit * element_size
+    block_bytes = num_seqs * math.prod(layout.ds_block_shape) * element_size
     groups = heads // group
     for n_chunks in range(1, groups + 1):  # chunk i: groups [i * groups // n_chunks, (i + 1) * ...)
         bounds = [(i * groups // n_chunks * group, (i + 1) * groups // n_chunks * group) for i in range(n_chunks)]
@@ -1344,11 +1349,14 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
     partial = group > 1 and SPLIT_HEADS["deterministic" if deterministic else "fast"]
     plan = None
     if deterministic:
-        plan = stored_ds_plan(layout, problem.num_seqs, heads, group, 1 if partial else group, q.element_size(),
-                              _sm_count(q.device))
+        def plan_for(heads_per_program):
+            return stored_ds_plan(layout, problem.num_seqs, heads, group, heads_per_program, q.element_size(),
+                                  _sm_count(q.device))
+
+        plan = plan_for(1 if partial else group)
         if plan is None and group > 1 and not partial:
             # A group's programs too long for chunks (kv_group heads): per-head programs may fit.
-            plan = stored_ds_plan(layout, problem.num_seqs, heads, group, 1, q.element_size(), _sm_count(q.device))
+            plan = plan_for(1)
             partial = plan is not None
     k_order = layout.k_order_per_head if partial else layout.k_order_per_group
     grad_shape, grad_dtype = ((*k.shape[:2], heads, dim), torch.float32) if partial else (k.shape, k.dtype)
@@ -1374,11 +1382,10 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
             (k_order.numel() * problem.num_seqs,), dim, **key_pass, ORDER=k_order, DS=lse, ds_base=0, ds_blocks=0)
     else:
         dq = new_output(q.shape, q.dtype, q.device)
-        tile = layout.unit * layout.k_merge
         q_tiles = layout.q_tiles
         _, num_programs, shape = _query_programs(layout, problem, heads)
         # One buffer for every chunk (each dQ pass has read it before the next dK/dV pass writes).
-        ds = new_output((problem.num_seqs * max(chunk.blocks for chunk in plan), tile, layout.unit), q.dtype,
+        ds = new_output((problem.num_seqs * max(chunk.blocks for chunk in plan), *layout.ds_block_shape), q.dtype,
                         q.device)
         for chunk in plan:
             _dkdv.launch((chunk.order.numel() * problem.num_seqs,), dim, **key_pass, ORDER=chunk.order, DS=ds,
@@ -1393,7 +1400,7 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
                 **_strides("dq", dq, varlen), num_heads=chunk_heads, group=group, num_programs=num_programs,
                 num_list_tiles=q_tiles.num_tiles, len_q_all=problem.len_q, len_k_all=problem.len_k,
                 ds_base=chunk.first_entry, ds_blocks=chunk.blocks, tune_bucket=_tune_bucket(problem.len_q),
-                HEAD_DIM=dim, TILE=tile, VARLEN=varlen, DOT_PREC=prec, TMA=use_tma(k, v), **shape,
+                HEAD_DIM=dim, TILE=layout.ds_block_shape[0], VARLEN=varlen, DOT_PREC=prec, TMA=use_tma(k, v), **shape,
             )
     if partial:
         dk, dv = (t.unflatten(2, (kv_heads, group)).sum(3).to(k.dtype) for t in (dk, dv))

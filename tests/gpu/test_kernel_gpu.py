@@ -2,6 +2,8 @@
 GQA, packed sequences. Tests that run a backward take the ``backward_mode`` fixture (fast and
 deterministic). Run: ``python -m pytest -q tests/gpu/test_kernel_gpu.py``."""
 
+import math
+
 import pytest
 import torch
 
@@ -247,7 +249,7 @@ def test_stored_ds_in_chunks_or_recomputed(monkeypatch, dim, kv_heads, head_patt
     group = 8 // kv_heads
     kl = kernel.kernel_layout(get_layout(pattern, 8, kv_heads, 2100, device=DEVICE), dim, group)
     starts = kl.k_head_starts
-    block_bytes = kl.unit * kl.k_merge * kl.unit * q.element_size()
+    block_bytes = math.prod(kl.ds_block_shape) * q.element_size()
     per_group = max(starts[g + group] - starts[g] for g in range(0, 8, group)) * block_bytes
     got = {}
     for name, budget in (("one chunk", 1 << 40), ("chunk per group", per_group), ("recomputed", 0)):
