@@ -493,7 +493,7 @@ def print_spills(capability=None):
                     log = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull],
                                          capture_output=True, text=True).stderr
                 details = [line.split(":", 1)[-1].strip() for line in log.splitlines()
-                           if any(word in line for word in ("registers", "spill", "arning"))]
+                           if any(word in line for word in ("registers", "spill", "arning", "serialized"))]
                 info = f"smem {compiled.metadata.shared} " + " ".join(details)
             except Exception as exc:  # diagnostics only
                 info = f"{type(exc).__name__}: {exc}"[:120]
