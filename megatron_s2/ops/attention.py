@@ -167,7 +167,7 @@ def _last_dim_contiguous(*tensors):
 # The backward mode when the caller does not choose (deterministic=None). None: the faster one for
 # the head dim, as measured on an H200 (BENCHMARKS.md): the fast backward (dQ added in the dK/dV pass)
 # up to FAST_BACKWARD_MAX_HEAD_DIM (head dim 64: forward+backward 5% faster at 32k), the deterministic
-# one (a dQ pass over stored dS) above it (head dim 128: 12% faster at 32k and 128k). True or False fix
+# one (a dQ pass over stored dS) above it (head dim 128: 14-15% faster at 32k and 128k). True or False fix
 # the mode for every head dim. Here, not in kernel.py, so that CPU calls never import Triton.
 DETERMINISTIC_BY_DEFAULT: Optional[bool] = None
 FAST_BACKWARD_MAX_HEAD_DIM = 64
