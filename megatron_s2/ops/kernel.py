@@ -675,9 +675,9 @@ def _fwd_kernel(
             l_i = tl.zeros([ROWS], tl.float32)
             acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         k_src, v_src = _row_sources(k_base, v_base, len_k, stride_ks, stride_vs, HEAD_DIM, UNIT, TMA)
-        # The masked entries first: in the other order ptxas (sm_90, head dim 128, 2 stages) finds the
-        # accumulator written while a product is in flight and serializes every product (warning
-        # C7515). Both orders timed the same on an H200; this one leaves the compiler no reason to.
+        # The masked entries first: in the other order ptxas (sm_90, head dim 128, 2 stages) also finds
+        # the accumulator written while a product is in flight (note C7515). Both orders timed the
+        # same on an H200. (At the 128-register cap ptxas serializes the products anyway, C7512.)
         if TMA:
             acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_src, v_src, ENTRIES, e_mid, e_hi, qk_scale,
                                            q_pos, len_k, k_pos0, unit_of_row, UNIT, 1, True, DOT_PREC)
@@ -1087,11 +1087,12 @@ def _configs(names, rows, maxnreg=None):
 # candidates (the 4-stage one is for TMA_KEY_PASS; 5 stages and the stored dS's staging outgrow
 # shared memory). At head dim 64 four warps per 128-row tile win every pass (1.1-1.4x over eight):
 # two programs then fit an SM; eight warps capped at 128 registers (also two programs per SM) time
-# the same in the forward. The head-dim-128 forward takes
-# one key unit per step with its registers capped at 128 (sm_90 ptxas, Triton 3.8: no spills) and
-# 96 KB of shared memory, so that two 8-warp programs share an SM and one's products overlap the other's
-# softmax: 6-11% faster than one program of two units per step (2.60 -> 2.45 ms at 32k, 23.9 -> 22.7
-# ms at 128k, 0.46 -> 0.41 ms at 8k).
+# the same in the forward. The head-dim-128 forward takes one key unit per step with its registers
+# capped at 128 (sm_90 ptxas: no spills) and 96 KB of shared memory, so that two 8-warp programs
+# share an SM and one's products overlap the other's softmax: 6-11% faster than one program of two
+# units per step (2.60 -> 2.45 ms at 32k, 23.9 -> 22.7 ms at 128k, 0.46 -> 0.41 ms at 8k), although
+# at that cap ptxas serializes each product's instructions (note C7512; 32-key products avoid it
+# but ran 13-36% slower).
 _FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)])
                 + _configs(("STEP",), [(2, 8, 2), (2, 8, 3)], maxnreg=128),
                 _configs(("STEP",), [(1, 8, 2)], maxnreg=128)
