@@ -351,13 +351,13 @@ def test_stored_ds_in_chunks_or_recomputed(monkeypatch, case, budget):
     plan = kernel.stored_ds_plan
     chosen = {"budget": budget}
 
-    def plan_with_budget(layout, num_seqs, heads, group, heads_per_program, element_size, num_sms):
+    def plan_with_budget(layout, work, num_seqs, heads, group, element_size, num_sms):
         """The plan for a budget of all heads' dS, or of the largest group's, or none."""
         starts = layout.k_head_starts
         block_bytes = num_seqs * math.prod(layout.ds_block_shape) * element_size
         per_group = [(starts[g + group] - starts[g]) * block_bytes for g in range(0, heads, group)]
         bytes_ = {"all_heads": sum(per_group), "group_per_chunk": max(per_group), "none": 0}[chosen["budget"]]
-        return plan(layout, num_seqs, heads, group, heads_per_program, element_size, num_sms, bytes_)
+        return plan(layout, work, num_seqs, heads, group, element_size, num_sms, bytes_)
 
     monkeypatch.setattr(kernel, "stored_ds_plan", plan_with_budget)
     got = compare(pattern, q, k, v, seed=43, **options)
@@ -373,22 +373,23 @@ def test_stored_ds_in_chunks_or_recomputed(monkeypatch, case, budget):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("heads_per_program", [1, 4])
-def test_stored_ds_chunks_only_when_no_program_outlasts_its_chunk(heads_per_program):
+@pytest.mark.parametrize("programs", ["per_head", "per_group"])
+def test_stored_ds_chunks_only_when_no_program_outlasts_its_chunk(programs):
     """Chunks of heads wait for their longest dK/dV program: a plan of several chunks is refused
     when a program's list entries exceed its chunk's entries per SM (one chunk is always fine)."""
     pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
     layout = kernel.kernel_layout(get_layout(pattern, 8, 2, 200), 32, 4)
-    per_head = (layout.k_tiles.ptr[1:] - layout.k_tiles.ptr[:-1]).view(8, -1).long()
-    program = per_head if heads_per_program == 1 else per_head.view(2, 4, -1).sum(1)
+    per_head = (layout.k_tiles.ptr[1:] - layout.k_tiles.ptr[:-1]).view(2, 4, -1).long()
+    program = per_head if programs == "per_head" else per_head.sum(1, keepdim=True)
+    work = layout.k_work_per_head if programs == "per_head" else layout.k_work_per_group
     starts = layout.k_head_starts
     entries = [starts[4] - starts[0], starts[8] - starts[4]]  # of each group, a chunk each
-    longest = [int(program[g * 4 // heads_per_program:(g + 1) * 4 // heads_per_program].max()) for g in (0, 1)]
+    longest = [int(program[g].max()) for g in (0, 1)]
     block_bytes = math.prod(layout.ds_block_shape) * 2
     two_chunks = max(entries) * block_bytes
 
     def chunks(num_sms, budget):
-        plan = kernel.stored_ds_plan(layout, 1, 8, 4, heads_per_program, 2, num_sms, budget)
+        plan = kernel.stored_ds_plan(layout, work, 1, 8, 4, 2, num_sms, budget)
         return None if plan is None else len(plan)
 
     fits = min(e // n for e, n in zip(entries, longest))  # the most SMs both chunks keep busy
@@ -409,11 +410,11 @@ def test_stored_ds_chunks_are_balanced_and_keep_the_work_order(heads, kv_heads, 
     block_bytes = math.prod(layout.ds_block_shape) * 4
     bounds = [(i * kv_heads // chunks * group, (i + 1) * kv_heads // chunks * group) for i in range(chunks)]
     budget = max(starts[hi] - starts[lo] for lo, hi in bounds) * block_bytes
-    plan = kernel.stored_ds_plan(layout, 1, heads, group, group, 4, 1, budget)
+    plan = kernel.stored_ds_plan(layout, layout.k_work_per_group, 1, heads, group, 4, 1, budget)
     assert 1 < len(plan) <= chunks
     sizes = [chunk.head_hi - chunk.head_lo for chunk in plan]
     assert plan[0].head_lo == 0 and plan[-1].head_hi == heads and max(sizes) - min(sizes) <= group
-    everything = layout.k_order_per_group.tolist()
+    everything = layout.k_work_per_group.order.tolist()
     for chunk in plan:
         assert all(size % group == 0 for size in sizes)
         assert chunk.first_entry == starts[chunk.head_lo] and chunk.blocks == starts[chunk.head_hi] - chunk.first_entry
@@ -421,24 +422,30 @@ def test_stored_ds_chunks_are_balanced_and_keep_the_work_order(heads, kv_heads, 
         assert chunk.order.tolist() == mine
 
 
-def test_stored_ds_chunks_fall_back_to_per_head_programs(monkeypatch):
-    """kv_group heads: when a group's dK/dV programs are too long for chunks but one head's are not,
-    the deterministic backward runs per-head programs (float32 partials) on stored dS: exact."""
+def test_stored_ds_chunks_fall_back_to_per_head_programs_for_long_ones(monkeypatch):
+    """kv_group heads: when some of a group's dK/dV programs are too long for chunks but one head's
+    are not, the deterministic backward runs those per head (float32 partials, summed per group)
+    and the rest per group, on stored dS: exact, and each chunk runs its own items."""
     monkeypatch.setattr(attention, "DETERMINISTIC_BY_DEFAULT", True)
-    pattern = S2Pattern(block_size=16, local_blocks=2, vert_stride=3, head_pattern="kv_group")
-    layout = kernel.kernel_layout(get_layout(pattern, 8, 2, 200), 32, 4)
+    pattern = S2Pattern(block_size=16, local_blocks=1, vert_stride=8, head_pattern="kv_group")
+    layout = kernel.kernel_layout(get_layout(pattern, 8, 2, 512), 32, 4)
     starts = layout.k_head_starts
     entries = min(starts[4] - starts[0], starts[8] - starts[4])
-    num_sms = entries // max(layout.k_longest_per_head)  # per-head programs fit, group programs not
-    assert max(layout.k_longest_per_group) * num_sms > max(starts[4] - starts[0], starts[8] - starts[4])
+    num_sms = entries // max(layout.k_work_per_head.longest_per_group)  # per-head programs fit, group ones not
+    assert max(layout.k_work_per_group.longest_per_group) * num_sms > max(starts[4] - starts[0], starts[8] - starts[4])
     monkeypatch.setattr(kernel, "_sm_count", lambda device: num_sms)
     monkeypatch.setattr(kernel, "STORED_DS_BYTES", max(starts[4] - starts[0], starts[8] - starts[4])
                         * math.prod(layout.ds_block_shape) * 4)
     launches = spy_launches(monkeypatch, "_dkdv", "_dq_stored", "_dq")
-    q, k, v = draw((1, 200, 8, 32), (1, 200, 2, 32), (1, 200, 2, 32), seed=44)
+    q, k, v = draw((1, 512, 8, 32), (1, 512, 2, 32), (1, 512, 2, 32), seed=44)
     compare(pattern, q, k, v, seed=45)
     assert [name for name, _ in launches] == ["_dkdv", "_dq_stored"] * 2
-    assert all(kw["heads_per_program"] == 1 for name, kw in launches if name == "_dkdv")
+    items = [kw["ORDER"].tolist() for name, kw in launches if name == "_dkdv"]
+    assert sorted(items[0] + items[1]) == sorted(layout.k_work_long_per_head.order.tolist())
+    tiles = layout.k_tiles.num_tiles
+    for kv_head, chunk in enumerate(items):  # a chunk per KV group, both kinds of items in each
+        assert {w // tiles if w >= 0 else ~w // tiles // 4 for w in chunk} == {kv_head}
+        assert min(chunk) < 0 <= max(chunk)
 
 
 @pytest.mark.parametrize("value,gib", [(None, 8), ("0.5", 0.5), ("0", 0), ("-1", None), ("lots", None), ("nan", None)])
@@ -476,21 +483,53 @@ def test_gqa_key_programs_per_head_or_per_group(monkeypatch, backward_mode, spli
     q, k, v = draw((1, 50, 6, 32), (1, 50, 2, 32), (1, 50, 2, 32), seed=34)
     compare(pattern, q, k, v, seed=35)
     layout = kernel.kernel_layout(get_layout(pattern, 6, 2, 50), 32, 3)
-    assert launches[0][1]["ORDER"] is (layout.k_order_per_head if split else layout.k_order_per_group)
+    assert torch.equal(launches[0][1]["ORDER"], (layout.k_work_per_head if split else layout.k_work_per_group).order)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
-def test_key_work_orders_are_heaviest_first(heads, kv_heads):
-    """Every dK/dV program once, heaviest first: per query head (cost: its list entries) and per GQA
-    group (cost: the entries of the group's heads)."""
-    pattern = S2Pattern(block_size=64, local_blocks=2, vert_stride=4)
-    kl = kernel.kernel_layout(get_layout(pattern, heads, kv_heads, 40 * 64), 128, heads // kv_heads)
-    per_head = (kl.k_tiles.ptr[1:] - kl.k_tiles.ptr[:-1]).long().view(heads, -1)
-    per_group = per_head.view(kv_heads, heads // kv_heads, -1).sum(1)
-    for order, entries in ((kl.k_order_per_head, per_head), (kl.k_order_per_group, per_group)):
-        cost = entries.flatten()[order.long()]
-        assert sorted(order.tolist()) == list(range(entries.numel()))
-        assert (cost[:-1] >= cost[1:]).all() and cost[0] > cost[-1]
+@pytest.mark.parametrize("heads,kv_heads,head_pattern", [(4, 4, "heterogeneous"), (8, 2, "heterogeneous"),
+                                                         (8, 2, "kv_group")])
+def test_key_works_run_every_program_once_heaviest_first(heads, kv_heads, head_pattern):
+    """Every (head, key tile) exactly once, heaviest first: in programs per query head (cost: its
+    list entries), per GQA group (the entries of the group's heads), and per group except where that
+    exceeds the group's longest single-head program (those per head); with each group's item count
+    and longest program."""
+    group = heads // kv_heads
+    pattern = S2Pattern(block_size=64, local_blocks=2, vert_stride=4, head_pattern=head_pattern)
+    kl = kernel.kernel_layout(get_layout(pattern, heads, kv_heads, 40 * 64), 128, group)
+    tiles = kl.k_tiles.num_tiles
+    per_head = (kl.k_tiles.ptr[1:] - kl.k_tiles.ptr[:-1]).long().view(kv_heads, group, tiles)
+    per_group = per_head.sum(1)
+    head_longest = per_head.flatten(1).max(1).values
+    expected_split = {"per_head": torch.ones_like(per_group, dtype=torch.bool),
+                      "per_group": torch.zeros_like(per_group, dtype=torch.bool),
+                      "long_per_head": per_group > head_longest[:, None]}
+    for name, by_head in expected_split.items():
+        work = getattr(kl, f"k_work_{name}")
+        seen = torch.zeros(kv_heads, group, tiles, dtype=torch.long)
+        costs, group_of = [], []
+        for w in work.order.tolist():
+            if w >= 0:
+                kv_head, tile = divmod(w, tiles)
+                assert not by_head[kv_head, tile]
+                seen[kv_head, :, tile] += 1
+                costs.append(int(per_group[kv_head, tile]))
+            else:
+                head, tile = divmod(~w, tiles)
+                kv_head = head // group
+                assert by_head[kv_head, tile]
+                seen[kv_head, head % group, tile] += 1
+                costs.append(int(per_head[kv_head, head % group, tile]))
+            group_of.append(kv_head)
+        assert (seen == 1).all()
+        assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+        assert work.items_per_group == tuple(group_of.count(g) for g in range(kv_heads))
+        assert work.longest_per_group == tuple(max(c for c, g in zip(costs, group_of) if g == kv_head)
+                                               for kv_head in range(kv_heads))
+        split = torch.nonzero(by_head.flatten()).flatten().tolist()
+        assert (work.split is None and not split) or work.split.tolist() == split
+    if head_pattern == "kv_group":  # stripe tiles: a group's program is 4 heads' long lists
+        assert kl.k_work_long_per_head.split is not None
+        assert max(kl.k_work_long_per_head.longest_per_group) == max(kl.k_work_per_head.longest_per_group)
 
 
 def test_tile_lists_are_cached(monkeypatch):

@@ -439,7 +439,7 @@ def run_ablations(out):
 
 # Pointer arguments of the kernels (bf16 inputs; the rest are int32 scalars unless listed).
 _ARG_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "DS")},
-              **{n: "*fp32" for n in ("DQ_ACC", "LSE", "DELTA")},
+              **{n: "*fp32" for n in ("DQ_ACC", "LSE", "DELTA", "DK_PART", "DV_PART")},
               **{n: "*i32" for n in ("T_PTR", "T_NFULL", "ENTRIES", "T_UNITS", "ORDER", "CU_Q", "CU_K", "DS_INDEX")},
               "qk_scale": "fp32", "sm_scale": "fp32"}
 
@@ -464,7 +464,7 @@ def print_spills(capability=None):
         which = kernel.head_dim_index(dim)
         shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32")
         query = dict(shape, PACK=1, POS=128, TMA=kernel.TMA_LOADS)
-        key = dict(shape, TMA=kernel.TMA_KEY_PASS)
+        key = dict(shape, TMA=kernel.TMA_KEY_PASS, ITEMS="group")  # MHA: programs per (KV) head
         for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False)),
                                           ("dq", kernel._dq, query),
                                           ("dq_stored", kernel._dq_stored, dict(query, TILE=128)),

@@ -31,7 +31,8 @@ registers over the tile's transposed lists, heaviest programs first:
   varies, so dQ may differ in the last bits from run to run.
 A program serves all query heads of a GQA group (their K/V tile loaded once, dK/dV summed in
 registers) or one query head (shorter programs, which balance better, but float32 partial dK/dV
-summed over the group afterwards, in a fixed order): ``SPLIT_HEADS`` chooses per mode.
+summed over the group afterwards, in a fixed order): ``SPLIT_HEADS`` chooses per mode, and where a
+group's stripe-tile programs are too long for the deterministic mode's chunks, those run per head.
 
 The gradient of the returned log-sum-exp enters through ``delta = rowsum(dO * O) - dlse``
 (dS = P * (dP - delta)). Packed sequences share the lists of one length at least the longest
@@ -87,6 +88,22 @@ class TileLists:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyWork:
+    """The dK/dV pass's programs, heaviest first (most list entries; ties in head order). Item
+    ``kv_head * tiles + tile`` runs the query heads of a KV group against a key tile and writes dK/dV;
+    item ``~(head * tiles + tile)`` runs one query head and writes float32 partials, which
+    ``_sum_partials_kernel`` adds up per group for the key tiles in ``split`` (``kv_head * tiles +
+    tile``; None when no item runs one head)."""
+
+    order: torch.Tensor
+    items_per_group: tuple  # host ints: the items of each KV group
+    longest_per_group: tuple  # host ints: the most list entries of one item, per KV group
+    split: torch.Tensor | None
+    # "group", "head" or "mixed": which items occur (the kernel then compiles only their code).
+    kind: str
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelLayout:
     unit: int
     q_merge: int  # units per query list tile (forward, dQ)
@@ -95,18 +112,17 @@ class KernelLayout:
     q_pack: int  # query heads stacked in one forward/dQ program (GQA packing; 1: none)
     q_positions: int  # positions per forward/dQ program (its rows: q_pack * q_positions)
     k_tiles: TileLists  # for dK/dV: query units per key tile (units paired per KV head)
-    # dK/dV work items (program head * tiles + tile), most list entries first, with programs per
-    # query head and per GQA group (the same when there is no group).
-    k_order_per_head: torch.Tensor
-    k_order_per_group: torch.Tensor
+    # dK/dV programs (``KeyWork``) per GQA group; per query head; and per group except those
+    # longer than the group's longest single-head program, which run per head (all three the same
+    # when there is no group).
+    k_work_per_group: KeyWork
+    k_work_per_head: KeyWork
+    k_work_long_per_head: KeyWork
     # The deterministic backward's stored dS (``stored_ds_plan``): per query-list entry and unit slot
     # of its tile, ``(k-list entry << 3) | key slot`` of the dS block that holds those pairs (-1: the
     # unit does not use the entry); and the first k-list entry of every query head (host ints).
     q_ds_index: torch.Tensor
     k_head_starts: tuple
-    # The most list entries of one dK/dV program, per query head and per GQA group (host ints).
-    k_longest_per_head: tuple
-    k_longest_per_group: tuple
 
     @property
     def ds_block_shape(self) -> tuple:
@@ -314,18 +330,35 @@ def _query_packing(layout: S2Layout, head_dim: int, group: int, unit: int, q_mer
     return 1, unit * q_merge, q_merge
 
 
-def _key_program_costs(k_tiles: TileLists, heads: int, group: int):
-    """Cost of every dK/dV program ``[program heads, tiles]`` with one program per query head and
-    per GQA group: its list entries (query units against its key tile), summed over its heads."""
-    per_head = (k_tiles.ptr[1:] - k_tiles.ptr[:-1]).view(heads, k_tiles.num_tiles).long()
-    return per_head, per_head.view(heads // group, group, -1).sum(1)
+def _key_works(k_tiles: TileLists, heads: int, group: int):
+    """The ``KeyWork`` of the dK/dV pass with programs per GQA group, per query head, and per group
+    except those longer than the group's longest single-head program, which run per head. A
+    program's cost is its list entries (query units against its key tile), summed over its heads."""
+    tiles = k_tiles.num_tiles
+    device = k_tiles.ptr.device
+    per_head = (k_tiles.ptr[1:] - k_tiles.ptr[:-1]).view(heads // group, group, tiles).long()
+    per_group = per_head.sum(1)
+    group_items = torch.arange(per_group.numel(), device=device)
+    head_items = torch.arange(per_head.numel(), device=device)
 
+    def work(by_head):
+        """Programs per head for the key tiles ``by_head`` ([kv heads, tiles]), else per group."""
+        whole, one_head = ~by_head.flatten(), by_head[:, None, :].expand(per_head.shape).flatten()
+        items = torch.cat((group_items[whole], ~head_items[one_head]))
+        costs = torch.cat((per_group.flatten()[whole], per_head.flatten()[one_head]))
+        kv_head = torch.cat((group_items[whole] // tiles, head_items[one_head] // (group * tiles)))
+        # Heaviest first, so that no long program starts last (ties keep head-major order: the
+        # programs running together read one head's Q and dO from L2).
+        order = torch.sort(-costs, stable=True).indices
+        longest = torch.zeros(heads // group, dtype=torch.long, device=device).scatter_reduce_(
+            0, kv_head, costs, "amax")
+        kind = "head" if bool(by_head.all()) else "mixed" if bool(by_head.any()) else "group"
+        return KeyWork(items[order].to(torch.int32).contiguous(),
+                       tuple(torch.bincount(kv_head, minlength=heads // group).tolist()), tuple(longest.tolist()),
+                       None if kind == "group" else group_items[by_head.flatten()].to(torch.int32), kind)
 
-def _key_work_orders(costs):
-    """dK/dV programs, heaviest first (per head, per group). Heaviest first, so that no long program
-    starts last (ties keep head-major order: the programs running together read one head's Q and dO
-    from L2)."""
-    return tuple(torch.sort(-cost.flatten(), stable=True).indices.to(torch.int32) for cost in costs)
+    long = per_group > per_head.amax((1, 2))[:, None]
+    return work(torch.zeros_like(long)), work(torch.ones_like(long)), work(long)
 
 
 def _stored_ds_index(q_tiles: TileLists, k_tiles: TileLists, key_positions, group: int, k_merge: int, q_units: int):
@@ -383,15 +416,12 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     k_pairs = _paired_tiles(hk, rk, ck, heads, group, k_merge, k_units, q_units)
     k_tiles = _merge_lists(hk, rk, ck, k_pairs, heads, group, k_units, q_units, k_start, q_start,
                            rows_are_queries=False)
-    costs = _key_program_costs(k_tiles, heads, group)
-    k_order_per_head, k_order_per_group = _key_work_orders(costs)
-    longest_per_head, longest_per_group = (tuple(cost.max(1).values.tolist()) for cost in costs)
+    per_group, per_head, long_per_head = _key_works(k_tiles, heads, group)
     q_ds_index = _stored_ds_index(q_tiles, k_tiles, k_pairs[1], group, k_merge, q_units)
     derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles,
-                           q_pack=q_pack, q_positions=q_positions, k_order_per_head=k_order_per_head,
-                           k_order_per_group=k_order_per_group, q_ds_index=q_ds_index,
-                           k_head_starts=tuple(k_tiles.ptr[::k_tiles.num_tiles].tolist()),
-                           k_longest_per_head=longest_per_head, k_longest_per_group=longest_per_group)
+                           q_pack=q_pack, q_positions=q_positions, k_work_per_group=per_group,
+                           k_work_per_head=per_head, k_work_long_per_head=long_per_head, q_ds_index=q_ds_index,
+                           k_head_starts=tuple(k_tiles.ptr[::k_tiles.num_tiles].tolist()))
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
     if len(_derived) > _DERIVED_CACHE_SIZE:
         _derived.popitem(last=False)
@@ -805,42 +835,67 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, dq_base, dq_desc, d
 
 
 @triton.jit
+def _key_item(ORDER, num_seqs, num_tiles, group, ITEMS: tl.constexpr):
+    """``(sequence, key tile, first query head, query heads, one head?)`` of this dK/dV program's
+    ``KeyWork`` item (of the kinds ``ITEMS``); heaviest items first, for every sequence before the
+    next lighter item."""
+    work = tl.load(ORDER + tl.program_id(0) // num_seqs)
+    if ITEMS == "head":  # one query head, known at compile time (no loop over heads)
+        item = -1 - work
+        h_first = item // num_tiles
+        num_heads = 1
+        one_head = True
+    elif ITEMS == "group":
+        item = work
+        h_first = item // num_tiles * group
+        num_heads = group
+        one_head = False
+    else:
+        one_head = work < 0
+        item = tl.where(one_head, -1 - work, work)
+        h_first = tl.where(one_head, item // num_tiles, item // num_tiles * group)
+        num_heads = tl.where(one_head, 1, group)
+    return tl.program_id(0) % num_seqs, item % num_tiles, h_first, num_heads, one_head
+
+
+@triton.jit
+def _key_tile_rows(T_UNITS, kh, num_tiles, tile, k_tok0, len_k, UNIT: tl.constexpr, MERGE: tl.constexpr):
+    """``(rows, rows in range, token offsets)`` of a dK/dV key tile; its units need not be
+    neighbours (see _paired_tiles)."""
+    offs_m = tl.arange(0, UNIT * MERGE)
+    slot_unit = tl.load(T_UNITS + (kh * num_tiles + tile) * MERGE + offs_m // UNIT)
+    rows = slot_unit * UNIT + offs_m % UNIT
+    return rows, (slot_unit >= 0) & (rows < len_k), (k_tok0 + rows).to(tl.int64)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, T_UNITS, ORDER, CU_Q, CU_K,
+    Q, K, V, DO, DK, DV, DK_PART, DV_PART, DQ_ACC, LSE, DELTA, T_PTR, T_NFULL, ENTRIES, T_UNITS, ORDER, CU_Q, CU_K,
     qk_scale, sm_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh, stride_ab, stride_as, stride_ah, stride_lb, stride_lh,
-    heads_per_program, group, num_seqs, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
+    stride_pb, stride_ps, stride_ph, stride_ab, stride_as, stride_ah, stride_lb, stride_lh,
+    group, num_seqs, len_q_all, len_k_all, num_tiles, q_pos0, k_pos0, tune_bucket,
     DS, ds_base, ds_blocks,
     HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_REDUCE: tl.constexpr,
     TMA: tl.constexpr, QSTEP: tl.constexpr, DQ_T: tl.constexpr = True, STORE_DS: tl.constexpr = False,
-    DS_TMA: tl.constexpr = False,
+    DS_TMA: tl.constexpr = False, ITEMS: tl.constexpr = "group",
 ):
-    """One key tile against ``heads_per_program`` query heads (one, or a GQA group); writes dK/dV
-    at head index ``program head`` of DK/DV (the KV head, or per-query-head partials). With
-    ``STORE_DS``, the dS of list entry ``e`` of sequence ``b`` goes to block ``b * ds_blocks + e -
-    ds_base`` of ``DS`` ([blocks, TILE keys, UNIT queries])."""
+    """One key tile against the query heads of a ``KeyWork`` item: a GQA group's, whose dK/dV go to
+    DK/DV (same strides), or one head's, whose float32 partials go to DK_PART/DV_PART (per query
+    head, same strides). With ``STORE_DS``, the dS of list entry ``e`` of sequence ``b`` goes to
+    block ``b * ds_blocks + e - ds_base`` of ``DS`` ([blocks, TILE keys, UNIT queries])."""
     TILE: tl.constexpr = UNIT * MERGE
-    # Heaviest (head, tile) first, for every sequence of the batch before the next lighter one.
-    work = tl.load(ORDER + tl.program_id(0) // num_seqs)
-    b = tl.program_id(0) % num_seqs
-    out_head = work // num_tiles
-    tile = work % num_tiles
-    h_first = out_head * heads_per_program
+    b, tile, h_first, num_heads, _one_head = _key_item(ORDER, num_seqs, num_tiles, group, ITEMS)
     kh = h_first // group
     q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
     k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
     offs_m = tl.arange(0, TILE)
-    # The tile's key units need not be neighbours (see _paired_tiles).
-    slot_unit = tl.load(T_UNITS + (kh * num_tiles + tile) * MERGE + offs_m // UNIT)
-    rows = slot_unit * UNIT + offs_m % UNIT
-    row_ok = (slot_unit >= 0) & (rows < len_k)
+    rows, row_ok, k_off = _key_tile_rows(T_UNITS, kh, num_tiles, tile, k_tok0, len_k, UNIT, MERGE)
     if tl.max(row_ok.to(tl.int32), 0) > 0:
         offs_d = tl.arange(0, HEAD_DIM)
         b64 = b.to(tl.int64)
-        k_off = (k_tok0 + rows).to(tl.int64)
         k = tl.load(K + b64 * stride_kb + kh * stride_kh + k_off[:, None] * stride_ks + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         v = tl.load(V + b64 * stride_vb + kh * stride_vh + k_off[:, None] * stride_vs + offs_d[None, :],
@@ -857,7 +912,7 @@ def _bwd_dkdv_kernel(
                                                block_shape=[TILE, QSTEP])
         else:
             ds_dst = DS
-        for h in range(h_first, h_first + heads_per_program):
+        for h in range(h_first, h_first + num_heads):
             q_base = Q + b64 * stride_qb + h * stride_qh + q_tok * stride_qs
             do_base = DO + b64 * stride_db + h * stride_dh + q_tok * stride_ds
             dq_base = DQ_ACC + b64 * stride_ab + h * stride_ah + q_tok * stride_as
@@ -880,10 +935,44 @@ def _bwd_dkdv_kernel(
                                  sm_scale, k_pos, len_q, q_pos0, unit_of_row, offs_d, UNIT, TILE, QSTEP, DOT_PREC,
                                  FUSED_DQ, DQ_T, DQ_REDUCE, TMA, STORE_DS, DS_TMA)
         dk *= sm_scale
-        tl.store(DK + b64 * stride_dkb + out_head * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(DV + b64 * stride_dvb + out_head * stride_dvh + k_off[:, None] * stride_dvs + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
+        # The item and its rows again rather than kept through the loops, which are short of registers
+        # (kept, their layout conversions for these stores were hoisted before the loops: spills).
+        _b, tile, h_first, _heads, one_head = _key_item(ORDER, num_seqs, num_tiles, group, ITEMS)
+        kh = h_first // group
+        _rows, row_ok, k_off = _key_tile_rows(T_UNITS, kh, num_tiles, tile, k_tok0, len_k, UNIT, MERGE)
+        if one_head:
+            out = b64 * stride_pb + h_first * stride_ph + k_off[:, None] * stride_ps + offs_d[None, :]
+            tl.store(DK_PART + out, dk, mask=row_ok[:, None])
+            tl.store(DV_PART + out, dv, mask=row_ok[:, None])
+        else:
+            out = b64 * stride_dkb + kh * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :]
+            tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _sum_partials_kernel(DK_PART, DV_PART, DK, DV, SPLIT, T_UNITS, CU_K, stride_pb, stride_ps, stride_ph,
+                         stride_dkb, stride_dks, stride_dkh, group, num_tiles, len_k_all,
+                         HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, MERGE: tl.constexpr, VARLEN: tl.constexpr):
+    """dK/dV of a key tile whose dK/dV pass ran per query head: the float32 partials of the group's
+    heads added in head order (bit-identical from run to run), cast once."""
+    item = tl.load(SPLIT + tl.program_id(0))  # kv_head * num_tiles + tile
+    kh = item // num_tiles
+    b = tl.program_id(1)
+    k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
+    _rows, row_ok, k_off = _key_tile_rows(T_UNITS, kh, num_tiles, item % num_tiles, k_tok0, len_k, UNIT, MERGE)
+    if tl.max(row_ok.to(tl.int32), 0) > 0:
+        b64 = b.to(tl.int64)
+        offs_d = tl.arange(0, HEAD_DIM)
+        part = b64 * stride_pb + kh * group * stride_ph + k_off[:, None] * stride_ps + offs_d[None, :]
+        dk = tl.zeros([UNIT * MERGE, HEAD_DIM], tl.float32)
+        dv = tl.zeros([UNIT * MERGE, HEAD_DIM], tl.float32)
+        for g in range(group):
+            dk += tl.load(DK_PART + part + g * stride_ph, mask=row_ok[:, None], other=0.0)
+            dv += tl.load(DV_PART + part + g * stride_ph, mask=row_ok[:, None], other=0.0)
+        out = b64 * stride_dkb + kh * stride_dkh + k_off[:, None] * stride_dks + offs_d[None, :]
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -1303,37 +1392,42 @@ class StoredDsChunk:
     blocks: int
 
 
-def stored_ds_plan(layout: KernelLayout, num_seqs: int, heads: int, group: int, heads_per_program: int,
+def stored_ds_plan(layout: KernelLayout, work: KeyWork, num_seqs: int, heads: int, group: int,
                    element_size: int, num_sms: int, budget: int = None):
     """Chunks of whole KV groups whose stored dS fits ``budget`` bytes (``stored_ds_budget``), fewest
-    chunks first; None (the dQ pass then recomputes dS) when a single group does not fit, or when a
-    chunk's longest dK/dV program would outlast its share of the work per SM (``num_sms``): each
-    chunk then waits for that program (``kv_group`` GQA at 128k: a group's program runs four heads'
-    stripe lists, 3x a chunk's work per SM)."""
+    chunks first, for the dK/dV programs ``work``; None (the dQ pass then recomputes dS) when a
+    single group does not fit, or when a chunk's longest dK/dV program would outlast its share of the
+    work per SM (``num_sms``): each chunk then waits for that program (``kv_group`` GQA at 128k with
+    programs per group: a stripe tile's program runs four heads' long lists, 3x a chunk's work per
+    SM)."""
     budget = stored_ds_budget() if budget is None else budget
     starts = layout.k_head_starts
     block_bytes = num_seqs * math.prod(layout.ds_block_shape) * element_size
     groups = heads // group
     for n_chunks in range(1, groups + 1):  # chunk i: groups [i * groups // n_chunks, (i + 1) * ...)
-        bounds = [(i * groups // n_chunks * group, (i + 1) * groups // n_chunks * group) for i in range(n_chunks)]
-        if all((starts[hi] - starts[lo]) * block_bytes <= budget for lo, hi in bounds):
+        bounds = [(i * groups // n_chunks, (i + 1) * groups // n_chunks) for i in range(n_chunks)]
+        if all((starts[hi * group] - starts[lo * group]) * block_bytes <= budget for lo, hi in bounds):
             break
     else:
         return None
-    longest = layout.k_longest_per_head if heads_per_program == 1 else layout.k_longest_per_group
-    if len(bounds) > 1 and any(max(longest[lo // heads_per_program:hi // heads_per_program]) * num_sms
-                               > num_seqs * (starts[hi] - starts[lo]) for lo, hi in bounds):
+    longest = work.longest_per_group
+    if len(bounds) > 1 and any(max(longest[lo:hi]) * num_sms > num_seqs * (starts[hi * group] - starts[lo * group])
+                               for lo, hi in bounds):
         return None
-    order = layout.k_order_per_head if heads_per_program == 1 else layout.k_order_per_group
-    num_tiles = layout.k_tiles.num_tiles
-    if len(bounds) == 1:
-        return [StoredDsChunk(0, heads, order, starts[0], starts[heads] - starts[0])]
-    # Each chunk's items together, still heaviest first within it (the chunk of group g is the last
-    # i with i * groups // n_chunks <= g).
-    group_of = order.long() // num_tiles * heads_per_program // group
-    order = order[torch.sort(((group_of + 1) * n_chunks - 1) // groups, stable=True).indices]
-    return [StoredDsChunk(lo, hi, order[lo // heads_per_program * num_tiles: hi // heads_per_program * num_tiles],
-                          starts[lo], starts[hi] - starts[lo]) for lo, hi in bounds]
+    order = work.order
+    if len(bounds) > 1:
+        # Each chunk's items together, still heaviest first within it (the chunk of group g is the
+        # last i with i * groups // n_chunks <= g).
+        item, tiles = order.long(), layout.k_tiles.num_tiles
+        group_of = torch.where(item >= 0, item // tiles, (-1 - item) // tiles // group)
+        order = order[torch.sort(((group_of + 1) * n_chunks - 1) // groups, stable=True).indices]
+    chunks, first = [], 0
+    for lo, hi in bounds:
+        items = sum(work.items_per_group[lo:hi])
+        chunks.append(StoredDsChunk(lo * group, hi * group, order[first:first + items], starts[lo * group],
+                                    starts[hi * group] - starts[lo * group]))
+        first += items
+    return chunks
 
 
 @functools.lru_cache(maxsize=None)
@@ -1364,41 +1458,45 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
         num_heads=heads, len_q_all=problem.len_q,
         HEAD_DIM=dim, ROWS=rows, HAS_DLSE=dlse is not None, VARLEN=varlen, ZERO_DQ=not deterministic,
     )
-    # Per-head programs of a GQA group write float32 partials, summed below in a fixed order.
-    partial = group > 1 and SPLIT_HEADS["deterministic" if deterministic else "fast"]
+    # Per-head programs of a GQA group write float32 partials, summed at the end in a fixed order.
+    split_heads = group > 1 and SPLIT_HEADS["deterministic" if deterministic else "fast"]
+    work = layout.k_work_per_head if split_heads else layout.k_work_per_group
     plan = None
     if deterministic:
-        def plan_for(heads_per_program):
-            return stored_ds_plan(layout, problem.num_seqs, heads, group, heads_per_program, q.element_size(),
+        def plan_for(candidate):
+            return stored_ds_plan(layout, candidate, problem.num_seqs, heads, group, q.element_size(),
                                   _sm_count(q.device))
 
-        plan = plan_for(1 if partial else group)
-        if plan is None and group > 1 and not partial:
-            # A group's programs too long for chunks (kv_group heads): per-head programs may fit.
-            plan = plan_for(1)
-            partial = plan is not None
-    k_order = layout.k_order_per_head if partial else layout.k_order_per_group
-    grad_shape, grad_dtype = ((*k.shape[:2], heads, dim), torch.float32) if partial else (k.shape, k.dtype)
-    dk = new_output(grad_shape, grad_dtype, k.device)
-    dv = new_output(grad_shape, grad_dtype, v.device)
+        plan = plan_for(work)
+        if plan is None and work is layout.k_work_per_group and layout.k_work_long_per_head.split is not None:
+            # Some of a group's programs are too long for chunks (kv_group heads, stripe tiles): those
+            # may fit per head.
+            plan = plan_for(layout.k_work_long_per_head)
+            if plan is not None:
+                work = layout.k_work_long_per_head
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    # The per-head items' float32 partials, [dK/dV, batch, tokens, query heads, dim].
+    part = new_output((2, *k.shape[:2], heads, dim), torch.float32, k.device) if work.split is not None else None
     scales = dict(qk_scale=problem.sm_scale * _LOG2E, sm_scale=problem.sm_scale)
     prec = _dot_precision(q.dtype)
     k_tiles = layout.k_tiles
-    heads_per_program = 1 if partial else group
     key_pass = dict(
-        Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, DQ_ACC=dq_acc, LSE=lse, DELTA=delta, T_PTR=k_tiles.ptr,
+        Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, DK_PART=dk if part is None else part[0],
+        DV_PART=dv if part is None else part[1], DQ_ACC=dq_acc, LSE=lse, DELTA=delta, T_PTR=k_tiles.ptr,
         T_NFULL=k_tiles.nfull, ENTRIES=k_tiles.entries, T_UNITS=k_tiles.units, **seq_bounds,
         **scales, **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
-        **_strides("d", do, varlen), **_strides("dk", dk, varlen), **_strides("dv", dv, varlen), **acc_strides,
-        **_lse_strides(lse, varlen),
-        heads_per_program=heads_per_program, group=group, num_seqs=problem.num_seqs,
+        **_strides("d", do, varlen), **_strides("dk", dk, varlen),
+        **_strides("p", dk if part is None else part[0], varlen), **acc_strides, **_lse_strides(lse, varlen), group=group, num_seqs=problem.num_seqs,
         num_tiles=k_tiles.num_tiles, **_positions(problem), HEAD_DIM=dim, UNIT=layout.unit, MERGE=layout.k_merge,
         VARLEN=varlen, DOT_PREC=prec, FUSED_DQ=not deterministic,
         DQ_REDUCE=not deterministic and use_tma_reduce(dq_acc), TMA=TMA_KEY_PASS and _descriptors_usable(q, do),
+        ITEMS=work.kind,
     )
     if plan is None:
         (_dkdv if deterministic else _fused).launch(
-            (k_order.numel() * problem.num_seqs,), dim, **key_pass, ORDER=k_order, DS=lse, ds_base=0, ds_blocks=0)
+            (work.order.numel() * problem.num_seqs,), dim, **key_pass, ORDER=work.order, DS=lse, ds_base=0,
+            ds_blocks=0)
     else:
         dq = new_output(q.shape, q.dtype, q.device)
         q_tiles = layout.q_tiles
@@ -1421,8 +1519,12 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
                 ds_base=chunk.first_entry, ds_blocks=chunk.blocks, tune_bucket=_tune_bucket(problem.len_q),
                 HEAD_DIM=dim, TILE=layout.ds_block_shape[0], VARLEN=varlen, DOT_PREC=prec, TMA=use_tma(k, v), **shape,
             )
-    if partial:
-        dk, dv = (t.unflatten(2, (kv_heads, group)).sum(3).to(k.dtype) for t in (dk, dv))
+    if part is not None:
+        _sum_partials_kernel[(work.split.numel(), problem.num_seqs)](
+            DK_PART=part[0], DV_PART=part[1], DK=dk, DV=dv, SPLIT=work.split, T_UNITS=k_tiles.units,
+            CU_K=seq_bounds["CU_K"], **_strides("p", part[0], varlen), **_strides("dk", dk, varlen), group=group,
+            num_tiles=k_tiles.num_tiles, len_k_all=problem.len_k, HEAD_DIM=dim, UNIT=layout.unit,
+            MERGE=layout.k_merge, VARLEN=varlen, num_warps=8)
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv
     if plan is not None:

@@ -240,7 +240,8 @@ def test_softmax_split_by_key_ranges(backward_mode, dtype):
                                                        (64, 8, "heterogeneous")])
 def test_stored_ds_in_chunks_or_recomputed(monkeypatch, dim, kv_heads, head_pattern):
     """The deterministic backward's dQ from stored dS in one chunk, in a chunk per KV group, and
-    recomputed (no stored dS): each against float64, chunked equal to one chunk bit for bit."""
+    recomputed (no stored dS): each against float64, chunked equal to one chunk bit for bit; for
+    kv_group heads also chunks whose long dK/dV programs run per head."""
     pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
     q, k, v = inputs((1, 2100, 8, dim), (1, 2100, kv_heads, dim), torch.bfloat16, seed=23)
     grad_out = torch.randn_like(q)
@@ -254,13 +255,24 @@ def test_stored_ds_in_chunks_or_recomputed(monkeypatch, dim, kv_heads, head_patt
     got = {}
     for name, budget in (("one chunk", 1 << 40), ("chunk per group", per_group), ("recomputed", 0)):
         monkeypatch.setattr(kernel, "STORED_DS_BYTES", budget)
-        plan = kernel.stored_ds_plan(kl, 1, 8, group, group, q.element_size(), 1)
+        plan = kernel.stored_ds_plan(kl, kl.k_work_per_group, 1, 8, group, q.element_size(), 1)
         chunks = 0 if plan is None else len(plan)
         assert chunks == {"one chunk": 1, "chunk per group": kv_heads, "recomputed": 0}[name]
         got[name] = run_kernel(q, k, v, pattern, grad_out, grad_lse, deterministic=True)
         check_close(got[name], want, torch.bfloat16)
     for a, b in zip(got["one chunk"], got["chunk per group"]):
         assert torch.equal(a, b)
+    if head_pattern == "kv_group":
+        # As many SMs as per-head programs keep busy in a chunk per group: the group programs of
+        # stripe tiles are then too long, and run per head (float32 partials summed per group).
+        entries = min(starts[g + group] - starts[g] for g in range(0, 8, group))
+        num_sms = entries // max(kl.k_work_per_head.longest_per_group)
+        monkeypatch.setattr(kernel, "_sm_count", lambda device: num_sms)
+        monkeypatch.setattr(kernel, "STORED_DS_BYTES", per_group)
+        plans = [kernel.stored_ds_plan(kl, work, 1, 8, group, q.element_size(), num_sms)
+                 for work in (kl.k_work_per_group, kl.k_work_long_per_head)]
+        assert plans[0] is None and len(plans[1]) == kv_heads and kl.k_work_long_per_head.split is not None
+        check_close(run_kernel(q, k, v, pattern, grad_out, grad_lse, deterministic=True), want, torch.bfloat16)
 
 
 LAUNCHERS = (kernel._fwd, kernel._dkdv, kernel._dq, kernel._dq_stored, kernel._fused)
