@@ -630,8 +630,24 @@ def test_gqa_packing(monkeypatch, backward_mode, pack, block, kv_heads, rows):
     seq = 40 if block == 16 else 230
     q, k, v = draw((1, seq, 8, 32), (1, seq, kv_heads, 32), (1, seq, kv_heads, 32), seed=36)
     kl = kernel.kernel_layout(get_layout(pattern, 8, kv_heads, seq), 32, 8 // kv_heads)
-    assert (kl.q_pack, kl.q_positions) == rows
+    assert (kl.dq_tiling.pack, kl.dq_tiling.positions) == rows
+    assert kl.forward_tiling is kl.dq_tiling  # head dim 32: both passes take 128-row tiles
     compare(pattern, q, k, v, seed=37)
+
+
+@pytest.mark.parametrize("name", ["block64_two_unit_tiles", "gqa_kv_group_ragged", "block32_head_dim64"])
+def test_forward_tiles_of_other_rows_than_the_dq_tiles(monkeypatch, backward_mode, name):
+    """The forward's query tiles (FORWARD_TILE_ROWS: one 64-token unit at head dim 128) may have
+    other rows than the dQ pass's (QUERY_TILE_ROWS), whose tiles the stored dS is indexed by: the
+    same function, with GQA packing and with 16- or 32-token units too."""
+    monkeypatch.setattr(kernel, "FORWARD_TILE_ROWS", {**kernel.FORWARD_TILE_ROWS, 64: 64})
+    params, batch, seq, heads, kv_heads, dim = CASES[name]
+    layout = kernel.kernel_layout(get_layout(S2Pattern(**params), heads, kv_heads, seq), dim, heads // kv_heads)
+    forward, dq = layout.forward_tiling, layout.dq_tiling
+    assert forward.pack * forward.positions == 64 and dq.pack * dq.positions == 128
+    assert forward.tiles.num_tiles != dq.tiles.num_tiles or forward.pack != dq.pack
+    q, k, v = draw((batch, seq, heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim), seed=70)
+    compare(S2Pattern(**params), q, k, v, seed=71)
 
 
 def test_heads_share_lists_only_in_kv_groups_that_read_the_same_blocks():
@@ -659,7 +675,7 @@ def test_descriptor_and_pointer_loads(monkeypatch, backward_mode, name, tma, ste
     q, k, v = draw((batch, seq, heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim), seed=38)
     assert kernel.use_tma(k, v) == tma
     layout = kernel.kernel_layout(get_layout(S2Pattern(**params), heads, kv_heads, seq), dim, heads // kv_heads)
-    assert layout.q_tiles.nfull.sum() > 0  # the unmasked loop has work
+    assert layout.forward_tiling.tiles.nfull.sum() > 0  # the unmasked loop has work
     compare(S2Pattern(**params), q, k, v, seed=39)
 
 

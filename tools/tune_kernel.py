@@ -331,14 +331,20 @@ def run_config_list(sweep, case, stage, launcher, timer, factor, **module_values
 
 
 def run_tile_rows(sweep, case):
-    """128- (default) against 64-row key tiles (both backwards) and query tiles (forward)."""
+    """128- against 64-row key tiles (both backwards) and forward query tiles. A forward config list
+    serves its FORWARD_TILE_ROWS with its first config; for the other row count, the first config with
+    a warpgroup (4 warps) per 64 rows."""
     cls = kernel.head_dim_class(case.dim)
+    configs = kernel._fwd.config_lists[kernel.head_dim_index(case.dim)]
     for rows in (128, 64):
         key_rows = {**kernel.KEY_TILE_ROWS, cls: rows}
         sweep.run("key tile rows (fast)", case, str(rows), backward_timer(False), BWD, KEY_TILE_ROWS=key_rows)
         sweep.run("key tile rows (det)", case, str(rows), backward_timer(True), BWD, KEY_TILE_ROWS=key_rows)
-        query_rows = {**kernel.QUERY_TILE_ROWS, cls: rows}
-        sweep.run("query tile rows (fwd)", case, str(rows), forward_timer, 1.0, QUERY_TILE_ROWS=query_rows)
+        index = 0 if rows == kernel.FORWARD_TILE_ROWS[cls] else next(
+            i for i, config in enumerate(configs) if config.num_warps * 16 == rows)
+        sweep.run("query tile rows (fwd)", case, f"{rows} ({_label(configs[index])})", forward_timer, 1.0,
+                  launcher=kernel._fwd, index=index, dim=case.dim,
+                  FORWARD_TILE_ROWS={**kernel.FORWARD_TILE_ROWS, cls: rows})
 
 
 # Stage ablations: name -> [(text in kernel.py, replacement)], each text found exactly once.
@@ -464,8 +470,10 @@ def print_spills(capability=None):
         which = kernel.head_dim_index(dim)
         shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32")
         query = dict(shape, PACK=1, POS=128, TMA=kernel.TMA_LOADS)
+        forward_rows = kernel.FORWARD_TILE_ROWS[dim]
+        forward = dict(query, MERGE=forward_rows // 64, POS=forward_rows, RESUME=False)
         key = dict(shape, TMA=kernel.TMA_KEY_PASS, ITEMS="group")  # MHA: programs per (KV) head
-        for name, launcher, constants in (("fwd", kernel._fwd, dict(query, RESUME=False)),
+        for name, launcher, constants in (("fwd", kernel._fwd, forward),
                                           ("dq", kernel._dq, query),
                                           ("dq_stored", kernel._dq_stored, dict(query, TILE=128)),
                                           ("dkdv", kernel._dkdv, dict(key, FUSED_DQ=False, DQ_REDUCE=False,

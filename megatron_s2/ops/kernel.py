@@ -88,6 +88,18 @@ class TileLists:
 
 
 @dataclasses.dataclass(frozen=True)
+class QueryTiling:
+    """The query tiles of the forward or of the dQ pass: ``tiles`` lists the key units of each tile
+    of ``merge`` consecutive units; a program holds ``positions`` positions of ``pack`` query heads
+    as its rows (GQA packing: ``pack`` > 1)."""
+
+    merge: int
+    tiles: TileLists
+    pack: int
+    positions: int
+
+
+@dataclasses.dataclass(frozen=True)
 class KeyWork:
     """The dK/dV pass's programs, heaviest first (most list entries; ties in head order). Item
     ``kv_head * tiles + tile`` runs the query heads of a KV group against a key tile and writes dK/dV;
@@ -106,11 +118,9 @@ class KeyWork:
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
     unit: int
-    q_merge: int  # units per query list tile (forward, dQ)
     k_merge: int  # units per key tile (dK/dV)
-    q_tiles: TileLists  # for the forward and dQ: key units per query tile (consecutive units)
-    q_pack: int  # query heads stacked in one forward/dQ program (GQA packing; 1: none)
-    q_positions: int  # positions per forward/dQ program (its rows: q_pack * q_positions)
+    forward_tiling: QueryTiling  # FORWARD_TILE_ROWS
+    dq_tiling: QueryTiling  # QUERY_TILE_ROWS (the same object when the rows are)
     k_tiles: TileLists  # for dK/dV: query units per key tile (units paired per KV head)
     # dK/dV programs (``KeyWork``) per GQA group; per query head; and per group except those
     # longer than the group's longest single-head program, which run per head (all three the same
@@ -233,10 +243,16 @@ def _merge_lists(head, row, col, tiles, heads, group, n_rows, n_cols, row_start,
 
 # Head-dim classes of the launch choices: head dims 16-64, 128, 256.
 HEAD_DIM_CLASSES = (64, 128, 256)
-# Rows of a query tile (forward, dQ) and of a key tile (dK/dV) per head-dim class: 128, since
-# Hopper's tensor cores are underused at 64 rows; 64 at head dim 256 (registers, shared memory).
+# Rows of a query tile (dQ) and of a key tile (dK/dV) per head-dim class: 128, since Hopper's tensor
+# cores are underused at 64 rows; 64 at head dim 256 (registers, shared memory).
 QUERY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
+# Rows of a forward query tile per head-dim class. At head dim 128 one 64-token unit: a 4-warp
+# program (one warpgroup) with registers capped at 128, four per SM, ran 2-4% faster than two 8-warp
+# programs of 128 rows from 16k to 128k tokens on an H200 and 8% at 8k, although ptxas serializes
+# its products at that cap too: no two warpgroups wait for each other at the loop's barriers, and no
+# tile computes the entries only its other unit uses (5% of the work at 32k).
+FORWARD_TILE_ROWS = {64: 128, 128: 64, 256: 64}
 # Tensor-descriptor (TMA on Hopper and newer) loads of the K/V units in the forward's and the dQ
 # pass's inner loops: no per-element pointer tensors or address arithmetic (sm_90 ptxas, head dim
 # 128, two key units per step: 191 registers instead of 253). On an H200 the forward measured 5-8%
@@ -298,10 +314,11 @@ def head_dim_index(head_dim: int) -> int:
 
 
 def tile_sizes(block_size: int, head_dim: int):
-    """(unit, units per query tile, units per key tile) for this block size and head dim."""
-    unit = min(block_size, _MAX_UNIT)
+    """(unit, forward query-tile rows, dQ query-tile rows, units per key tile) for this block size
+    and head dim."""
     dim_class = head_dim_class(head_dim)
-    return unit, max(1, QUERY_TILE_ROWS[dim_class] // unit), max(1, KEY_TILE_ROWS[dim_class] // unit)
+    unit = min(block_size, _MAX_UNIT)
+    return unit, FORWARD_TILE_ROWS[dim_class], QUERY_TILE_ROWS[dim_class], max(1, KEY_TILE_ROWS[dim_class] // unit)
 
 
 def _group_shares_lists(layout: S2Layout, group: int) -> bool:
@@ -319,15 +336,22 @@ def _group_shares_lists(layout: S2Layout, group: int) -> bool:
     return torch.equal(idx, idx[lead + within])
 
 
-def _query_packing(layout: S2Layout, head_dim: int, group: int, unit: int, q_merge: int):
-    """(heads per program, positions per program, units per list tile) of the forward and dQ: a
-    group of 2-8 heads with shared lists fills the rows of one program with ``rows // group``
-    positions of each head (lists then cover ``max(unit, positions)`` positions)."""
-    positions = QUERY_TILE_ROWS[head_dim_class(head_dim)] // group
+def _query_tiling(layout: S2Layout, unit_entries, rows: int, group: int, unit: int, q_units: int, k_units: int,
+                  q_start: int, k_start: int) -> QueryTiling:
+    """Query tiles of ``rows`` rows. A group of 2-8 heads with shared lists fills the rows of one
+    program with ``rows // group`` positions of each head (lists then cover ``max(unit, positions)``
+    positions); otherwise a program is one head's tile of ``rows // unit`` consecutive units."""
+    positions = rows // group
     if (PACK_GQA and 1 < group and group & (group - 1) == 0 and positions >= 16
             and _group_shares_lists(layout, group)):
-        return group, positions, max(1, positions // unit)
-    return 1, unit * q_merge, q_merge
+        pack, merge = group, max(1, positions // unit)
+    else:
+        pack, merge = 1, max(1, rows // unit)
+        positions = unit * merge
+    heads = layout.num_heads
+    tiles = _merge_lists(*unit_entries, _consecutive_tiles(q_units, merge, layout.q2k_idx.device), heads, heads,
+                         q_units, k_units, q_start, k_start, rows_are_queries=True)
+    return QueryTiling(merge=merge, tiles=tiles, pack=pack, positions=positions)
 
 
 def _key_works(k_tiles: TileLists, heads: int, group: int):
@@ -395,8 +419,8 @@ _derived: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     """Tile lists for ``layout`` and ``group`` query heads per KV head, cached by layout identity
     (get_layout caches the layouts themselves)."""
-    unit, q_merge, k_merge = tile_sizes(layout.block_size, head_dim)
-    key = (id(layout), unit, q_merge, k_merge, group, PACK_GQA)
+    unit, forward_rows, dq_rows, k_merge = tile_sizes(layout.block_size, head_dim)
+    key = (id(layout), unit, forward_rows, dq_rows, k_merge, group, PACK_GQA)
     hit = _derived.get(key)
     if hit is not None and hit[0] is layout:
         _derived.move_to_end(key)
@@ -405,21 +429,20 @@ def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     heads = layout.num_heads
     q_units, k_units = layout.num_q_blocks * refine, layout.num_k_blocks * refine
     q_start, k_start = layout.q_block_start * refine, layout.k_block_start * refine
-    device = layout.q2k_idx.device
-    hq, rq, cq = _unit_entries(layout.q2k_ptr, layout.q2k_idx, heads, layout.num_q_blocks, q_start, k_start,
-                               refine, rows_are_queries=True)
-    q_pack, q_positions, q_merge = _query_packing(layout, head_dim, group, unit, q_merge)
-    q_tiles = _merge_lists(hq, rq, cq, _consecutive_tiles(q_units, q_merge, device), heads, heads,
-                           q_units, k_units, q_start, k_start, rows_are_queries=True)
+    q_entries = _unit_entries(layout.q2k_ptr, layout.q2k_idx, heads, layout.num_q_blocks, q_start, k_start,
+                              refine, rows_are_queries=True)
+    dq_tiling = _query_tiling(layout, q_entries, dq_rows, group, unit, q_units, k_units, q_start, k_start)
+    forward_tiling = dq_tiling if forward_rows == dq_rows else _query_tiling(
+        layout, q_entries, forward_rows, group, unit, q_units, k_units, q_start, k_start)
     hk, rk, ck = _unit_entries(layout.k2q_ptr, layout.k2q_idx, heads, layout.num_k_blocks, k_start, q_start,
                                refine, rows_are_queries=False)
     k_pairs = _paired_tiles(hk, rk, ck, heads, group, k_merge, k_units, q_units)
     k_tiles = _merge_lists(hk, rk, ck, k_pairs, heads, group, k_units, q_units, k_start, q_start,
                            rows_are_queries=False)
     per_group, per_head, long_per_head = _key_works(k_tiles, heads, group)
-    q_ds_index = _stored_ds_index(q_tiles, k_tiles, k_pairs[1], group, k_merge, q_units)
-    derived = KernelLayout(unit=unit, q_merge=q_merge, k_merge=k_merge, q_tiles=q_tiles, k_tiles=k_tiles,
-                           q_pack=q_pack, q_positions=q_positions, k_work_per_group=per_group,
+    q_ds_index = _stored_ds_index(dq_tiling.tiles, k_tiles, k_pairs[1], group, k_merge, q_units)
+    derived = KernelLayout(unit=unit, k_merge=k_merge, forward_tiling=forward_tiling, dq_tiling=dq_tiling,
+                           k_tiles=k_tiles, k_work_per_group=per_group,
                            k_work_per_head=per_head, k_work_long_per_head=long_per_head, q_ds_index=q_ds_index,
                            k_head_starts=tuple(k_tiles.ptr[::k_tiles.num_tiles].tolist()))
     _derived[key] = (layout, derived)  # holding the layout keeps its id from being reused
@@ -1176,15 +1199,15 @@ def _configs(names, rows, maxnreg=None):
 # candidates (the 4-stage one is for TMA_KEY_PASS; 5 stages and the stored dS's staging outgrow
 # shared memory). At head dim 64 four warps per 128-row tile win every pass (1.1-1.4x over eight):
 # two programs then fit an SM; eight warps capped at 128 registers (also two programs per SM) time
-# the same in the forward. The head-dim-128 forward takes one key unit per step with its registers
-# capped at 128 (sm_90 ptxas: no spills) and 96 KB of shared memory, so that two 8-warp programs
-# share an SM and one's products overlap the other's softmax: 6-11% faster than one program of two
-# units per step (2.60 -> 2.45 ms at 32k, 23.9 -> 22.7 ms at 128k, 0.46 -> 0.41 ms at 8k), although
-# at that cap ptxas serializes each product's instructions (note C7512; 32-key products avoid it
-# but ran 13-36% slower).
+# the same in the forward. The head-dim-128 forward (64-row tiles, FORWARD_TILE_ROWS) runs one
+# warpgroup, one key unit per step, registers capped at 128 and one stage (33 KB of shared memory),
+# so that four programs share an SM and their products overlap each other's softmax; at that cap
+# ptxas serializes each product's instructions (note C7512; 32-key products avoid it but ran 13-36%
+# slower). The second config is the best for 128-row tiles there (two 8-warp programs per SM: 6-11%
+# faster than one program of two units per step).
 _FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)])
                 + _configs(("STEP",), [(2, 8, 2), (2, 8, 3)], maxnreg=128),
-                _configs(("STEP",), [(1, 8, 2)], maxnreg=128)
+                _configs(("STEP",), [(1, 4, 1), (1, 8, 2)], maxnreg=128)
                 + _configs(("STEP",), [(2, 8, 2), (2, 8, 3), (1, 8, 3), (1, 8, 4), (2, 8, 4)]),
                 _configs(("STEP",), [(1, 8, 2), (1, 4, 2), (1, 8, 3)]))
 # Block sizes 16 and 32 give 16- and 32-token units: only the configs whose query step fits are kept.
@@ -1329,8 +1352,8 @@ def forward(q, k, v, problem: Problem, out=None, lse=None, resume=False):
     if out is None:
         out = new_output(q.shape, q.dtype, q.device)
         lse = new_output((batch, heads, q.shape[1]), torch.float32, q.device)
-    tiles = layout.q_tiles
-    grid, num_programs, shape = _query_programs(layout, problem, heads)
+    tiles = layout.forward_tiling.tiles
+    grid, num_programs, shape = _query_programs(layout.forward_tiling, layout.unit, problem, heads)
     _fwd.launch(
         grid, dim, Q=q, K=k, V=v, O=out, LSE=lse, T_PTR=tiles.ptr, T_NFULL=tiles.nfull, ENTRIES=tiles.entries,
         **_seq_bounds_args(problem, lse), qk_scale=problem.sm_scale * _LOG2E,
@@ -1371,12 +1394,11 @@ def _descriptor_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _query_programs(layout: KernelLayout, problem: Problem, heads: int):
-    """Grid, programs per (pack of) head(s) and tile constants of the forward and dQ kernels."""
-    num_programs = layout.q_tiles.num_tiles * (layout.unit * layout.q_merge // layout.q_positions)
-    grid = (num_programs, problem.num_seqs * heads // layout.q_pack)
-    return grid, num_programs, dict(UNIT=layout.unit, MERGE=layout.q_merge, PACK=layout.q_pack,
-                                    POS=layout.q_positions)
+def _query_programs(tiling: QueryTiling, unit: int, problem: Problem, heads: int):
+    """Grid, programs per (pack of) head(s) and tile constants of the forward or a dQ kernel."""
+    num_programs = tiling.tiles.num_tiles * (unit * tiling.merge // tiling.positions)
+    grid = (num_programs, problem.num_seqs * heads // tiling.pack)
+    return grid, num_programs, dict(UNIT=unit, MERGE=tiling.merge, PACK=tiling.pack, POS=tiling.positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1500,8 +1522,8 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
             ds_blocks=0)
     else:
         dq = new_output(q.shape, q.dtype, q.device)
-        q_tiles = layout.q_tiles
-        _, num_programs, shape = _query_programs(layout, problem, heads)
+        q_tiles = layout.dq_tiling.tiles
+        _, num_programs, shape = _query_programs(layout.dq_tiling, layout.unit, problem, heads)
         # One buffer for every chunk (each dQ pass has read it before the next dK/dV pass writes).
         ds = new_output((problem.num_seqs * max(chunk.blocks for chunk in plan), *layout.ds_block_shape), q.dtype,
                         q.device)
@@ -1511,7 +1533,7 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
                          DS_TMA=TMA_DS_STORE and not INTERPRET and _descriptors_usable(ds))
             chunk_heads = chunk.head_hi - chunk.head_lo
             _dq_stored.launch(
-                (num_programs, problem.num_seqs * chunk_heads // layout.q_pack), dim,
+                (num_programs, problem.num_seqs * chunk_heads // layout.dq_tiling.pack), dim,
                 K=k[:, :, chunk.head_lo // group:], DQ=dq[:, :, chunk.head_lo:], DS=ds,
                 T_PTR=q_tiles.ptr[chunk.head_lo * q_tiles.num_tiles:], ENTRIES=q_tiles.entries,
                 DS_INDEX=layout.q_ds_index, **seq_bounds, sm_scale=problem.sm_scale, **_strides("k", k, varlen),
@@ -1531,8 +1553,8 @@ def backward(do, q, k, v, out, lse, dlse, problem: Problem, deterministic: bool)
     if plan is not None:
         return dq, dk, dv
     dq = new_output(q.shape, q.dtype, q.device)
-    q_tiles = layout.q_tiles
-    grid, num_programs, shape = _query_programs(layout, problem, heads)
+    q_tiles = layout.dq_tiling.tiles
+    grid, num_programs, shape = _query_programs(layout.dq_tiling, layout.unit, problem, heads)
     _dq.launch(
         grid, dim, Q=q, K=k, V=v, DO=do, DQ=dq, LSE=lse, DELTA=delta, T_PTR=q_tiles.ptr, T_NFULL=q_tiles.nfull,
         ENTRIES=q_tiles.entries, **seq_bounds, **scales, **_strides("q", q, varlen), **_strides("k", k, varlen),
