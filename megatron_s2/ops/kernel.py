@@ -1,22 +1,23 @@
 """Triton forward and backward kernels of S2 attention over an ``S2Layout``.
 
 The layout lists active (query block, key block) pairs. The kernels work on *tiles* of ``MERGE``
-*units* of ``UNIT = min(block_size, 64)`` tokens, 128 rows in all (64 at head dim 256), because
-Hopper's tensor cores are underused at 64 rows. ``kernel_layout`` derives, once per layout (cached),
-for every tile the union of its units' lists, each entry tagged with a bit per unit saying which
-units of the tile really use it:
+*units* of ``UNIT = min(block_size, 64)`` tokens, 128 rows in all, because Hopper's tensor cores
+are underused by one program of 64 rows; 64 rows at head dim 256 (registers, shared memory) and in
+the head-dim-128 forward, whose one-warpgroup programs run four per SM (``FORWARD_TILE_ROWS``).
+``kernel_layout`` derives, once per layout (cached), for every tile the union of its units' lists,
+each entry tagged with a bit per unit saying which units of the tile really use it:
 
-- query tiles (forward, dQ) are consecutive units, which share almost all their key units. When
-  the query heads of a GQA group read the same blocks (``kv_group``, ``homogeneous``), a program
-  stacks the group's heads in its rows instead (``rows / group`` positions of each head, GQA
-  packing): each K/V unit is then loaded once for the whole group;
+- query tiles (forward, dQ; ``QueryTiling``) are consecutive units, which share almost all their key
+  units. When the query heads of a GQA group read the same blocks (``kv_group``, ``homogeneous``),
+  a program stacks the group's heads in its rows instead (``rows / group`` positions of each head,
+  GQA packing): each K/V unit is then loaded once for the whole group;
 - key tiles (dK/dV) pair, per KV head, units whose query lists are alike (a stripe unit with the
   next stripe unit of the same heads, window-only units with each other): a stripe unit's
   neighbour is not a stripe, and a tile of neighbours would compute the stripe's long list twice.
 
 Entries that need no token mask (every unit uses them, no pair crosses the causal diagonal) come
-first in each list so the hot loop runs without masks, two key units (128 keys) per step; the few
-diagonal and partial entries follow and are masked token by token.
+first in each list so the hot loop runs without masks, one or two key units per step (``STEP``);
+the few diagonal and partial entries follow and are masked token by token.
 
 Backward, two modes. Both run one program per key tile and query heads, accumulating dK/dV in
 registers over the tile's transposed lists, heaviest programs first:
