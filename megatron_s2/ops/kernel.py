@@ -249,10 +249,11 @@ HEAD_DIM_CLASSES = (64, 128, 256)
 QUERY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 # Rows of a forward query tile per head-dim class. At head dim 128 one 64-token unit: a 4-warp
-# program (one warpgroup) with registers capped at 128, four per SM, ran 2-4% faster than two 8-warp
-# programs of 128 rows from 16k to 128k tokens on an H200 and 8% at 8k, although ptxas serializes
-# its products at that cap too: no two warpgroups wait for each other at the loop's barriers, and no
-# tile computes the entries only its other unit uses (5% of the work at 32k).
+# program (one warpgroup) with registers capped at 128 and one stage, four per SM, ran 2-5% faster
+# than two 8-warp programs of 128 rows from 16k to 128k tokens on an H200 and 7% at 8k: no two
+# warpgroups wait for each other at the loop's barriers, ptxas does not serialize its products
+# (it does with two stages, note C7512), and no tile computes the entries only its other unit uses
+# (5% of the work at 32k).
 FORWARD_TILE_ROWS = {64: 128, 128: 64, 256: 64}
 # Tensor-descriptor (TMA on Hopper and newer) loads of the K/V units in the forward's and the dQ
 # pass's inner loops: no per-element pointer tensors or address arithmetic (sm_90 ptxas, head dim
@@ -1202,10 +1203,10 @@ def _configs(names, rows, maxnreg=None):
 # two programs then fit an SM; eight warps capped at 128 registers (also two programs per SM) time
 # the same in the forward. The head-dim-128 forward (64-row tiles, FORWARD_TILE_ROWS) runs one
 # warpgroup, one key unit per step, registers capped at 128 and one stage (33 KB of shared memory),
-# so that four programs share an SM and their products overlap each other's softmax; at that cap
-# ptxas serializes each product's instructions (note C7512; 32-key products avoid it but ran 13-36%
-# slower). The second config is the best for 128-row tiles there (two 8-warp programs per SM: 6-11%
-# faster than one program of two units per step).
+# so that four programs share an SM and their products overlap each other's softmax (with 168
+# registers, three per SM, 14% slower). The second config is the best for 128-row tiles there (two
+# 8-warp programs per SM: 6-11% faster than one program of two units per step, although at that cap
+# ptxas serializes each product's instructions, note C7512).
 _FWD_CONFIGS = (_configs(("STEP",), [(2, 4, 2), (2, 4, 3), (1, 4, 3), (1, 4, 2), (2, 8, 3), (2, 8, 2)])
                 + _configs(("STEP",), [(2, 8, 2), (2, 8, 3)], maxnreg=128),
                 _configs(("STEP",), [(1, 4, 1), (1, 8, 2)], maxnreg=128)
