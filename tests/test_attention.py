@@ -638,7 +638,7 @@ def test_gqa_packing(monkeypatch, backward_mode, pack, block, kv_heads, rows):
 @pytest.mark.parametrize("name", ["block64_two_unit_tiles", "gqa_kv_group_ragged", "block32_head_dim64"])
 def test_forward_tiles_of_other_rows_than_the_dq_tiles(monkeypatch, backward_mode, name):
     """The forward's query tiles (FORWARD_TILE_ROWS: one 64-token unit at head dim 128) may have
-    other rows than the dQ pass's (QUERY_TILE_ROWS), whose tiles the stored dS is indexed by: the
+    other rows than the dQ pass's (DQ_TILE_ROWS), whose tiles the stored dS is indexed by: the
     same function, with GQA packing and with 16- or 32-token units too."""
     monkeypatch.setattr(kernel, "FORWARD_TILE_ROWS", {**kernel.FORWARD_TILE_ROWS, 64: 64})
     params, batch, seq, heads, kv_heads, dim = CASES[name]

@@ -121,7 +121,7 @@ class KernelLayout:
     unit: int
     k_merge: int  # units per key tile (dK/dV)
     forward_tiling: QueryTiling  # FORWARD_TILE_ROWS
-    dq_tiling: QueryTiling  # QUERY_TILE_ROWS (the same object when the rows are)
+    dq_tiling: QueryTiling  # DQ_TILE_ROWS (the same object when the rows are)
     k_tiles: TileLists  # for dK/dV: query units per key tile (units paired per KV head)
     # dK/dV programs (``KeyWork``) per GQA group; per query head; and per group except those
     # longer than the group's longest single-head program, which run per head (all three the same
@@ -246,7 +246,7 @@ def _merge_lists(head, row, col, tiles, heads, group, n_rows, n_cols, row_start,
 HEAD_DIM_CLASSES = (64, 128, 256)
 # Rows of a query tile (dQ) and of a key tile (dK/dV) per head-dim class: 128, since Hopper's tensor
 # cores are underused at 64 rows; 64 at head dim 256 (registers, shared memory).
-QUERY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
+DQ_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 KEY_TILE_ROWS = {64: 128, 128: 128, 256: 64}
 # Rows of a forward query tile per head-dim class. At head dim 128 one 64-token unit: a 4-warp
 # program (one warpgroup) with registers capped at 128 and one stage, four per SM, ran 2-5% faster
@@ -320,7 +320,7 @@ def tile_sizes(block_size: int, head_dim: int):
     and head dim."""
     dim_class = head_dim_class(head_dim)
     unit = min(block_size, _MAX_UNIT)
-    return unit, FORWARD_TILE_ROWS[dim_class], QUERY_TILE_ROWS[dim_class], max(1, KEY_TILE_ROWS[dim_class] // unit)
+    return unit, FORWARD_TILE_ROWS[dim_class], DQ_TILE_ROWS[dim_class], max(1, KEY_TILE_ROWS[dim_class] // unit)
 
 
 def _group_shares_lists(layout: S2Layout, group: int) -> bool:
