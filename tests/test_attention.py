@@ -523,6 +523,7 @@ def test_key_works_run_every_program_once_heaviest_first(heads, kv_heads, head_p
         assert (seen == 1).all()
         assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
         assert work.items_per_group == tuple(group_of.count(g) for g in range(kv_heads))
+        assert work.order_groups.tolist() == group_of
         assert work.longest_per_group == tuple(max(c for c, g in zip(costs, group_of) if g == kv_head)
                                                for kv_head in range(kv_heads))
         split = torch.nonzero(by_head.flatten()).flatten().tolist()

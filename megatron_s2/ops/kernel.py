@@ -109,6 +109,7 @@ class KeyWork:
     tile``; None when no item runs one head)."""
 
     order: torch.Tensor
+    order_groups: torch.Tensor  # the KV group of each item of ``order``
     items_per_group: tuple  # host ints: the items of each KV group
     longest_per_group: tuple  # host ints: the most list entries of one item, per KV group
     split: torch.Tensor | None
@@ -315,12 +316,10 @@ def head_dim_index(head_dim: int) -> int:
     return HEAD_DIM_CLASSES.index(head_dim_class(head_dim))
 
 
-def tile_sizes(block_size: int, head_dim: int):
-    """(unit, forward query-tile rows, dQ query-tile rows, units per key tile) for this block size
-    and head dim."""
+def tile_rows(head_dim: int):
+    """Rows of the forward's query tiles, the dQ passes' and the dK/dV pass's key tiles."""
     dim_class = head_dim_class(head_dim)
-    unit = min(block_size, _MAX_UNIT)
-    return unit, FORWARD_TILE_ROWS[dim_class], DQ_TILE_ROWS[dim_class], max(1, KEY_TILE_ROWS[dim_class] // unit)
+    return FORWARD_TILE_ROWS[dim_class], DQ_TILE_ROWS[dim_class], KEY_TILE_ROWS[dim_class]
 
 
 def _group_shares_lists(layout: S2Layout, group: int) -> bool:
@@ -379,7 +378,7 @@ def _key_works(k_tiles: TileLists, heads: int, group: int):
         longest = torch.zeros(heads // group, dtype=torch.long, device=device).scatter_reduce_(
             0, kv_head, costs, "amax")
         kind = "head" if bool(by_head.all()) else "mixed" if bool(by_head.any()) else "group"
-        return KeyWork(items[order].to(torch.int32).contiguous(),
+        return KeyWork(items[order].to(torch.int32).contiguous(), kv_head[order],
                        tuple(torch.bincount(kv_head, minlength=heads // group).tolist()), tuple(longest.tolist()),
                        None if kind == "group" else group_items[by_head.flatten()].to(torch.int32), kind)
 
@@ -421,13 +420,15 @@ _derived: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 def kernel_layout(layout: S2Layout, head_dim: int, group: int) -> KernelLayout:
     """Tile lists for ``layout`` and ``group`` query heads per KV head, cached by layout identity
     (get_layout caches the layouts themselves)."""
-    unit, forward_rows, dq_rows, k_merge = tile_sizes(layout.block_size, head_dim)
-    key = (id(layout), unit, forward_rows, dq_rows, k_merge, group, PACK_GQA)
+    unit = min(layout.block_size, _MAX_UNIT)
+    forward_rows, dq_rows, key_rows = tile_rows(head_dim)
+    key = (id(layout), forward_rows, dq_rows, key_rows, group, PACK_GQA)
     hit = _derived.get(key)
     if hit is not None and hit[0] is layout:
         _derived.move_to_end(key)
         return hit[1]
     refine = layout.block_size // unit
+    k_merge = max(1, key_rows // unit)
     heads = layout.num_heads
     q_units, k_units = layout.num_q_blocks * refine, layout.num_k_blocks * refine
     q_start, k_start = layout.q_block_start * refine, layout.k_block_start * refine
@@ -1442,9 +1443,7 @@ def stored_ds_plan(layout: KernelLayout, work: KeyWork, num_seqs: int, heads: in
     if len(bounds) > 1:
         # Each chunk's items together, still heaviest first within it (the chunk of group g is the
         # last i with i * groups // n_chunks <= g).
-        item, tiles = order.long(), layout.k_tiles.num_tiles
-        group_of = torch.where(item >= 0, item // tiles, (-1 - item) // tiles // group)
-        order = order[torch.sort(((group_of + 1) * n_chunks - 1) // groups, stable=True).indices]
+        order = order[torch.sort(((work.order_groups + 1) * n_chunks - 1) // groups, stable=True).indices]
     chunks, first = [], 0
     for lo, hi in bounds:
         items = sum(work.items_per_group[lo:hi])
