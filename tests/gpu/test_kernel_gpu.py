@@ -169,6 +169,74 @@ def test_hopper_takes_the_descriptor_paths():
     assert kernel.use_tma(k, v) and kernel.use_tma_reduce(q.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_pattern,packed,q_start", [
+    (8, 8, "heterogeneous", False, 0), (8, 2, "heterogeneous", False, 0), (8, 2, "kv_group", False, 0),
+    (16, 2, "kv_group", False, 0), (8, 4, "kv_group", True, 0), (8, 2, "heterogeneous", True, 0),
+    (8, 8, "heterogeneous", False, 1024)])
+def test_hopper_forward_against_float64_and_the_triton_forward(monkeypatch, dtype, heads, kv_heads, head_pattern,
+                                                               packed, q_start):
+    """kernel_hopper's forward (Gluon) serves these calls on Hopper (also below its MIN_TOKENS here):
+    MHA, GQA (heads packed 4 and 8 per program with kv_group), packed sequences, a CP chunk's query
+    offset. Its error against float64 is that of the Triton forward."""
+    hopper = hopper_forward(monkeypatch)
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern=head_pattern)
+    if packed:
+        lengths = [700, 64, 1, 2000, 333]
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+        q, k, v = inputs((sum(lengths), heads, 128), (sum(lengths), kv_heads, 128), dtype, seed=17)
+        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    else:
+        q, k, v = inputs((2, 1500, heads, 128), (2, 1500 + q_start, kv_heads, 128), dtype, seed=19)
+        kw = dict(q_start=q_start) if q_start else {}
+    calls = []
+    gluon_forward = hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda *args: calls.append(1) or gluon_forward(*args))
+    out, lse = s2_attention(q, k, v, pattern, return_lse=True, **kw)
+    assert calls, "the call did not take the Gluon forward"
+    monkeypatch.setattr(kernel, "HOPPER_FORWARD", False)
+    triton_out, triton_lse = s2_attention(q, k, v, pattern, return_lse=True, **kw)
+    want_out, want_lse = s2_attention_reference(q.double(), k.double(), v.double(), pattern, return_lse=True, **kw)
+    errors = {name: (rel_err(got, want), rel_err(triton, want)) for name, got, triton, want in
+              (("out", out, triton_out, want_out), ("lse", lse, triton_lse, want_lse))}
+    assert errors["out"][0] < TOL[dtype][0] and errors["lse"][0] < 1e-3, errors
+    # Same tiles, entries and masks: only the float32 sums' order differs from the Triton forward's.
+    assert errors["out"][0] < 1.1 * errors["out"][1] and errors["lse"][0] < 2 * errors["lse"][1] + 1e-6, errors
+
+
+def hopper_forward(monkeypatch):
+    """kernel_hopper, taken for every length (else the test is skipped)."""
+    hopper = kernel._hopper_forward()
+    if hopper is None or torch.cuda.get_device_capability()[0] != 9 or not hopper.triton_supported():
+        pytest.skip("the Gluon forward runs on Hopper GPUs with the Triton release kernel_hopper.CHECKED_TRITON")
+    monkeypatch.setattr(hopper, "MIN_TOKENS", 0)
+    return hopper
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hopper_forward_resumes_a_softmax(monkeypatch, dtype):
+    """Context parallelism's second call into the same out/lse (resume) through the Gluon forward:
+    as the Triton forward's, against float64."""
+    hopper_forward(monkeypatch)
+    pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern="kv_group")
+    q, k, v = inputs((2, 1024, 8, 128), (2, 3072, 2, 128), dtype, seed=43)
+    heads = Shard(num_q_heads=8, num_kv_heads=2)
+    results = []
+    for gluon in (True, False):
+        monkeypatch.setattr(kernel, "HOPPER_FORWARD", gluon)
+        out = torch.empty_like(q)
+        lse = torch.empty(2, 8, 1024, device=DEVICE)
+        for resume, (start, end) in enumerate([(2048, 3072), (0, 2048)]):  # own keys first
+            s2_attention_into(q, k[:, start:end], v[:, start:end], pattern, out, lse, shard=heads.at(2048, start),
+                              resume=bool(resume))
+        results.append((out, lse))
+    want_out, want_lse = s2_attention_reference(q.double(), k.double(), v.double(), pattern, return_lse=True,
+                                                q_start=2048)
+    (out, lse), (triton_out, triton_lse) = results
+    assert rel_err(out, want_out) < TOL[dtype][0] and rel_err(lse, want_lse) < 1e-3
+    assert rel_err(out, want_out) < 1.1 * rel_err(triton_out, want_out)
+
+
 def test_32k_tokens_last_chunk_against_reference(backward_mode):
     """At 32k the dense reference is too big; the last 512 queries and keys are checked exactly:
     their dq and the last keys' dk/dv only depend on the last queries' loss."""
