@@ -8,6 +8,8 @@ What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed c
 most open questions first:
 - the backward modes at the default configs: fast (dQ added in the dK/dV pass) against
   deterministic (separate dQ pass), at 32k and 128k, MHA head dim 128 and 64 and GQA 32/8;
+- on Hopper, the head-dim-128 forward of ``kernel_hopper`` (Gluon) against the Triton forward
+  (``kernel.HOPPER_FORWARD``); the stages that tune the Triton forward switch the Gluon one off;
 - the deterministic dQ pass from stored dS (descriptor or pointer stores; ``kernel.STORED_DS_BYTES``)
   against recomputing dS;
 - the fast mode's dQ adds: one tensor-descriptor reduction per step (``kernel.TMA_REDUCE``) against
@@ -221,6 +223,12 @@ def forward_timer(bench):
     return bench.time_forward()
 
 
+def triton_forward_timer(bench):
+    """The Triton forward, also where kernel_hopper's would serve (Hopper, head dim 128)."""
+    with settings(HOPPER_FORWARD=False):
+        return bench.time_forward()
+
+
 def tma_timer(bench):
     """The forward, refusing to time pointer loads as descriptor loads (no Hopper, older Triton)."""
     if kernel.TMA_LOADS and not kernel.use_tma(bench.k, bench.v):
@@ -260,6 +268,11 @@ def main(argv=None):
         for deterministic in (True, False):
             name = "deterministic" if deterministic else "fast"
             sweep.run("backward mode", case, name, backward_timer(deterministic), BWD)
+    if kernel._hopper_forward() is not None:
+        for case in (mha128, Case(131072), gqa_cases[1]):
+            for hopper in (True, False):
+                sweep.run("Hopper forward", case, "Gluon" if hopper else "Triton", forward_timer, 1.0,
+                          HOPPER_FORWARD=hopper)
     # 2. The deterministic backward's dQ: from the dS the dK/dV pass stored (descriptor or pointer
     # stores, one chunk or chunks of 8 GiB) against recomputed in the dQ pass.
     for case in (mha128, Case(131072), mha64, gqa_cases[1]):
@@ -276,7 +289,7 @@ def main(argv=None):
     for case in (mha128, mha64, Case(131072)):
         for tma in (False, True):
             name = "descriptors" if tma else "pointers"
-            sweep.run("TMA loads (fwd)", case, name, tma_timer, 1.0, TMA_LOADS=tma)
+            sweep.run("TMA loads (fwd)", case, name, tma_timer, 1.0, TMA_LOADS=tma, HOPPER_FORWARD=False)
             sweep.run("TMA loads (det bwd)", case, name, backward_timer(True), BWD, TMA_LOADS=tma)
             sweep.run("TMA loads (fast bwd)", case, name, backward_timer(False), BWD, TMA_LOADS=tma)
     # Descriptor loads of Q/dO in the dK/dV pass (TMA_KEY_PASS, off), every config (more stages
@@ -291,7 +304,7 @@ def main(argv=None):
             sweep.breakdown(case, deterministic)
     # 6. Launch configs and tile rows: the fused pass, then head dim 64 (issue: slower than DKernel),
     # then the head-dim-128 lists that were tuned on an H100.
-    fwd = ("config fwd", kernel._fwd, forward_timer, 1.0)
+    fwd = ("config fwd", kernel._fwd, triton_forward_timer, 1.0)
     fused = ("config fused (fast)", kernel._fused, backward_timer(False), BWD)
     dkdv = ("config dkdv (det)", kernel._dkdv, backward_timer(True), BWD)
     dq = ("config dq recomputing (det)", kernel._dq, backward_timer(True), BWD)
@@ -342,7 +355,7 @@ def run_tile_rows(sweep, case):
         sweep.run("key tile rows (det)", case, str(rows), backward_timer(True), BWD, KEY_TILE_ROWS=key_rows)
         index = 0 if rows == kernel.FORWARD_TILE_ROWS[cls] else next(
             i for i, config in enumerate(configs) if config.num_warps * 16 == rows)
-        sweep.run("query tile rows (fwd)", case, f"{rows} ({_label(configs[index])})", forward_timer, 1.0,
+        sweep.run("query tile rows (fwd)", case, f"{rows} ({_label(configs[index])})", triton_forward_timer, 1.0,
                   launcher=kernel._fwd, index=index, dim=case.dim,
                   FORWARD_TILE_ROWS={**kernel.FORWARD_TILE_ROWS, cls: rows})
 
@@ -415,7 +428,7 @@ def run_ablations(out):
     for name, edits in {**FORWARD_ABLATIONS, **KEY_PASS_ABLATIONS, **FAST_PASS_ABLATIONS}.items():
         ablated_source(name, edits)  # every edit still matches, before any GPU work
     sweep = Sweep(max_minutes=10)
-    stages = [("forward", case, kernel._fwd, "_fwd_kernel", forward_timer, 1.0, FORWARD_ABLATIONS)
+    stages = [("forward", case, kernel._fwd, "_fwd_kernel", triton_forward_timer, 1.0, FORWARD_ABLATIONS)
               for case in (Case(32768), Case(131072), Case(32768, dim=64))]
     stages.append(("backward", Case(32768), kernel._dkdv, "_bwd_dkdv_kernel", backward_timer(True), BWD,
                    KEY_PASS_ABLATIONS))
@@ -450,22 +463,70 @@ _ARG_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"
               "qk_scale": "fp32", "sm_scale": "fp32"}
 
 
+def compile_report(fn, constants, capability, num_warps, num_stages=1, maxnreg=None, arg_types=None):
+    """``(shared memory bytes, ptxas's lines on registers, spills and warnings)`` of the kernel
+    ``fn`` (Triton or Gluon) compiled for ``capability`` (e.g. (9, 0)): compiling needs no GPU."""
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = dict(_ARG_TYPES, **(arg_types or {}))
+    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in fn.arg_names}
+    # What a launch tells the compiler: pointers 16-byte aligned and strides multiples of 16
+    # (bf16 [batch, seq, heads, dim >= 64] tensors). Without it loads look unaligned, are not
+    # vectorized or pipelined, and the registers differ from the launched kernel's.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+               if signature[n].startswith("*") or n.startswith("stride_")}
+    source = ASTSource
+    if fn.is_gluon():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    major, minor = capability
+    compiled = triton.compile(source(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
+                              target=GPUTarget("cuda", major * 10 + minor, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        arch = "sm_%d%d%s" % (major, minor, "a" if major >= 9 else "")
+        log = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+    details = [line.split(":", 1)[-1].strip() for line in log.splitlines()
+               if any(word in line for word in ("registers", "spill", "arning", "serialized", "rror"))]
+    return compiled.metadata.shared, details
+
+
+def hopper_forward_report(pack=1, varlen=False, resume=False):
+    """``compile_report`` of kernel_hopper's forward for sm_90 (128-row tiles of ``pack`` heads)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from megatron_s2.ops import kernel_hopper as hopper
+
+    def box(shape):
+        cpu = torch.empty(1, 512, 4, hopper.HEAD_DIM, dtype=torch.bfloat16)  # only the type string is used
+        return mangle_type(TensorDescriptor(cpu, list(cpu.shape), list(cpu.stride()), shape, hopper.descriptor_layout()))
+
+    positions = hopper.TILE_ROWS // pack
+    constants = dict(HEAD_DIM=hopper.HEAD_DIM, UNIT=64, MERGE=max(1, positions // 64), PACK=pack, POS=positions,
+                     VARLEN=varlen, RESUME=resume, STAGES=hopper.STAGES, PRODUCER_REGS=hopper.PRODUCER_REGISTERS,
+                     CONSUMER_REGS=hopper.CONSUMER_REGISTERS)
+    unit_box = box([1, 64, 1, hopper.HEAD_DIM])
+    types = dict(q_desc=box([1, hopper.WG_ROWS.value // pack, pack, hopper.HEAD_DIM]), k_desc=unit_box,
+                 v_desc=unit_box)
+    return compile_report(hopper._fwd_kernel, constants, (9, 0), num_warps=4, maxnreg=hopper.MAX_REGISTERS,
+                          arg_types=types)
+
+
 def print_spills(capability=None):
     """Shared memory, registers and spills (ptxas) of each kernel's default config for this GPU (or
     ``capability``, e.g. (9, 0): compiled only, no GPU needed) and Triton, head dims 64 and 128,
     128-row tiles of 64-token units: spills in the hot loops cost speed, and shared memory and
     registers decide how many programs share an SM. ptxas warnings (e.g. serialized products) show."""
-    import subprocess
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    import triton
-
-    major, minor = capability or torch.cuda.get_device_capability()
-    target = GPUTarget("cuda", major * 10 + minor, 32)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    print("\nptxas registers and spills of the default configs (sm_%d%d):" % (major, minor))
+    capability = capability or torch.cuda.get_device_capability()
+    print("\nptxas registers and spills of the default configs (sm_%d%d):" % capability)
     for dim in (64, 128):
         which = kernel.head_dim_index(dim)
         shape = dict(HEAD_DIM=dim, UNIT=64, MERGE=2, VARLEN=False, DOT_PREC="tf32")
@@ -481,31 +542,20 @@ def print_spills(capability=None):
                                           ("fused", kernel._fused, dict(key, FUSED_DQ=True, DQ_REDUCE=kernel.TMA_REDUCE,
                                                                         STORE_DS=False, DS_TMA=False))):
             config = launcher.config_lists[which][0]
-            constants = dict(constants, **config.kwargs)
-            fn = launcher.kernel
-            signature = {n: "constexpr" if n in constants else _ARG_TYPES.get(n, "i32") for n in fn.arg_names}
-            # What a launch tells the compiler: pointers 16-byte aligned and strides multiples of 16
-            # (bf16 [batch, seq, heads, dim >= 64] tensors). Without it loads look unaligned, are not
-            # vectorized or pipelined, and the registers differ from the launched kernel's.
-            aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                       if signature[n].startswith("*") or n.startswith("stride_")}
             try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
-                                          target=target,
-                                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages,
-                                                       maxnreg=config.maxnreg))
-                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                    f.write(compiled.asm["ptx"])
-                    f.flush()
-                    arch = "sm_%d%d%s" % (major, minor, "a" if major >= 9 else "")
-                    log = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull],
-                                         capture_output=True, text=True).stderr
-                details = [line.split(":", 1)[-1].strip() for line in log.splitlines()
-                           if any(word in line for word in ("registers", "spill", "arning", "serialized"))]
-                info = f"smem {compiled.metadata.shared} " + " ".join(details)
+                shared, details = compile_report(launcher.kernel, dict(constants, **config.kwargs), capability,
+                                                 config.num_warps, config.num_stages, config.maxnreg)
+                info = f"smem {shared} " + " ".join(details)
             except Exception as exc:  # diagnostics only
                 info = f"{type(exc).__name__}: {exc}"[:120]
             print(f"  d{dim} {name:<5} {_label(config):<28} {info}")
+    if capability[0] == 9 and kernel._import_hopper_forward() is not None:
+        try:
+            shared, details = hopper_forward_report()
+            info = f"smem {shared} " + " ".join(details)
+        except Exception as exc:  # diagnostics only
+            info = f"{type(exc).__name__}: {exc}"[:120]
+        print(f"  d128 fwd (kernel_hopper, Gluon, 12 warps, r{kernel._import_hopper_forward().MAX_REGISTERS}) {info}")
 
 
 def write_rows(rows, out, filename):
