@@ -40,7 +40,7 @@ HEAD_DIM = 128
 TILE_ROWS = 128  # two consumers: the dQ passes' query tiles (kernel.DQ_TILE_ROWS)
 # Slots of the K/V ring; registers per thread at launch (12 warps: one program per SM), of which
 # the producer warp keeps 24 and each consumer warpgroup gets 232 (setmaxnreg). On an H200 at 32k
-# and 128k, 4 slots timed 0-2% faster than 3, and 2 slots 31-41% slower.
+# and 128k, 4 slots timed 0-2% faster than 3, and 2 slots 33-41% slower.
 STAGES = 4
 MAX_REGISTERS = 168
 PRODUCER_REGISTERS = 24
