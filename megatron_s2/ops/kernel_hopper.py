@@ -72,6 +72,12 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: "kernel.
             and triton_supported())
 
 
+# Helpers of the Triton kernels that create no tensor of their own, compiled as Gluon: the token
+# mask of a masked entry, and a sequence's bounds.
+_masked_scores = gluon.jit(kernel._masked_scores.fn)
+_seq_bounds = gluon.jit(kernel._seq_bounds.fn)
+
+
 @gluon.jit
 def _entry_row(ENTRIES, i, n_masked, e_lo, e_mid, UNIT: gl.constexpr):
     """Entry ``i`` of a tile's walk (its masked entries first) and its key unit's first row."""
@@ -83,13 +89,11 @@ def _entry_row(ENTRIES, i, n_masked, e_lo, e_mid, UNIT: gl.constexpr):
 @gluon.jit
 def _softmax(s, m_i, l_i, i, n_masked, entry, row0, qk_scale, q_pos, unit_of_row, len_k, k_pos0,
              S_LAYOUT: gl.constexpr, UNIT: gl.constexpr):
-    """Online-softmax step with entry ``i``'s scores: ``(p, m_new, l_new, alpha)``; a masked entry
-    keeps the pairs the Triton forward's ``_entry_mask`` keeps."""
+    """Online-softmax step with entry ``i``'s scores: ``(p, m_new, l_new, alpha)``, a masked entry's
+    masked as in the Triton forward."""
     if i < n_masked:
         offs_n = gl.arange(0, UNIT, layout=gl.SliceLayout(0, S_LAYOUT))
-        last = gl.minimum(q_pos - k_pos0, len_k - 1) - row0
-        last = gl.where(((entry >> unit_of_row) & 1) != 0, last, -1)
-        s = gl.where(offs_n[None, :] <= last[:, None], s * qk_scale, MASKED_SCORE)
+        s = _masked_scores(s, entry, unit_of_row, q_pos, k_pos0, row0, offs_n, len_k, qk_scale)
         m_new = gl.maximum(m_i, gl.max(s, 1))
         p = gl.exp2(s - m_new[:, None])
     else:
@@ -111,16 +115,8 @@ def _tile(t, tiles, UNIT: gl.constexpr, MERGE: gl.constexpr, PACK: gl.constexpr,
     pos0 = (num_programs - 1 - t % num_programs) * POS
     b = bh // (num_heads // PACK)
     h0 = (bh % (num_heads // PACK)) * PACK
-    if VARLEN:
-        q_tok0 = gl.load(CU_Q + b)
-        len_q = gl.load(CU_Q + b + 1) - q_tok0
-        k_tok0 = gl.load(CU_K + b)
-        len_k = gl.load(CU_K + b + 1) - k_tok0
-    else:
-        q_tok0 = b * 0
-        len_q = len_q_all + b * 0
-        k_tok0 = b * 0
-        len_k = len_k_all + b * 0
+    q_tok0, len_q = _seq_bounds(CU_Q, b, len_q_all, VARLEN)
+    k_tok0, len_k = _seq_bounds(CU_K, b, len_k_all, VARLEN)
     list_tile = pos0 // (UNIT * MERGE)
     list_row = h0 * num_list_tiles + list_tile
     e_lo = gl.load(T_PTR + list_row)
