@@ -66,7 +66,8 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: "kernel.
     Triton release checked on a GPU."""
     layout = problem.layout
     tiling = layout.dq_tiling
-    return (problem.len_q >= MIN_TOKENS and not kernel.INTERPRET and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+    return (problem.len_q >= MIN_TOKENS and not kernel.INTERPRET and q.is_cuda
+            and torch.cuda.get_device_capability(q.device)[0] == 9
             and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == HEAD_DIM and layout.unit == 64
             and tiling.pack * tiling.positions == TILE_ROWS and kernel._descriptors_usable(q, k, v)
             and triton_supported())
