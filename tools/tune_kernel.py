@@ -507,7 +507,8 @@ def hopper_forward_report(pack=1, varlen=False, resume=False):
 
     def box(shape):
         cpu = torch.empty(1, 512, 4, hopper.HEAD_DIM, dtype=torch.bfloat16)  # only the type string is used
-        return mangle_type(TensorDescriptor(cpu, list(cpu.shape), list(cpu.stride()), shape, hopper.descriptor_layout()))
+        layout = hopper.descriptor_layout()
+        return mangle_type(TensorDescriptor(cpu, list(cpu.shape), list(cpu.stride()), shape, layout))
 
     positions = hopper.TILE_ROWS // pack
     constants = dict(HEAD_DIM=hopper.HEAD_DIM, UNIT=64, MERGE=max(1, positions // 64), PACK=pack, POS=positions,
