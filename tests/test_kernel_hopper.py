@@ -12,11 +12,11 @@ import torch
 
 from megatron_s2 import S2Pattern
 from megatron_s2.ops import kernel
-from megatron_s2.ops.attention import kernel_problem
+from megatron_s2.ops.attention import _hopper_kernel, kernel_problem
 from megatron_s2.ops.layout import Shard
 from tests.helpers import ROOT
 
-hopper = kernel._import_hopper_forward()
+hopper = _hopper_kernel()
 needs_gluon = pytest.mark.skipif(hopper is None, reason="needs Triton's Gluon language for Hopper")
 SHARED_MEMORY_PER_SM = 227 * 1024  # Hopper's shared memory for one program
 
@@ -100,9 +100,13 @@ def test_does_not_apply_on_a_triton_release_not_checked_on_a_gpu(gpu_of_capabili
     assert not hopper.applies(q, q, q, problem)
 
 
-def test_the_interpreter_keeps_the_triton_forward(monkeypatch):
+@needs_gluon
+def test_not_switched_off_nor_on_the_interpreter(gpu_of_capability, monkeypatch):
+    q, problem = problem_inputs()
+    gpu_of_capability(9)
+    assert hopper.applies(q, q, q, problem)
+    monkeypatch.setattr(hopper, "ENABLED", False)
+    assert not hopper.applies(q, q, q, problem)
+    monkeypatch.setattr(hopper, "ENABLED", True)
     monkeypatch.setattr(kernel, "INTERPRET", True)
-    assert kernel._hopper_forward() is None
-    monkeypatch.setattr(kernel, "INTERPRET", False)
-    monkeypatch.setattr(kernel, "HOPPER_FORWARD", False)
-    assert kernel._hopper_forward() is None
+    assert not hopper.applies(q, q, q, problem)

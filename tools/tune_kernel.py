@@ -8,8 +8,9 @@ What it compares (bf16, 32 query heads, block 64 / local 16 / stride 16, fixed c
 most open questions first:
 - the backward modes at the default configs: fast (dQ added in the dK/dV pass) against
   deterministic (separate dQ pass), at 32k and 128k, MHA head dim 128 and 64 and GQA 32/8;
-- on Hopper, the head-dim-128 forward of ``kernel_hopper`` (Gluon) against the Triton forward
-  (``kernel.HOPPER_FORWARD``); the stages that tune the Triton forward switch the Gluon one off;
+- on Hopper, the head-dim-128 forward of ``kernel_hopper`` (Gluon) against the Triton forward;
+  the stages that tune the Triton forward time it alone (``kernel.forward``), the others the
+  forward that ``attention.kernel_forward`` chooses;
 - the deterministic dQ pass from stored dS (descriptor or pointer stores; ``kernel.STORED_DS_BYTES``)
   against recomputing dS;
 - the fast mode's dQ adds: one tensor-descriptor reduction per step (``kernel.TMA_REDUCE``) against
@@ -54,7 +55,7 @@ os.environ["S2_AUTOTUNE"] = "0"  # the launcher's first config, so each variant 
 import torch
 from megatron_s2 import S2Pattern
 from megatron_s2.ops import kernel
-from megatron_s2.ops.attention import kernel_problem
+from megatron_s2.ops.attention import _hopper_kernel, kernel_forward, kernel_problem
 from megatron_s2.ops.layout import Shard
 from megatron_s2.ops.flops import FORWARD_AND_BACKWARD_FACTOR, attended_pairs
 
@@ -95,13 +96,13 @@ class Bench:
         c = self.case
         return kernel_problem(self.q, self.k, c.pattern, Shard(c.heads, c.kv_heads), softmax_scale=None)
 
-    def time_forward(self):
+    def time_forward(self, forward=kernel_forward):
         problem = self.problem()
-        return _median_ms(lambda: kernel.forward(self.q, self.k, self.v, problem))
+        return _median_ms(lambda: forward(self.q, self.k, self.v, problem))
 
     def time_backward(self, deterministic: bool):
         problem = self.problem()
-        out, lse = kernel.forward(self.q, self.k, self.v, problem)
+        out, lse = kernel_forward(self.q, self.k, self.v, problem)
         return _median_ms(lambda: kernel.backward(self.do, self.q, self.k, self.v, out, lse, None, problem,
                                                   deterministic))
 
@@ -202,7 +203,7 @@ def kernel_times(bench, deterministic, iters=5):
     problem = bench.problem()
 
     def step():
-        out, lse = kernel.forward(bench.q, bench.k, bench.v, problem)
+        out, lse = kernel_forward(bench.q, bench.k, bench.v, problem)
         kernel.backward(bench.do, bench.q, bench.k, bench.v, out, lse, None, problem, deterministic)
 
     step()  # compile outside the profile
@@ -225,15 +226,24 @@ def forward_timer(bench):
 
 def triton_forward_timer(bench):
     """The Triton forward, also where kernel_hopper's would serve (Hopper, head dim 128)."""
-    with settings(HOPPER_FORWARD=False):
-        return bench.time_forward()
+    return bench.time_forward(kernel.forward)
+
+
+def hopper_forward_timer(bench):
+    """kernel_hopper's forward, refusing to time another one where it does not apply."""
+    hopper = _hopper_kernel()
+    problem = bench.problem()
+    if not hopper.applies(bench.q, bench.k, bench.v, problem):
+        raise RuntimeError("kernel_hopper does not apply to this case on this GPU / Triton")
+    return bench.time_forward(kernel_forward)
 
 
 def tma_timer(bench):
-    """The forward, refusing to time pointer loads as descriptor loads (no Hopper, older Triton)."""
+    """The Triton forward, refusing to time pointer loads as descriptor loads (no Hopper, older
+    Triton)."""
     if kernel.TMA_LOADS and not kernel.use_tma(bench.k, bench.v):
         raise RuntimeError("tensor descriptors unavailable on this GPU / Triton")
-    return bench.time_forward()
+    return bench.time_forward(kernel.forward)
 
 
 def backward_timer(deterministic):
@@ -268,11 +278,10 @@ def main(argv=None):
         for deterministic in (True, False):
             name = "deterministic" if deterministic else "fast"
             sweep.run("backward mode", case, name, backward_timer(deterministic), BWD)
-    if kernel._hopper_forward() is not None:
+    if _hopper_kernel() is not None:
         for case in (mha128, Case(131072), gqa_cases[1]):
-            for hopper in (True, False):
-                sweep.run("Hopper forward", case, "Gluon" if hopper else "Triton", forward_timer, 1.0,
-                          HOPPER_FORWARD=hopper)
+            sweep.run("Hopper forward", case, "Gluon", hopper_forward_timer, 1.0)
+            sweep.run("Hopper forward", case, "Triton", triton_forward_timer, 1.0)
     # 2. The deterministic backward's dQ: from the dS the dK/dV pass stored (descriptor or pointer
     # stores, one chunk or chunks of 8 GiB) against recomputed in the dQ pass.
     for case in (mha128, Case(131072), mha64, gqa_cases[1]):
@@ -289,7 +298,7 @@ def main(argv=None):
     for case in (mha128, mha64, Case(131072)):
         for tma in (False, True):
             name = "descriptors" if tma else "pointers"
-            sweep.run("TMA loads (fwd)", case, name, tma_timer, 1.0, TMA_LOADS=tma, HOPPER_FORWARD=False)
+            sweep.run("TMA loads (fwd)", case, name, tma_timer, 1.0, TMA_LOADS=tma)
             sweep.run("TMA loads (det bwd)", case, name, backward_timer(True), BWD, TMA_LOADS=tma)
             sweep.run("TMA loads (fast bwd)", case, name, backward_timer(False), BWD, TMA_LOADS=tma)
     # Descriptor loads of Q/dO in the dK/dV pass (TMA_KEY_PASS, off), every config (more stages
@@ -550,13 +559,13 @@ def print_spills(capability=None):
             except Exception as exc:  # diagnostics only
                 info = f"{type(exc).__name__}: {exc}"[:120]
             print(f"  d{dim} {name:<5} {_label(config):<28} {info}")
-    if capability[0] == 9 and kernel._import_hopper_forward() is not None:
+    if capability[0] == 9 and _hopper_kernel() is not None:
         try:
             shared, details = hopper_forward_report()
             info = f"smem {shared} " + " ".join(details)
         except Exception as exc:  # diagnostics only
             info = f"{type(exc).__name__}: {exc}"[:120]
-        print(f"  d128 fwd (kernel_hopper, Gluon, 12 warps, r{kernel._import_hopper_forward().MAX_REGISTERS}) {info}")
+        print(f"  d128 fwd (kernel_hopper, Gluon, 12 warps, r{_hopper_kernel().MAX_REGISTERS}) {info}")
 
 
 def write_rows(rows, out, filename):

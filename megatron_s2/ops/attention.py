@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 from typing import Optional
@@ -159,6 +160,31 @@ def kernel_problem(q, k, pattern, shard: Shard, *, softmax_scale, packed=None):
     )
 
 
+def kernel_forward(q, k, v, problem, out=None, lse=None, resume=False):
+    """``kernel.forward`` (arguments and results as there) by the fastest kernel that serves the call:
+    ``kernel_hopper``'s Gluon forward where it applies (Hopper, head dim 128, 16k tokens or more, the
+    Triton release it was checked with), else kernel.py's Triton forward."""
+    from . import kernel
+
+    hopper = _hopper_kernel()
+    if hopper is None or not hopper.applies(q, k, v, problem):
+        return kernel.forward(q, k, v, problem, out=out, lse=lse, resume=resume)
+    if out is None:
+        out, lse = kernel.forward_outputs(q)
+    hopper.forward(q, k, v, problem, out, lse, resume)
+    return out, lse
+
+
+@functools.cache
+def _hopper_kernel():
+    """``kernel_hopper``, or None with a Triton that has no Gluon language for Hopper."""
+    try:
+        from . import kernel_hopper
+    except ImportError:
+        return None
+    return kernel_hopper
+
+
 def _last_dim_contiguous(*tensors):
     """The kernels address rows through strides but need each row's head dim contiguous."""
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
@@ -261,9 +287,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: O
     if _uses_reference(q):
         out, lse = _reference_4d(s2_attention_reference, (q, k, v), pattern, return_lse=True, **options)
         return out.contiguous(), lse.contiguous()  # the strides that the fake implementation promises
-    from . import kernel
-
-    return kernel.forward(q, k, v, _problem(q, k, pattern, **options))
+    return kernel_forward(q, k, v, _problem(q, k, pattern, **options))
 
 
 @_forward_op.register_fake
@@ -399,13 +423,11 @@ def s2_attention_into(
         out.copy_(merged[0])
         lse.copy_(merged[1])
         return
-    from . import kernel
-
     if out.stride(-1) != 1 or lse.stride(-1) != 1:
         raise ValueError("out and lse must be contiguous in their last dimension")
     q, k, v = _last_dim_contiguous(q, k, v)
     problem = kernel_problem(q, k, pattern, shard, softmax_scale=softmax_scale)
-    kernel.forward(q, k, v, problem, out=out, lse=lse, resume=resume)
+    kernel_forward(q, k, v, problem, out=out, lse=lse, resume=resume)
 
 
 def _check_key_range_inputs(q, k, v, pattern, out, lse, shard: Shard) -> None:

@@ -1,6 +1,6 @@
-"""Triton forward and backward kernels of S2 attention over an ``S2Layout``. On Hopper GPUs the
-head-dim-128 forward of sequences from 16k tokens runs ``kernel_hopper``'s Gluon kernel instead
-(``HOPPER_FORWARD``), on the same tile lists.
+"""Triton forward and backward kernels of S2 attention over an ``S2Layout``. (On Hopper GPUs the
+head-dim-128 forward of sequences from 16k tokens is ``kernel_hopper``'s Gluon kernel over the same
+tile lists; ``attention.kernel_forward`` chooses.)
 
 The layout lists active (query block, key block) pairs. The kernels work on *tiles* of ``MERGE``
 *units* of ``UNIT = min(block_size, 64)`` tokens, 128 rows in all, because Hopper's tensor cores
@@ -296,11 +296,6 @@ def stored_ds_budget() -> int:
     return int(gib * 2**30)
 
 
-# The forward at head dim 128 on Hopper GPUs from 16k tokens: the persistent, warp-specialized
-# Gluon kernel of kernel_hopper (its ``applies`` gives the conditions), whose softmax overlaps the PV
-# product; on an H200 3-4% faster than this module's forward from 16k to 128k tokens (4-5% with
-# kv_group GQA). Read at each call.
-HOPPER_FORWARD = True
 # Tensor-descriptor stores of the dS blocks on Hopper and newer (else per-element pointers).
 TMA_DS_STORE = True
 # GQA packing: when the query heads of a KV group read the same blocks (kv_group, homogeneous),
@@ -1354,18 +1349,19 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def forward_outputs(q):
+    """New ``(out, lse)`` buffers of a forward of ``q`` ([batch, seq, heads, dim])."""
+    batch, seq, heads, _ = q.shape
+    return new_output(q.shape, q.dtype, q.device), new_output((batch, heads, seq), torch.float32, q.device)
+
+
 def forward(q, k, v, problem: Problem, out=None, lse=None, resume=False):
     """``(out, lse)``; into the given ``out``/``lse`` (views allowed), and with ``resume`` continuing
     the softmax they hold over earlier keys (rows with lse -inf hold none yet)."""
-    batch, _, heads, dim = q.shape
+    heads, dim = q.shape[2], q.shape[3]
     layout, varlen = problem.layout, problem.varlen
     if out is None:
-        out = new_output(q.shape, q.dtype, q.device)
-        lse = new_output((batch, heads, q.shape[1]), torch.float32, q.device)
-    hopper = _hopper_forward()
-    if hopper is not None and hopper.applies(q, k, v, problem):
-        hopper.forward(q, k, v, problem, out, lse, resume)
-        return out, lse
+        out, lse = forward_outputs(q)
     tiles = layout.forward_tiling.tiles
     grid, num_programs, shape = _query_programs(layout.forward_tiling, layout.unit, problem, heads)
     _fwd.launch(
@@ -1378,21 +1374,6 @@ def forward(q, k, v, problem: Problem, out=None, lse=None, resume=False):
         TMA=use_tma(k, v), **shape,
     )
     return out, lse
-
-
-def _hopper_forward():
-    """``kernel_hopper`` (the Gluon forward for Hopper) when ``HOPPER_FORWARD`` asks for it and this
-    Triton has Gluon's Hopper language, else None."""
-    return _import_hopper_forward() if HOPPER_FORWARD and not INTERPRET else None
-
-
-@functools.cache
-def _import_hopper_forward():
-    try:  # on first use: kernel_hopper imports this module
-        from . import kernel_hopper
-    except ImportError:
-        return None
-    return kernel_hopper
 
 
 def use_tma(k, v) -> bool:

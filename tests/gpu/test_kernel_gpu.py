@@ -194,7 +194,7 @@ def test_hopper_forward_against_float64_and_the_triton_forward(monkeypatch, dtyp
     monkeypatch.setattr(hopper, "forward", lambda *args: calls.append(1) or gluon_forward(*args))
     out, lse = s2_attention(q, k, v, pattern, return_lse=True, **kw)
     assert calls, "the call did not take the Gluon forward"
-    monkeypatch.setattr(kernel, "HOPPER_FORWARD", False)
+    monkeypatch.setattr(hopper, "ENABLED", False)
     triton_out, triton_lse = s2_attention(q, k, v, pattern, return_lse=True, **kw)
     want_out, want_lse = s2_attention_reference(q.double(), k.double(), v.double(), pattern, return_lse=True, **kw)
     errors = {name: (rel_err(got, want), rel_err(triton, want)) for name, got, triton, want in
@@ -206,7 +206,7 @@ def test_hopper_forward_against_float64_and_the_triton_forward(monkeypatch, dtyp
 
 def hopper_forward(monkeypatch):
     """kernel_hopper, taken for every length (else the test is skipped)."""
-    hopper = kernel._hopper_forward()
+    hopper = attention._hopper_kernel()
     if hopper is None or torch.cuda.get_device_capability()[0] != 9 or not hopper.triton_supported():
         pytest.skip("the Gluon forward runs on Hopper GPUs with the Triton release kernel_hopper.CHECKED_TRITON")
     monkeypatch.setattr(hopper, "MIN_TOKENS", 0)
@@ -217,13 +217,13 @@ def hopper_forward(monkeypatch):
 def test_hopper_forward_resumes_a_softmax(monkeypatch, dtype):
     """Context parallelism's second call into the same out/lse (resume) through the Gluon forward:
     as the Triton forward's, against float64."""
-    hopper_forward(monkeypatch)
+    hopper = hopper_forward(monkeypatch)
     pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern="kv_group")
     q, k, v = inputs((2, 1024, 8, 128), (2, 3072, 2, 128), dtype, seed=43)
     heads = Shard(num_q_heads=8, num_kv_heads=2)
     results = []
     for gluon in (True, False):
-        monkeypatch.setattr(kernel, "HOPPER_FORWARD", gluon)
+        monkeypatch.setattr(hopper, "ENABLED", gluon)
         out = torch.empty_like(q)
         lse = torch.empty(2, 8, 1024, device=DEVICE)
         for resume, (start, end) in enumerate([(2048, 3072), (0, 2048)]):  # own keys first
