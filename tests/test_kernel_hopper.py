@@ -19,8 +19,6 @@ from tests.helpers import ROOT
 hopper = _hopper_kernel()
 needs_gluon = pytest.mark.skipif(hopper is None, reason="needs Triton's Gluon language for Hopper")
 SHARED_MEMORY_PER_SM = 227 * 1024  # Hopper's shared memory for one program
-
-
 VARIANTS = [dict(pack=1), dict(pack=2), dict(pack=4, varlen=True, resume=True), dict(pack=8)]
 
 
@@ -29,7 +27,7 @@ def compile_reports():
     """``tools.tune_kernel.hopper_forward_report`` of each variant, compiled in a fresh process:
     Gluon compiles no kernel once Triton's interpreter is on (these tests' conftest turns it on)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    script = ("import json, sys; import tools.tune_kernel as t; "
+    script = ("import json; import tools.tune_kernel as t; "
               f"print(json.dumps([t.hopper_forward_report(**v) for v in {VARIANTS!r}]))")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
