@@ -221,6 +221,9 @@ def test_hopper_forward_resumes_a_softmax(monkeypatch, dtype):
     pattern = S2Pattern(block_size=64, local_blocks=4, vert_stride=4, head_pattern="kv_group")
     q, k, v = inputs((2, 1024, 8, 128), (2, 3072, 2, 128), dtype, seed=43)
     heads = Shard(num_q_heads=8, num_kv_heads=2)
+    calls = []
+    gluon_forward = hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda *args: calls.append(args[-1]) or gluon_forward(*args))
     results = []
     for gluon in (True, False):
         monkeypatch.setattr(hopper, "ENABLED", gluon)
@@ -233,6 +236,7 @@ def test_hopper_forward_resumes_a_softmax(monkeypatch, dtype):
     want_out, want_lse = s2_attention_reference(q.double(), k.double(), v.double(), pattern, return_lse=True,
                                                 q_start=2048)
     (out, lse), (triton_out, triton_lse) = results
+    assert calls == [False, True], calls  # both Gluon calls, the second resuming
     assert rel_err(out, want_out) < TOL[dtype][0] and rel_err(lse, want_lse) < 1e-3
     assert rel_err(out, want_out) < 1.1 * rel_err(triton_out, want_out)
 
