@@ -167,12 +167,8 @@ def kernel_forward(q, k, v, problem, out=None, lse=None, resume=False):
     from . import kernel
 
     hopper = _hopper_kernel()
-    if hopper is None or not hopper.applies(q, k, v, problem):
-        return kernel.forward(q, k, v, problem, out=out, lse=lse, resume=resume)
-    if out is None:
-        out, lse = kernel.forward_outputs(q)
-    hopper.forward(q, k, v, problem, out, lse, resume)
-    return out, lse
+    forward = hopper.forward if hopper is not None and hopper.applies(q, k, v, problem) else kernel.forward
+    return forward(q, k, v, problem, out, lse, resume)
 
 
 @functools.cache

@@ -332,10 +332,12 @@ def descriptor_layout():
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
 
 
-def forward(q, k, v, problem: "kernel.Problem", out, lse, resume: bool):
-    """``kernel.forward``'s results where ``applies``: fills ``out`` and ``lse``."""
+def forward(q, k, v, problem: "kernel.Problem", out=None, lse=None, resume=False):
+    """``kernel.forward`` (arguments and results as there) where ``applies``."""
     heads, dim = q.shape[2], q.shape[3]
     layout, varlen = problem.layout, problem.varlen
+    if out is None:
+        out, lse = kernel.forward_outputs(q)
     tiling = layout.dq_tiling
     tiles = tiling.tiles
     _grid, num_programs, shape = kernel._query_programs(tiling, layout.unit, problem, heads)
@@ -355,3 +357,4 @@ def forward(q, k, v, problem: "kernel.Problem", out, lse, resume: bool):
         num_programs, tiles.num_tiles, num_tiles, problem.q_pos0, problem.k_pos0,
         HEAD_DIM=dim, VARLEN=varlen, RESUME=resume, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGISTERS,
         CONSUMER_REGS=CONSUMER_REGISTERS, **shape, num_warps=4, maxnreg=MAX_REGISTERS)
+    return out, lse
