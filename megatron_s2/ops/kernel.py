@@ -754,9 +754,9 @@ def _fwd_kernel(
         # The output's pointers only now: computed before the loops, they would hold registers through them.
         o_ptrs, l_ptrs = _out_ptrs(O, LSE, b64, tok0, h0, rel_pos, rel_head, offs_d, stride_ob, stride_os, stride_oh,
                                    stride_lb, stride_lh, PACK)
-        l_i = tl.where(has_key, l_i, 1.0)
-        out = tl.where(has_key[:, None], acc / l_i[:, None], 0.0)
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        # One reciprocal a row, not a division a score.
+        scale = tl.where(has_key, 1.0 / l_i, 0.0)
+        tl.store(o_ptrs, (acc * scale[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
         lse = tl.where(has_key, (m_i + tl.math.log2(l_i)) / LOG2E, float("-inf"))
         tl.store(l_ptrs, lse, mask=row_ok)
 
