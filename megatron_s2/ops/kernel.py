@@ -685,6 +685,16 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, ENTRIES, e_lo, e_hi, qk_sca
 
 
 @triton.jit
+def _row_results(m_i, l_i):
+    """A finished softmax's per-row factor for the accumulated output and its log-sum-exp. A row that
+    reads no key (a key range that ends before it; m_i stays at MASKED_SCORE) gives out 0 and lse
+    -inf, so partial results merge by lse. One reciprocal a row, not a division a score."""
+    has_key = m_i > MASKED_SCORE
+    return (tl.where(has_key, 1.0 / l_i, 0.0),
+            tl.where(has_key, (m_i + tl.math.log2(l_i)) / LOG2E, float("-inf")))
+
+
+@triton.jit
 def _out_ptrs(O, LSE, b64, tok0, h0, rel_pos, rel_head, offs_d, stride_ob, stride_os, stride_oh, stride_lb,
               stride_lh, PACK: tl.constexpr):
     """Pointers to a forward program's output rows and their log-sum-exps."""
@@ -748,16 +758,11 @@ def _fwd_kernel(
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, ENTRIES,
                                        e_lo, e_mid, qk_scale, q_pos, len_k, k_pos0, unit_of_row,
                                        offs_d, UNIT, STEP, False, DOT_PREC)
-        # A row that reads no key (a key range that ends before it) gives out 0 and lse -inf, so
-        # partial results merge by lse; m_i stays at MASKED_SCORE for such rows.
-        has_key = m_i > MASKED_SCORE
         # The output's pointers only now: computed before the loops, they would hold registers through them.
         o_ptrs, l_ptrs = _out_ptrs(O, LSE, b64, tok0, h0, rel_pos, rel_head, offs_d, stride_ob, stride_os, stride_oh,
                                    stride_lb, stride_lh, PACK)
-        # One reciprocal a row, not a division a score.
-        scale = tl.where(has_key, 1.0 / l_i, 0.0)
+        scale, lse = _row_results(m_i, l_i)
         tl.store(o_ptrs, (acc * scale[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
-        lse = tl.where(has_key, (m_i + tl.math.log2(l_i)) / LOG2E, float("-inf"))
         tl.store(l_ptrs, lse, mask=row_ok)
 
 

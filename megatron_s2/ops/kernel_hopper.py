@@ -77,9 +77,10 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: "kernel.
 
 
 # Helpers of the Triton kernels that create no tensor of their own, compiled as Gluon: the token
-# mask of a masked entry, and a sequence's bounds.
+# mask of a masked entry, a sequence's bounds, and a finished row's output factor and lse.
 _masked_scores = gluon.jit(kernel._masked_scores.fn)
 _seq_bounds = gluon.jit(kernel._seq_bounds.fn)
+_row_results = gluon.jit(kernel._row_results.fn)
 
 
 @gluon.jit
@@ -272,14 +273,12 @@ def _consumer(O, LSE, ENTRIES, bufs, tiles, qk_scale, q_pos0, k_pos0, out_stride
                 acc = warpgroup_mma(p_op, v_smem.index(last % STAGES).reshape([UNIT, HEAD_DIM]), acc)
                 mbarrier.arrive(empty.index(last % STAGES), count=1)
                 slot += n
-                # A row that reads no key gives out 0 and lse -inf (m_i stays at MASKED_SCORE). One
-                # reciprocal a row, not a division a score (0.5-1% faster on an H200, same outputs).
                 o_ptrs, o_ok, l_ptrs, s_ok = _out_ptrs(O, LSE, b64, tok0, h0, pos0, len_q, out_strides, WARPGROUP,
                                                        HEAD_DIM, PACK, O_LAYOUT, S_ROW)
-                has_key = m_i > MASKED_SCORE
-                scale = gl.convert_layout(gl.where(has_key, 1.0 / l_i, 0.0), O_ROW)
+                scale, lse = _row_results(m_i, l_i)
+                scale = gl.convert_layout(scale, O_ROW)
                 gl.store(o_ptrs, (acc * scale[:, None]).to(O.dtype.element_ty), mask=o_ok[:, None])
-                gl.store(l_ptrs, gl.where(has_key, (m_i + gl.log2(l_i)) / LOG2E, float("-inf")), mask=s_ok)
+                gl.store(l_ptrs, lse, mask=s_ok)
             elif not RESUME:
                 o_ptrs, o_ok, l_ptrs, s_ok = _out_ptrs(O, LSE, b64, tok0, h0, pos0, len_q, out_strides, WARPGROUP,
                                                        HEAD_DIM, PACK, O_LAYOUT, S_ROW)
