@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import kernel
-from .kernel import FLAG_BITS, LOG2E, MASKED_SCORE
+from .kernel import FLAG_BITS, LOG2E
 
 # On an H200 3-4% faster than the Triton forward from 16k to 128k tokens (4-5% with kv_group GQA).
 # False: the Triton forward everywhere. Read at each call.
